@@ -1,0 +1,86 @@
+"""Choose between a kernel's Triton implementation and its plain PyTorch reference.
+
+Precedence: the call's ``backend`` argument, then :func:`use_backend` (context), then the
+``METAZOO_KERNELS`` environment variable, then ``auto`` (Triton when the tensors live on a CUDA
+device and Triton imports; otherwise the reference). ``TRITON_INTERPRET=1`` lets an explicit
+``backend="triton"`` run on CPU tensors, which is how the test suite checks kernels without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "METAZOO_KERNELS"
+
+_state = threading.local()
+
+
+def _check(backend: str, what: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}={backend!r} is not a kernel backend; accepted values: {', '.join(BACKENDS)}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton imports (it is optional: the package runs without it)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising at import
+        return False
+    return True
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Context manager forcing a backend for every kernel call inside it (thread-local)."""
+    _check(backend, "backend")
+    prev = getattr(_state, "backend", None)
+    _state.backend = backend
+    try:
+        yield
+    finally:
+        _state.backend = prev
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for, before looking at devices: argument > context > env > 'auto'."""
+    if backend is not None:
+        return _check(backend, "backend")
+    ctx = getattr(_state, "backend", None)
+    if ctx is not None:
+        return ctx
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+def resolve(backend: str | None = None, *tensors: torch.Tensor) -> str:
+    """Return ``'triton'`` or ``'torch'`` for a call on ``tensors``.
+
+    ``auto`` picks Triton only for CUDA tensors when Triton is importable. An explicit
+    ``triton`` on CPU tensors needs the interpreter; otherwise it is an error, never a silent
+    fallback.
+    """
+    want = requested_backend(backend)
+    on_cuda = all(t.is_cuda for t in tensors) if tensors else False
+    if want == "torch":
+        return "torch"
+    if want == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError(f"{ENV_VAR}/backend='triton' was requested but Triton is not importable")
+    if not on_cuda and not interpret_mode():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter); "
+            "use backend='torch' or move the tensors to a CUDA device")
+    return "triton"

@@ -1,0 +1,1 @@
+"""Token and channel mixers shared by every backbone family (one mixer per module)."""
