@@ -1,0 +1,426 @@
+"""S6 selective scan (Mamba's SSM with input-dependent Δ, B, C) as a chunked Triton kernel.
+
+Recurrence per channel ``d`` and state ``n`` (zero-order hold, exactly as the ViM2 paper states
+it, i.e. without Mamba's Euler shortcut for B̄)::
+
+    x_t = Δ_t A          a_t = exp(x_t)          b_t = Δ_t φ(x_t) B_t u_t,   φ(x) = (e^x - 1) / x
+    h_t = a_t h_{t-1} + b_t                      y_t = Σ_n C_t h_t + D u_t
+
+Layouts: ``u, delta`` (batch, D, L); ``A`` (D, N); ``B, C`` (batch, N, L) or (batch, G, N, L)
+with ``D % G == 0`` (group ``g`` drives channels ``g*D/G ... (g+1)*D/G - 1``, which is how the
+four cross-scan directions share one launch); ``D, delta_bias`` (D,). The kernels walk the
+sequence in chunks, keep the (channels x N) state in registers, scan each chunk with
+``tl.associative_scan`` and only write the state at chunk starts (1/CHUNK of the full state)
+for the backward pass, which replays each chunk and runs the adjoint scan in reverse.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import interpret_mode, resolve
+
+__all__ = ["selective_scan", "selective_scan_ref"]
+
+_SERIES_BELOW = 0.1  # |x| under which φ and φ' use their Taylor series (no cancellation)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _phi_ref(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = (e^x - 1)/x with φ(0) = 1, differentiable everywhere."""
+    small = x.abs() < 1e-6
+    xs = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, 1 + 0.5 * x, torch.expm1(xs) / xs)
+
+
+def _check_inputs(u, delta, A, B, C, D, delta_bias):
+    """Validate shapes; return (B4, C4) as (batch, G, N, L) views."""
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, D, L); got shape {tuple(u.shape)}")
+    bsz, dim, seqlen = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}; got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (D={dim}, N); got {tuple(A.shape)}")
+    n = A.shape[1]
+    out = []
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            t = t.unsqueeze(1)
+        if t.dim() != 4 or t.shape[0] != bsz or t.shape[2] != n or t.shape[3] != seqlen or dim % t.shape[1]:
+            raise ValueError(f"{name} must be (batch={bsz}, N={n}, L={seqlen}) or (batch, G, N, L) with "
+                             f"D={dim} divisible by G; got {tuple(t.shape)}")
+        out.append(t)
+    if out[0].shape[1] != out[1].shape[1]:
+        raise ValueError(f"B and C must have the same number of groups; got {out[0].shape[1]} and {out[1].shape[1]}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{name} must be (D={dim},) or None; got {tuple(t.shape)}")
+    return out[0], out[1]
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Sequential PyTorch S6 scan (the truth the kernel is tested against); differentiable."""
+    B4, C4 = _check_inputs(u, delta, A, B, C, D, delta_bias)
+    dtype_out = u.dtype
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    bsz, dim, seqlen = u.shape
+    groups = B4.shape[1]
+    u_, dt = u.to(ct), delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[None, :, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    A_ = A.to(ct)
+    # expand B, C per channel: (batch, D, N, L)
+    Bc = B4.to(ct).repeat_interleave(dim // groups, dim=1)
+    Cc = C4.to(ct).repeat_interleave(dim // groups, dim=1)
+    h = u_.new_zeros(bsz, dim, A.shape[1])
+    ys = []
+    for t in range(seqlen):
+        x = dt[:, :, t, None] * A_
+        h = torch.exp(x) * h + (dt[:, :, t] * u_[:, :, t])[..., None] * _phi_ref(x) * Bc[..., t]
+        ys.append((h * Cc[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.to(ct)[None, :, None] * u_
+    return y.to(dtype_out)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+try:  # Triton is optional: without it every call takes the reference path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _lin_combine(a1, b1, a2, b2):
+        # compose h -> a1 h + b1 (earlier) with h -> a2 h + b2 (later)
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _adj_combine(p1, l1, w1, p2, l2, w2):
+        # reverse scan: (p1, l1, w1) summarises later times, (p2, l2, w2) earlier ones.
+        # g_s = w_s + a_{s+1} g_{s+1}; p = product of a over the segment without its earliest
+        # element, l = a of the earliest element, w = the segment's g with zero carry.
+        k = l1 * p2
+        return p1 * k, l2, w2 + k * w1
+
+    @triton.jit
+    def _phi_psi(x, a, SERIES_BELOW: tl.constexpr):
+        # φ(x) = (e^x-1)/x and ψ(x) = φ'(x) = (e^x - φ)/x; Taylor series near 0 avoid cancellation
+        small = tl.abs(x) < SERIES_BELOW
+        xs = tl.where(small, 1.0, x)
+        phi_big = (a - 1.0) / xs
+        phi = tl.where(small, 1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120)))), phi_big)
+        psi = tl.where(small, 0.5 + x * (1.0 / 3 + x * (0.125 + x * (1.0 / 30 + x * (1.0 / 144)))),
+                       (a - phi_big) / xs)
+        return phi, psi
+
+    @triton.jit
+    def _load_chunk(u_ptr, dt_ptr, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl,
+                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        # u and Δ (after bias and softplus) for one chunk, zero outside the sequence
+        m2 = mask_d[:, None] & mask_t[None, :]
+        u = tl.load(u_ptr + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        raw = tl.load(dt_ptr + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw = raw + bias[:, None]
+        dt = raw
+        if SOFTPLUS:
+            dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+        dt = tl.where(m2, dt, 0.0)
+        return u, raw, dt
+
+    @triton.jit
+    def fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, st_ptr,
+                   L, DG, G, N, n_chunks,
+                   s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
+                   s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_yb, s_yd, s_yl,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   SAVE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CHUNK: tl.constexpr, SERIES_BELOW: tl.constexpr):
+        pid_bg = tl.program_id(0)
+        bi = pid_bg // G
+        gi = pid_bg % G
+        offs_dl = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_dl < DG
+        offs_d = gi * DG + offs_dl
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_c = tl.arange(0, CHUNK)
+        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an,
+                    mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        bias = tl.zeros((BLOCK_D,), tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        u_base = u_ptr + bi * s_ub
+        dt_base = dt_ptr + bi * s_db
+        B_base = B_ptr + bi * s_bb + gi * s_bg
+        C_base = C_ptr + bi * s_cb + gi * s_cg
+        y_base = y_ptr + bi * s_yb
+        st_base = st_ptr + ((bi * G * DG + offs_d)[:, None] * n_chunks) * BLOCK_N + offs_n[None, :]
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        for c in range(0, n_chunks):
+            t = c * CHUNK + offs_c
+            mask_t = t < L
+            u, raw, dt = _load_chunk(u_base, dt_base, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl,
+                                     HAS_BIAS, SOFTPLUS)
+            mnt = mask_n[:, None] & mask_t[None, :]
+            Bt = tl.load(B_base + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mnt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mnt, other=0.0).to(tl.float32)
+            if SAVE_STATES:
+                tl.store(st_base + c * BLOCK_N, h, mask=mask_d[:, None])
+            x = dt[:, None, :] * A[:, :, None]
+            a = tl.exp(x)
+            phi, _ = _phi_psi(x, a, SERIES_BELOW)
+            b = (dt * u)[:, None, :] * phi * Bt[None, :, :]
+            acum, hloc = tl.associative_scan((a, b), axis=2, combine_fn=_lin_combine)
+            hs = hloc + acum * h[:, :, None]
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y = y + Dv[:, None] * u
+            tl.store(y_base + offs_d[:, None] * s_yd + t[None, :] * s_yl, y.to(y_ptr.dtype.element_ty),
+                     mask=mask_d[:, None] & mask_t[None, :])
+            h = tl.sum(tl.where((offs_c == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
+
+    @triton.jit
+    def bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, st_ptr,
+                   du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+                   L, DG, G, N, n_chunks,
+                   s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
+                   s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_yb, s_yd, s_yl,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                   SERIES_BELOW: tl.constexpr):
+        # du/ddt are written with u's/Δ's strides made contiguous (batch, D, L); dA/dD/dbias are
+        # per-batch partials (batch, D, N)/(batch, D); dB/dC (batch, G, N, L) fp32 accumulated
+        # atomically over the channel blocks of a group.
+        pid_bg = tl.program_id(0)
+        bi = pid_bg // G
+        gi = pid_bg % G
+        DT = G * DG
+        offs_dl = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_dl < DG
+        offs_d = gi * DG + offs_dl
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        offs_c = tl.arange(0, CHUNK)
+        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0).to(tl.float32)
+        bias = tl.zeros((BLOCK_D,), tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        u_base = u_ptr + bi * s_ub
+        dt_base = dt_ptr + bi * s_db
+        B_base = B_ptr + bi * s_bb + gi * s_bg
+        C_base = C_ptr + bi * s_cb + gi * s_cg
+        dy_base = dy_ptr + bi * s_yb
+        st_base = st_ptr + ((bi * DT + offs_d)[:, None] * n_chunks) * BLOCK_N + offs_n[None, :]
+        dBC_off = (bi * G + gi) * N * L + offs_n[:, None] * L
+        dl_base = (bi * DT + offs_d)[:, None] * L
+        g_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # adjoint at the first step of the next chunk
+        a_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # a at that step
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+        for cc in range(0, n_chunks):
+            c = n_chunks - 1 - cc
+            t = c * CHUNK + offs_c
+            mask_t = t < L
+            m2 = mask_d[:, None] & mask_t[None, :]
+            u, raw, dt = _load_chunk(u_base, dt_base, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl,
+                                     HAS_BIAS, SOFTPLUS)
+            mnt = mask_n[:, None] & mask_t[None, :]
+            Bt = tl.load(B_base + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mnt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mnt, other=0.0).to(tl.float32)
+            dy = tl.load(dy_base + offs_d[:, None] * s_yd + t[None, :] * s_yl, mask=m2, other=0.0).to(tl.float32)
+            h0 = tl.load(st_base + c * BLOCK_N, mask=mask_d[:, None], other=0.0)
+            # replay the chunk's forward scan
+            x = dt[:, None, :] * A[:, :, None]
+            a = tl.exp(x)
+            phi, psi = _phi_psi(x, a, SERIES_BELOW)
+            Bu = Bt[None, :, :] * u[:, None, :]
+            b = dt[:, None, :] * phi * Bu
+            acum, hloc = tl.associative_scan((a, b), axis=2, combine_fn=_lin_combine)
+            hs = hloc + acum * h0[:, :, None]
+            # adjoint g_s = C_s dy_s + a_{s+1} g_{s+1}, scanned from the chunk's end
+            w = Ct[None, :, :] * dy[:, None, :]
+            p, _, gloc = tl.associative_scan((tl.full(a.shape, 1.0, tl.float32), a, w), axis=2,
+                                             combine_fn=_adj_combine, reverse=True)
+            g = gloc + p * (a_next * g_next)[:, :, None]
+            first = (offs_c == 0)[None, None, :]
+            g_next = tl.sum(tl.where(first, g, 0.0), axis=2)
+            a_next = tl.sum(tl.where(first, a, 0.0), axis=2)
+            # gradients
+            dC = tl.sum(hs * dy[:, None, :], axis=0)
+            tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mnt)
+            gphi = g * phi
+            gdphi = gphi * dt[:, None, :]
+            du = tl.sum(gdphi * Bt[None, :, :], axis=1)
+            if HAS_D:
+                du += Dv[:, None] * dy
+                dD_acc += tl.sum(dy * u, axis=1)
+            tl.store(du_ptr + dl_base + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
+            dB = tl.sum(gdphi * u[:, None, :], axis=0)
+            tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mnt)
+            dx = g * ((hs - b) + dt[:, None, :] * psi * Bu)  # a h_{s-1} = h_s - b_s
+            dA_acc += tl.sum(dx * dt[:, None, :], axis=2)
+            ddt = tl.sum(dx * A[:, :, None] + gphi * Bu, axis=1)
+            if SOFTPLUS:
+                ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
+            ddt = tl.where(m2, ddt, 0.0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(ddt, axis=1)
+            tl.store(ddt_ptr + dl_base + t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+        tl.store(dA_ptr + (bi * DT + offs_d)[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
+        if HAS_D:
+            tl.store(dD_ptr + bi * DT + offs_d, dD_acc, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + bi * DT + offs_d, dbias_acc, mask=mask_d)
+
+
+
+def _launch_cfg(dim_per_group: int, n: int):
+    """(BLOCK_D, BLOCK_N, CHUNK, num_warps): small tiles in the interpreter, GPU-sized otherwise."""
+    block_n = max(2, 1 << (n - 1).bit_length())
+    if interpret_mode():
+        return 4, block_n, 16, 1
+    return _GPU_CFG["block_d"], block_n, _GPU_CFG["chunk"], _GPU_CFG["num_warps"]
+
+
+# Chosen from the sweep in bench/vim2.py (H100, L=3136, D=384, N=16); override for experiments.
+_GPU_CFG = {"block_d": 4, "chunk": 64, "num_warps": 4}
+
+
+def _bc_strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _scan_fwd(u, delta, A, B4, C4, D, delta_bias, delta_softplus: bool, save_states: bool):
+    bsz, dim, seqlen = u.shape
+    groups, n = B4.shape[1], A.shape[1]
+    dg = dim // groups
+    block_d, block_n, chunk, warps = _launch_cfg(dg, n)
+    n_chunks = -(-seqlen // chunk)
+    y = torch.empty((bsz, dim, seqlen), device=u.device, dtype=u.dtype)
+    states = torch.empty((bsz, dim, n_chunks, block_n) if save_states else (1,), device=u.device,
+                         dtype=torch.float32)
+    dummy = A
+    grid = (bsz * groups, -(-dg // block_d))
+    fwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
+        y, states, seqlen, dg, groups, n, n_chunks,
+        *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *y.stride(),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        SAVE_STATES=save_states, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
+        SERIES_BELOW=_SERIES_BELOW, num_warps=warps)
+    return y, states
+
+
+def _scan_bwd(dy, u, delta, A, B4, C4, D, delta_bias, states, delta_softplus: bool):
+    bsz, dim, seqlen = u.shape
+    groups, n = B4.shape[1], A.shape[1]
+    dg = dim // groups
+    block_d, block_n, chunk, warps = _launch_cfg(dg, n)
+    n_chunks = states.shape[2]
+    dev = u.device
+    du = torch.empty((bsz, dim, seqlen), device=dev, dtype=u.dtype)
+    ddelta = torch.empty((bsz, dim, seqlen), device=dev, dtype=delta.dtype)
+    dA = torch.empty((bsz, dim, n), device=dev, dtype=torch.float32)
+    dB = torch.zeros((bsz, groups, n, seqlen), device=dev, dtype=torch.float32)
+    dC = torch.zeros((bsz, groups, n, seqlen), device=dev, dtype=torch.float32)
+    dD = torch.empty((bsz, dim), device=dev, dtype=torch.float32) if D is not None else None
+    dbias = torch.empty((bsz, dim), device=dev, dtype=torch.float32) if delta_bias is not None else None
+    dummy = A
+    grid = (bsz * groups, -(-dg // block_d))
+    bwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
+        dy, states, du, ddelta, dA, dB, dC, dD if dD is not None else dA, dbias if dbias is not None else dA,
+        seqlen, dg, groups, n, n_chunks,
+        *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *dy.stride(),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SERIES_BELOW=_SERIES_BELOW, num_warps=warps)
+    return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B4.dtype), dC.to(C4.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+@torch.library.custom_op("metazoo::selective_scan_fwd", mutates_args=())
+def _op_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+            save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: y and the chunk-start states (empty placeholder unless save_states)."""
+    return _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states)
+
+
+@_op_fwd.register_fake
+def _op_fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states):
+    bsz, dim, seqlen = u.shape
+    _, block_n, chunk, _ = _launch_cfg(dim // B.shape[1], A.shape[1])
+    shape = (bsz, dim, -(-seqlen // chunk), block_n) if save_states else (1,)
+    return u.new_empty(u.shape), u.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("metazoo::selective_scan_bwd", mutates_args=())
+def _op_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+            states: torch.Tensor, delta_softplus: bool) -> list[torch.Tensor]:
+    """Triton backward: [du, ddelta, dA, dB, dC] + [dD] if D + [ddelta_bias] if delta_bias."""
+    grads = _scan_bwd(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus)
+    return [g for g in grads if g is not None]
+
+
+@_op_bwd.register_fake
+def _op_bwd_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
+    out = [u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+           C.new_empty(C.shape)]
+    out += [t.new_empty(t.shape) for t in (D, delta_bias) if t is not None]
+    return out
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper around the Triton forward/backward ops."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B4, C4, D, delta_bias, delta_softplus):
+        need = any(ctx.needs_input_grad[:7])
+        y, states = _op_fwd(u, delta, A, B4, C4, D, delta_bias, delta_softplus, need)
+        if need:
+            ctx.save_for_backward(u, delta, A, B4, C4, D, delta_bias, states)
+        ctx.delta_softplus = delta_softplus
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B4, C4, D, delta_bias, states = ctx.saved_tensors
+        grads = _op_bwd(dy.contiguous(), u, delta, A, B4, C4, D, delta_bias, states, ctx.delta_softplus)
+        du, ddelta, dA, dB, dC = grads[:5]
+        rest = iter(grads[5:])
+        dD = next(rest) if D is not None else None
+        dbias = next(rest) if delta_bias is not None else None
+        return du, ddelta, dA, dB, dC, dD, dbias, None
+
+
+def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
+    """S6 selective scan y (batch, D, L); Triton on CUDA (or the interpreter), else the reference.
+
+    ``backend`` is 'auto' | 'torch' | 'triton' (see :mod:`metazoo.kernels.dispatch`).
+    """
+    B4, C4 = _check_inputs(u, delta, A, B, C, D, delta_bias)
+    if resolve(backend, u, delta, A, B4, C4) == "torch":
+        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return SelectiveScanFn.apply(u, delta, A, B4, C4, D, delta_bias, bool(delta_softplus))
