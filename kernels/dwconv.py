@@ -1,0 +1,276 @@
+"""Depthwise KxK convolution (stride 1, same padding) on channels-last maps, fwd and bwd.
+
+Optionally applies StarReLU to the input on the fly (ConvFormer's SepConv: ``dwconv(act(pw1(x)))``),
+so the activated tensor is never written nor kept for backward. The input may be a channel slice
+of a wider NHWC tensor (MambaOut's ``fc1`` output): only its last dim must be unit-stride.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._layout import cdiv, next_pow2
+from .dispatch import resolve
+
+_kernels = None
+
+
+def _load():
+    """Build the Triton kernels on first use (Triton stays optional)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv(X, Wt, Bs, AS, AB, Y, A, PS, PB, H, W, C, sxb, sxh, sxw, syb, syh, syw, sab, sah, saw,
+             K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_IN: tl.constexpr,
+             ACT_GRAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # FLIP=False: y = conv(act(x)) (+bias). FLIP=True: the input-gradient pass (taps mirrored);
+        # with ACT_GRAD it multiplies by act'(a) at the centre and reduces the activation's scalar grads.
+        pid_bh = tl.program_id(0)
+        b = pid_bh // H
+        h = pid_bh % H
+        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        PAD: tl.constexpr = K // 2
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        if ACT_IN:
+            s = tl.load(AS).to(tl.float32)
+            sb = tl.load(AB).to(tl.float32)
+        xb = X + b.to(tl.int64) * sxb
+        for kh in tl.static_range(K):
+            if FLIP:
+                hh = h + PAD - kh
+            else:
+                hh = h + kh - PAD
+            hval = (hh >= 0) & (hh < H)
+            for kw in tl.static_range(K):
+                if FLIP:
+                    ww = ws + PAD - kw
+                else:
+                    ww = ws + kw - PAD
+                m = (hval & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
+                v = tl.load(xb + hh * sxh + ww[:, None] * sxw + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                if ACT_IN:
+                    r = tl.maximum(v, 0.0)
+                    v = tl.where(m, s * r * r + sb, 0.0)
+                wv = tl.load(Wt + (kh * K + kw) * C + cs, mask=cmask, other=0.0).to(tl.float32)
+                acc += v * wv[None, :]
+        if HAS_BIAS:
+            acc += tl.load(Bs + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        om = (ws < W)[:, None] & cmask[None, :]
+        if ACT_GRAD:
+            s2 = tl.load(AS).to(tl.float32)
+            a = tl.load(A + b.to(tl.int64) * sab + h * sah + ws[:, None] * saw + cs[None, :], mask=om,
+                        other=0.0).to(tl.float32)
+            r = tl.maximum(a, 0.0)
+            lin = tl.program_id(0) * tl.num_programs(1) * tl.num_programs(2) + \
+                tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+            tl.store(PS + lin, tl.sum(tl.sum(acc * r * r, axis=1), axis=0))
+            tl.store(PB + lin, tl.sum(tl.sum(tl.where(om, acc, 0.0), axis=1), axis=0))
+            acc = 2.0 * s2 * r * acc
+        tl.store(Y + b.to(tl.int64) * syb + h * syh + ws[:, None] * syw + cs[None, :],
+                 acc.to(Y.dtype.element_ty), mask=om)
+
+    @triton.jit
+    def wgrad(G, X, AS, AB, P, PBIAS, B, H, W, C, rows_per_chunk, sxb, sxh, sxw,
+              K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_IN: tl.constexpr,
+              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Partial weight gradient of one tap row ``kh`` over a chunk of image rows:
+        # P[chunk, kh*K + kw, c] = sum_{rows, w} g[b,h,w,c] * act(x)[b, h+kh-PAD, w+kw-PAD, c].
+        kh = tl.program_id(0)
+        chunk = tl.program_id(1)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        PAD: tl.constexpr = K // 2
+        kws = tl.arange(0, KP)
+        acc = tl.zeros([KP, BLOCK_C], dtype=tl.float32)
+        accb = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if ACT_IN:
+            s = tl.load(AS).to(tl.float32)
+            sb = tl.load(AB).to(tl.float32)
+        r0 = chunk * rows_per_chunk
+        r1 = tl.minimum(r0 + rows_per_chunk, B * H)
+        for r in range(r0, r1):
+            b = r // H
+            h = r % H
+            hh = h + kh - PAD
+            hval = (hh >= 0) & (hh < H)
+            for w0 in range(0, W, BLOCK_W):
+                ws = w0 + tl.arange(0, BLOCK_W)
+                gm = (ws < W)[:, None] & cmask[None, :]
+                g = tl.load(G + r * W * C + ws[:, None] * C + cs[None, :], mask=gm,
+                            other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    accb += tl.sum(g, axis=0)
+                for kw in tl.static_range(K):
+                    ww = ws + kw - PAD
+                    m = (hval & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
+                    v = tl.load(X + b * sxb + hh * sxh + ww[:, None] * sxw + cs[None, :],
+                                mask=m, other=0.0).to(tl.float32)
+                    if ACT_IN:
+                        rr = tl.maximum(v, 0.0)
+                        v = tl.where(m, s * rr * rr + sb, 0.0)
+                    contrib = tl.sum(g * v, axis=0)
+                    acc += tl.where(kws[:, None] == kw, contrib[None, :], 0.0)
+        pm = (kws < K)[:, None] & cmask[None, :]
+        tl.store(P + (chunk.to(tl.int64) * K * K + kh * K + kws[:, None]) * C + cs[None, :], acc, mask=pm)
+        if HAS_BIAS:
+            tl.store(PBIAS + chunk.to(tl.int64) * C + cs, accb, mask=cmask & (kh == 0))
+
+    _kernels = (conv, wgrad)
+    return _kernels
+
+
+def _tiles(W: int, C: int):
+    return min(16, next_pow2(W)), min(64, next_pow2(C))
+
+
+def _taps_major(weight: Tensor) -> Tensor:
+    """(C, 1, K, K) -> (K*K, C): one tap's weights are contiguous across channels."""
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
+def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
+                 act_bias: Optional[Tensor]) -> Tensor:
+    """Launch the forward conv on an NHWC ``x`` (last dim unit-stride); returns a contiguous NHWC map."""
+    conv, _ = _load()
+    B, H, W, C = x.shape
+    K = weight.shape[-1]
+    y = torch.empty((B, H, W, C), dtype=x.dtype, device=x.device)
+    bw, bc = _tiles(W, C)
+    act = act_scale is not None
+    conv[(B * H, cdiv(W, bw), cdiv(C, bc))](
+        x, _taps_major(weight), bias if bias is not None else x, act_scale if act else x,
+        act_bias if act else x, y, x, x, x, H, W, C, x.stride(0), x.stride(1), x.stride(2),
+        y.stride(0), y.stride(1), y.stride(2), 0, 0, 0,
+        K=K, FLIP=False, HAS_BIAS=bias is not None, ACT_IN=act, ACT_GRAD=False,
+        BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
+    return y
+
+
+def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
+                  act_bias: Optional[Tensor], dx: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Write the input gradient into ``dx`` (any NHWC strides); return (dweight, dbias, dact_scale, dact_bias)."""
+    conv, wgrad = _load()
+    B, H, W, C = x.shape
+    K = weight.shape[-1]
+    g = g.contiguous()
+    bw, bc = _tiles(W, C)
+    act = act_scale is not None
+    grid = (B * H, cdiv(W, bw), cdiv(C, bc))
+    n_prog = grid[0] * grid[1] * grid[2]
+    ps = torch.empty(n_prog if act else 0, dtype=torch.float32, device=x.device)
+    pb = torch.empty_like(ps)
+    conv[grid](
+        g, _taps_major(weight), g, act_scale if act else g, act_bias if act else g, dx, x, ps if act else g,
+        pb if act else g, H, W, C, g.stride(0), g.stride(1), g.stride(2), dx.stride(0), dx.stride(1),
+        dx.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        K=K, FLIP=True, HAS_BIAS=False, ACT_IN=False, ACT_GRAD=act, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
+    rows = B * H
+    rows_per_chunk = max(4, cdiv(rows, 512))
+    n_chunks = cdiv(rows, rows_per_chunk)
+    bcw = min(32, next_pow2(C))
+    pw = torch.empty((n_chunks, K * K, C), dtype=torch.float32, device=x.device)
+    pbias = torch.empty((n_chunks, C) if has_bias else (0,), dtype=torch.float32, device=x.device)
+    wgrad[(K, n_chunks, cdiv(C, bcw))](
+        g, x, act_scale if act else g, act_bias if act else g, pw, pbias if has_bias else pw,
+        B, H, W, C, rows_per_chunk, x.stride(0), x.stride(1), x.stride(2),
+        K=K, KP=next_pow2(K), HAS_BIAS=has_bias, ACT_IN=act, BLOCK_W=min(32, next_pow2(W)), BLOCK_C=bcw,
+        num_warps=4)
+    dweight = pw.sum(0).t().reshape(weight.shape)
+    dbias = pbias.sum(0) if has_bias else None
+    return dweight, dbias, (ps.sum().reshape(1) if act else None), (pb.sum().reshape(1) if act else None)
+
+
+@torch.library.custom_op("metazoo::dwconv_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
+            act_bias: Optional[Tensor]) -> Tensor:
+    return conv_forward(x, weight, bias, act_scale, act_bias)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, act_scale, act_bias):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("metazoo::dwconv_bwd", mutates_args=())
+def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
+            act_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw, db, ds, dab = conv_backward(g, x, weight, has_bias, act_scale, act_bias, dx)
+
+    def or_empty(t):
+        return t if t is not None else x.new_empty(0, dtype=torch.float32)
+
+    return dx, dw, or_empty(db), or_empty(ds), or_empty(dab)
+
+
+@_bwd_op.register_fake
+def _(g, x, weight, has_bias, act_scale, act_bias):
+    C = x.shape[-1]
+    act = act_scale is not None
+    f32 = torch.float32
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=f32),
+            x.new_empty(C if has_bias else 0, dtype=f32), x.new_empty(1 if act else 0, dtype=f32),
+            x.new_empty(1 if act else 0, dtype=f32))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, act_scale, act_bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, act_scale, act_bias)
+
+
+def _backward(ctx, g):
+    x, weight, act_scale, act_bias = ctx.saved_tensors
+    dx, dw, db, ds, dab = _bwd_op(g, x, weight, ctx.has_bias, act_scale, act_bias)
+    act = act_scale is not None
+    return (dx, dw.to(weight.dtype), db.to(weight.dtype) if ctx.has_bias else None,
+            ds.to(act_scale.dtype) if act else None, dab.to(act_bias.dtype) if act else None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(x: Tensor, weight: Tensor, act_scale, act_bias, channels_first: bool):
+    C = x.shape[1] if channels_first else x.shape[-1]
+    K = weight.shape[-1]
+    if x.dim() != 4:
+        raise ValueError(f"dwconv2d: x must be 4-D (NCHW or NHWC), got shape {tuple(x.shape)}")
+    if tuple(weight.shape) != (C, 1, K, K) or K % 2 != 1:
+        raise ValueError(f"dwconv2d: weight must be (C, 1, K, K) with C={C} and odd K, got {tuple(weight.shape)}")
+    if (act_scale is None) != (act_bias is None):
+        raise ValueError("dwconv2d: act_scale and act_bias must be given together (StarReLU) or both None")
+
+
+def dwconv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act_scale: Optional[Tensor] = None,
+                 act_bias: Optional[Tensor] = None, channels_first: bool = True,
+                 backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``conv2d(starrelu(x) if act else x)``, depthwise, same padding."""
+    _check(x, weight, act_scale, act_bias, channels_first)
+    if act_scale is not None:
+        x = (act_scale * torch.relu(x) ** 2 + act_bias).to(x.dtype)
+    xc = x if channels_first else x.permute(0, 3, 1, 2)
+    y = torch.nn.functional.conv2d(xc, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                                   padding=weight.shape[-1] // 2, groups=weight.shape[0])
+    return y if channels_first else y.permute(0, 2, 3, 1)
+
+
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act_scale: Optional[Tensor] = None,
+             act_bias: Optional[Tensor] = None, channels_first: bool = True,
+             backend: Optional[str] = None) -> Tensor:
+    """Depthwise conv (weight (C,1,K,K), same padding) of ``starrelu(x)`` when ``act_*`` are given, else of x."""
+    _check(x, weight, act_scale, act_bias, channels_first)
+    if resolve(backend, x) == "torch":
+        return dwconv2d_ref(x, weight, bias, act_scale, act_bias, channels_first)
+    xr = x.permute(0, 2, 3, 1) if channels_first else x
+    if xr.stride(-1) != 1:
+        xr = xr.contiguous()
+    y = _fwd_op(xr, weight, bias, act_scale, act_bias)
+    return y.permute(0, 3, 1, 2) if channels_first else y

@@ -1,0 +1,292 @@
+"""Fused scaled residual + LayerNorm over channels: ``out = x*rs + y*ls``, ``n = LN(out)``.
+
+One pass reads the shortcut and the branch and writes both the new residual stream and its
+normalised copy, which the next mixer consumes. Without ``y`` it is a plain LayerNorm; without
+``weight`` it is only the scaled residual. Works on (..., C) rows and on NCHW (channels_last) maps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2, param_grid
+from .dispatch import resolve
+
+_kernels = None
+
+
+def _load():
+    """Build the Triton kernels on first use (Triton stays optional)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd(X, Y, RS, LS, W, B, OUT, N, MEAN, RSTD, M, C, eps,
+            HAS_Y: tl.constexpr, HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_NORM: tl.constexpr,
+            HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_C)
+        rmask = rows < M
+        cmask = cols < C
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        o = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Y:
+            if HAS_RS:
+                o = o * tl.load(RS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_LS:
+                y = y * tl.load(LS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            o = o + y
+            tl.store(OUT + offs, o.to(OUT.dtype.element_ty), mask=mask)
+        if HAS_NORM:
+            mean = tl.sum(o, axis=1) / C
+            d = tl.where(mask, o - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+            n = d * rstd[:, None] * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                n = n + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(N + offs, n.to(N.dtype.element_ty), mask=mask)
+            tl.store(MEAN + rows, mean, mask=rmask)
+            tl.store(RSTD + rows, rstd, mask=rmask)
+
+    @triton.jit
+    def bwd(GO, GN, X, Y, O, RS, LS, W, MEAN, RSTD, DX, DY, PW, PB, PRS, PLS, M, C, n_tiles,
+            HAS_GO: tl.constexpr, HAS_Y: tl.constexpr, HAS_RS: tl.constexpr, HAS_LS: tl.constexpr,
+            HAS_NORM: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        if HAS_NORM:
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_RS:
+            rs = tl.load(RS + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_LS:
+            ls = tl.load(LS + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_rs = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_ls = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t in range(pid, n_tiles, tl.num_programs(0)):
+            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+            g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            if HAS_GO:
+                g += tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                gn = tl.load(GN + offs, mask=mask, other=0.0).to(tl.float32)
+                o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+                mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+                rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+                xhat = tl.where(mask, (o - mean[:, None]) * rstd[:, None], 0.0)
+                wg = gn * w[None, :]
+                c1 = tl.sum(xhat * wg, axis=1) / C
+                c2 = tl.sum(wg, axis=1) / C
+                g += tl.where(mask, (wg - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+                acc_w += tl.sum(gn * xhat, axis=0)
+                if HAS_B:
+                    acc_b += tl.sum(gn, axis=0)
+            if HAS_Y:
+                dx = g
+                if HAS_RS:
+                    dx = g * rs[None, :]
+                    acc_rs += tl.sum(g * tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=0)
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                dy = g
+                y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_LS:
+                    dy = g * ls[None, :]
+                    acc_ls += tl.sum(g * y, axis=0)
+                tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=mask)
+            else:
+                tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=mask)
+        poffs = pid * C + cols
+        if HAS_NORM:
+            tl.store(PW + poffs, acc_w, mask=cmask)
+            if HAS_B:
+                tl.store(PB + poffs, acc_b, mask=cmask)
+        if HAS_RS:
+            tl.store(PRS + poffs, acc_rs, mask=cmask)
+        if HAS_LS:
+            tl.store(PLS + poffs, acc_ls, mask=cmask)
+
+    _kernels = (fwd, bwd)
+    return _kernels
+
+
+def _blocks(C: int):
+    block_c = next_pow2(C)
+    block_m = max(1, min(64, 4096 // block_c))
+    return block_m, block_c, (8 if block_c >= 2048 else 4)
+
+
+def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A stand-in pointer for an absent optional tensor (never read: its flag is off)."""
+    return t if t is not None else like
+
+
+@torch.library.custom_op("metazoo::norm_residual_fwd", mutates_args=())
+def _fwd_op(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
+            weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fwd, _ = _load()
+    C = x.shape[-1]
+    M = x.numel() // C
+    dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
+    out = torch.empty(x.shape, dtype=dtype, device=x.device) if y is not None else x.new_empty(0)
+    has_norm = weight is not None
+    n = torch.empty(x.shape, dtype=dtype, device=x.device) if has_norm else x.new_empty(0)
+    mean = torch.empty(M if has_norm else 0, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    bm, bc, nw = _blocks(C)
+    fwd[(cdiv(M, bm),)](
+        x, _opt(y, x), _opt(rs, x), _opt(ls, x), _opt(weight, x), _opt(bias, x), _opt_out(out, x),
+        _opt_out(n, x), _opt_out(mean, x), _opt_out(rstd, x), M, C, eps,
+        HAS_Y=y is not None, HAS_RS=rs is not None, HAS_LS=ls is not None, HAS_NORM=has_norm,
+        HAS_B=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
+    return out, n, mean, rstd
+
+
+def _opt_out(t: Tensor, like: Tensor) -> Tensor:
+    """A stand-in pointer for an output left empty (never written: its flag is off)."""
+    return t if t.numel() else like
+
+
+@_fwd_op.register_fake
+def _(x, y, rs, ls, weight, bias, eps):
+    C = x.shape[-1]
+    M = x.numel() // C
+    dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
+    out = x.new_empty(x.shape, dtype=dtype) if y is not None else x.new_empty(0)
+    has_norm = weight is not None
+    n = x.new_empty(x.shape, dtype=dtype) if has_norm else x.new_empty(0)
+    mean = x.new_empty(M if has_norm else 0, dtype=torch.float32)
+    return out, n, mean, x.new_empty(M if has_norm else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("metazoo::norm_residual_bwd", mutates_args=())
+def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Tensor, y: Optional[Tensor], out: Tensor,
+            rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor], has_bias: bool,
+            mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, bwd = _load()
+    C = x.shape[-1]
+    M = x.numel() // C
+    bm, bc, nw = _blocks(C)
+    n_tiles = cdiv(M, bm)
+    grid = param_grid(n_tiles, x.device)
+    has_norm = weight is not None and g_n is not None
+    dx = torch.empty_like(x)
+    dy = torch.empty_like(y) if y is not None else x.new_empty(0)
+
+    def partial(flag):
+        return torch.empty((grid, C) if flag else (0,), dtype=torch.float32, device=x.device)
+
+    pw, pb = partial(has_norm), partial(has_norm and has_bias)
+    prs, pls = partial(rs is not None and y is not None), partial(ls is not None and y is not None)
+    bwd[(grid,)](
+        _opt(g_out, x), _opt(g_n, x), x, _opt(y, x), out, _opt(rs, x), _opt(ls, x), _opt(weight, x),
+        mean, rstd, dx, _opt_out(dy, x), _opt_out(pw, x), _opt_out(pb, x), _opt_out(prs, x), _opt_out(pls, x),
+        M, C, n_tiles,
+        HAS_GO=g_out is not None, HAS_Y=y is not None, HAS_RS=rs is not None and y is not None,
+        HAS_LS=ls is not None and y is not None, HAS_NORM=has_norm, HAS_B=has_norm and has_bias,
+        BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
+
+    def reduce(p):
+        return p.sum(0) if p.numel() else p
+
+    return dx, dy, reduce(prs), reduce(pls), reduce(pw), reduce(pb)
+
+
+@_bwd_op.register_fake
+def _(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd):
+    C = x.shape[-1]
+    has_norm = weight is not None and g_n is not None
+
+    def vec(flag):
+        return x.new_empty((C,) if flag else (0,), dtype=torch.float32)
+
+    return (torch.empty_like(x), torch.empty_like(y) if y is not None else x.new_empty(0),
+            vec(rs is not None and y is not None), vec(ls is not None and y is not None),
+            vec(has_norm), vec(has_norm and has_bias))
+
+
+def _setup(ctx, inputs, output):
+    x, y, rs, ls, weight, bias, eps = inputs
+    out, n, mean, rstd = output
+    ctx.has_bias = bias is not None
+    ctx.has_y = y is not None
+    ctx.save_for_backward(x, y, out if y is not None else x, rs, ls, weight, mean, rstd)
+
+
+def _backward(ctx, g_out, g_n, g_mean, g_rstd):
+    x, y, out, rs, ls, weight, mean, rstd = ctx.saved_tensors
+    g_out = g_out.contiguous() if ctx.has_y and g_out is not None else None
+    g_n = g_n.contiguous() if weight is not None and g_n is not None else None
+    dx, dy, drs, dls, dw, db = _bwd_op(g_out, g_n, x, y, out, rs, ls, weight, ctx.has_bias, mean, rstd)
+
+    def cast(g, p):
+        return g.to(p.dtype) if p is not None and g.numel() else None
+
+    return (dx, dy if y is not None else None, cast(drs, rs), cast(dls, ls), cast(dw, weight),
+            cast(db, weight) if ctx.has_bias else None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def norm_residual_ref(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
+                      ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
+                      backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Plain PyTorch reference: returns ``(out, n)`` (``n`` is None without ``weight``)."""
+    shape = (-1, 1, 1) if channels_first else (-1,)
+    out = x
+    if y is not None:
+        out = (x * rs.view(shape) if rs is not None else x) + (y * ls.view(shape) if ls is not None else y)
+        out = out.to(torch.promote_types(x.dtype, y.dtype))
+    if weight is None:
+        return out, None
+    o = out.permute(0, 2, 3, 1) if channels_first else out
+    n = torch.nn.functional.layer_norm(o.float(), (o.shape[-1],), weight.float(),
+                                       bias.float() if bias is not None else None, eps).to(out.dtype)
+    return out, (n.permute(0, 3, 1, 2) if channels_first else n)
+
+
+def norm_residual(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
+                  ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
+                  backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``out = x*rs + y*ls`` (terms optional) and ``n = LayerNorm_C(out)``; returns ``(out, n)``."""
+    if y is None and weight is None:
+        raise ValueError("norm_residual needs y (a residual branch) or weight (a norm); got neither")
+    if resolve(backend, x) == "torch":
+        return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first)
+    xr = channels_last_view(x, channels_first)
+    yr = channels_last_view(y, channels_first) if y is not None else None
+    out, n, _, _ = _fwd_op(xr, yr, rs, ls, weight, bias, float(eps))
+    out = back_to_layout(out, channels_first) if y is not None else x
+    return out, (back_to_layout(n, channels_first) if weight is not None else None)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,
+               channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+    """LayerNorm over channels (last dim, or dim 1 of NCHW when ``channels_first``)."""
+    return norm_residual(x, None, None, None, weight, bias, eps, channels_first, backend)[1]
+
+
+def layer_norm_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,
+                   channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+    """Reference of :func:`layer_norm`."""
+    return norm_residual_ref(x, None, None, None, weight, bias, eps, channels_first)[1]
+
+
+def scale_add(x: Tensor, y: Tensor, rs: Optional[Tensor], ls: Optional[Tensor], channels_first: bool = False,
+              backend: Optional[str] = None) -> Tensor:
+    """Residual update ``x*rs + y*ls`` in one pass (scales optional, per channel)."""
+    return norm_residual(x, y, rs, ls, None, None, 0.0, channels_first, backend)[0]
