@@ -1,0 +1,153 @@
+"""MambaOut's gated token mixer after ``fc1``: ``h = gelu(g) * cat(i, dwconv(c))`` in channels-last.
+
+``u = fc1(norm(x))`` is split into gate ``g`` (hidden), identity ``i`` and conv part ``c``. The
+depthwise conv reads ``c`` in place (no split/permute copies); one pass then applies exact GELU,
+the gate and the concat. Backward recomputes the small conv output instead of keeping it, and
+writes every part of ``du`` straight into one buffer (no cat/split in the graph).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dwconv
+from ._layout import cdiv, next_pow2
+from .dispatch import resolve
+
+_kernels = None
+
+
+def _load():
+    """Build the Triton kernels on first use (Triton stays optional)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gate(U, CV, HOUT, DH, DU, DCV, M, hidden, n_id, cc, BACKWARD: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < hidden)[None, :]
+        is_id = (cols < n_id)[None, :]
+        u_row = rows[:, None].to(tl.int64) * (2 * hidden)
+        g = tl.load(U + u_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        vi = tl.load(U + u_row + hidden + cols[None, :], mask=mask & is_id, other=0.0).to(tl.float32)
+        cv_offs = rows[:, None].to(tl.int64) * cc + (cols - n_id)[None, :]
+        vc = tl.load(CV + cv_offs, mask=mask & (~is_id), other=0.0).to(tl.float32)
+        v = tl.where(is_id, vi, vc)
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        act = g * cdf
+        h_offs = rows[:, None].to(tl.int64) * hidden + cols[None, :]
+        if BACKWARD:
+            dh = tl.load(DH + h_offs, mask=mask, other=0.0).to(tl.float32)
+            dact = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+            tl.store(DU + u_row + cols[None, :], (dh * v * dact).to(DU.dtype.element_ty), mask=mask)
+            dv = dh * act
+            tl.store(DU + u_row + hidden + cols[None, :], dv.to(DU.dtype.element_ty), mask=mask & is_id)
+            tl.store(DCV + cv_offs, dv.to(DCV.dtype.element_ty), mask=mask & (~is_id))
+        else:
+            tl.store(HOUT + h_offs, (act * v).to(HOUT.dtype.element_ty), mask=mask)
+
+    _kernels = gate
+    return _kernels
+
+
+def _launch(u: Tensor, cv: Tensor, hidden: int, cc: int, h: Optional[Tensor], dh: Optional[Tensor],
+            du: Optional[Tensor], dcv: Optional[Tensor]):
+    gate = _load()
+    M = u.numel() // u.shape[-1]
+    bn = min(128, next_pow2(hidden))
+    bm = max(1, 4096 // bn)
+    backward = dh is not None
+    gate[(cdiv(M, bm), cdiv(hidden, bn))](
+        u, cv, h if h is not None else u, dh if backward else u, du if backward else u,
+        dcv if backward else u, M, hidden, hidden - cc, cc, BACKWARD=backward, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=4)
+
+
+def _conv_part(u: Tensor, cc: int) -> Tensor:
+    return u[..., u.shape[-1] - cc:]
+
+
+@torch.library.custom_op("metazoo::gated_dwconv_fwd", mutates_args=())
+def _fwd_op(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> Tensor:
+    cc = weight.shape[0]
+    cv = dwconv.conv_forward(_conv_part(u, cc), weight, bias, None, None)
+    h = u.new_empty((*u.shape[:-1], hidden))
+    _launch(u, cv, hidden, cc, h, None, None, None)
+    return h
+
+
+@_fwd_op.register_fake
+def _(u, weight, bias, hidden):
+    return u.new_empty((*u.shape[:-1], hidden))
+
+
+@torch.library.custom_op("metazoo::gated_dwconv_bwd", mutates_args=())
+def _bwd_op(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> tuple[Tensor, Tensor, Tensor]:
+    cc = weight.shape[0]
+    c = _conv_part(u, cc)
+    cv = dwconv.conv_forward(c, weight, bias, None, None)
+    du = torch.empty_like(u)
+    dcv = torch.empty_like(cv)
+    _launch(u, cv, hidden, cc, None, dh.contiguous(), du, dcv)
+    dw, db, _, _ = dwconv.conv_backward(dcv, c, weight, bias is not None, None, None, _conv_part(du, cc))
+    return du, dw, db if db is not None else u.new_empty(0, dtype=torch.float32)
+
+
+@_bwd_op.register_fake
+def _(dh, u, weight, bias, hidden):
+    f32 = torch.float32
+    return (torch.empty_like(u), weight.new_empty(weight.shape, dtype=f32),
+            u.new_empty(weight.shape[0] if bias is not None else 0, dtype=f32))
+
+
+def _setup(ctx, inputs, output):
+    u, weight, bias, hidden = inputs
+    ctx.hidden = hidden
+    ctx.save_for_backward(u, weight, bias)
+
+
+def _backward(ctx, dh):
+    u, weight, bias = ctx.saved_tensors
+    du, dw, db = _bwd_op(dh, u, weight, bias, ctx.hidden)
+    return du, dw.to(weight.dtype), (db.to(bias.dtype) if bias is not None else None), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(u: Tensor, weight: Tensor, hidden: int):
+    cc = weight.shape[0]
+    if u.dim() != 4 or u.shape[-1] != 2 * hidden:
+        raise ValueError(f"gated_dwconv: u must be NHWC with 2*hidden={2 * hidden} channels, got {tuple(u.shape)}")
+    if not 0 < cc <= hidden or weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(f"gated_dwconv: weight must be (cc, 1, K, K) with 0 < cc <= hidden={hidden}, "
+                         f"got {tuple(weight.shape)}")
+
+
+def gated_dwconv_ref(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
+                     backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: split, depthwise conv on the last ``cc`` channels, exact GELU gate, concat."""
+    _check(u, weight, hidden)
+    cc = weight.shape[0]
+    g, i, c = torch.split(u, (hidden, hidden - cc, cc), dim=-1)
+    c = torch.nn.functional.conv2d(c.permute(0, 3, 1, 2), weight.to(u.dtype),
+                                   bias.to(u.dtype) if bias is not None else None,
+                                   padding=weight.shape[-1] // 2, groups=cc).permute(0, 2, 3, 1)
+    return torch.nn.functional.gelu(g) * torch.cat((i, c), dim=-1)
+
+
+def gated_dwconv(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
+                 backend: Optional[str] = None) -> Tensor:
+    """``gelu(g) * cat(i, dwconv(c))`` for ``u = [g | i | c]`` (NHWC, ``2*hidden`` channels) -> NHWC hidden."""
+    _check(u, weight, hidden)
+    if resolve(backend, u) == "torch":
+        return gated_dwconv_ref(u, weight, bias, hidden)
+    return _fwd_op(u.contiguous(), weight, bias, int(hidden))

@@ -1,0 +1,195 @@
+"""One-group GroupNorm (PoolFormer's norm) on channels-last maps: per-sample moments, apply, fwd and bwd.
+
+Statistics are over (C, H, W) of each sample; the affine is per channel. ``moments`` is shared with
+the fused pooling mixer, which also hands the moments of its output to the next norm so that norm
+skips its own statistics pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
+from .dispatch import resolve
+
+_FLAT = 4096
+_kernels = None
+
+
+def _load():
+    """Build the Triton kernels on first use (Triton stays optional)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def moments(X, P1, P2, N, BLOCK: tl.constexpr):
+        # Shifted sums (pivot = the sample's first element) keep E[x^2]-E[x]^2 well conditioned.
+        b = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        base = X + b.to(tl.int64) * N
+        pivot = tl.load(base).to(tl.float32)
+        d = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - pivot, 0.0)
+        lin = b * tl.num_programs(1) + tl.program_id(1)
+        tl.store(P1 + lin, tl.sum(d, axis=0))
+        tl.store(P2 + lin, tl.sum(d * d, axis=0))
+
+    @triton.jit
+    def apply(X, MEAN, RSTD, W, B, Y, N, C, total, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        s = offs // N
+        c = offs % C
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - tl.load(MEAN + s, mask=mask, other=0.0)) * tl.load(RSTD + s, mask=mask, other=0.0)
+        y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def bwd_reduce(G, X, MEAN, RSTD, W, PS, PC, HW, C, rows_per_prog,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Per program: sample sums of w*g and w*g*xhat; channel sums of g*xhat and g.
+        b = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + b)
+        rstd = tl.load(RSTD + b)
+        a_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        a_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+        r0 = tl.program_id(1) * rows_per_prog
+        for r in range(r0, r0 + rows_per_prog, BLOCK_R):
+            rows = r + tl.arange(0, BLOCK_R)
+            mask = ((rows < HW) & (rows < r0 + rows_per_prog))[:, None] & cmask[None, :]
+            offs = b.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+            a_gx += tl.sum(g * xhat, axis=0)
+            a_g += tl.sum(g, axis=0)
+        a_wg = a_g * w
+        a_wgx = a_gx * w
+        lin = b * tl.num_programs(1) + tl.program_id(1)
+        tl.store(PS + lin * 2, tl.sum(a_wg, axis=0))
+        tl.store(PS + lin * 2 + 1, tl.sum(a_wgx, axis=0))
+        tl.store(PC + lin * 2 * C + cols, a_gx, mask=cmask)
+        tl.store(PC + lin * 2 * C + C + cols, a_g, mask=cmask)
+
+    @triton.jit
+    def bwd_apply(G, X, MEAN, RSTD, W, SA, SB, DX, N, C, total, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        s = offs // N
+        c = offs % C
+        rstd = tl.load(RSTD + s, mask=mask, other=0.0)
+        xhat = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(MEAN + s, mask=mask, other=0.0)) * rstd
+        wg = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+        dx = rstd * (wg - tl.load(SA + s, mask=mask, other=0.0) - xhat * tl.load(SB + s, mask=mask, other=0.0))
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+    _kernels = (moments, apply, bwd_reduce, bwd_apply)
+    return _kernels
+
+
+def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample (mean, biased variance) in fp32 of a contiguous (B, ...) tensor, by Triton partial sums."""
+    moments = _load()[0]
+    B = x.shape[0]
+    N = x.numel() // B
+    n_tiles = cdiv(N, _FLAT)
+    p1 = torch.empty((B, n_tiles), dtype=torch.float32, device=x.device)
+    p2 = torch.empty_like(p1)
+    moments[(B, n_tiles)](x, p1, p2, N, BLOCK=_FLAT, num_warps=8)
+    pivot = x.reshape(B, -1)[:, 0].float()
+    m1 = p1.sum(1) / N
+    return pivot + m1, (p2.sum(1) / N - m1 * m1).clamp_min(0.0)
+
+
+@torch.library.custom_op("metazoo::group_norm1_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean: Optional[Tensor],
+            var: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    apply = _load()[1]
+    if mean is None or var is None:
+        mean, var = sample_moments(x)
+    rstd = torch.rsqrt(var + eps)
+    y = torch.empty_like(x)
+    B, C = x.shape[0], x.shape[-1]
+    apply[(cdiv(x.numel(), _FLAT),)](x, mean, rstd, weight, bias if bias is not None else weight, y,
+                                     x.numel() // B, C, x.numel(), HAS_B=bias is not None, BLOCK=_FLAT,
+                                     num_warps=8)
+    return y, mean.clone(), rstd
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, eps, mean, var):
+    B = x.shape[0]
+    return torch.empty_like(x), x.new_empty(B, dtype=torch.float32), x.new_empty(B, dtype=torch.float32)
+
+
+@torch.library.custom_op("metazoo::group_norm1_bwd", mutates_args=())
+def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _, _, bwd_reduce, bwd_apply = _load()
+    B, C = x.shape[0], x.shape[-1]
+    N = x.numel() // B
+    HW = N // C
+    bc = next_pow2(C)
+    br = max(1, 4096 // bc)
+    chunks = max(1, min(cdiv(HW, br), cdiv(512, B)))
+    rows_per_prog = cdiv(cdiv(HW, chunks), br) * br
+    chunks = cdiv(HW, rows_per_prog)
+    ps = torch.empty((B, chunks, 2), dtype=torch.float32, device=x.device)
+    pc = torch.empty((B, chunks, 2, C), dtype=torch.float32, device=x.device)
+    bwd_reduce[(B, chunks)](g, x, mean, rstd, weight, ps, pc, HW, C, rows_per_prog, BLOCK_R=br, BLOCK_C=bc,
+                            num_warps=4)
+    sums = ps.sum(1) / N
+    dx = torch.empty_like(x)
+    bwd_apply[(cdiv(x.numel(), _FLAT),)](g, x, mean, rstd, weight, sums[:, 0].contiguous(),
+                                         sums[:, 1].contiguous(), dx, N, C, x.numel(), BLOCK=_FLAT, num_warps=8)
+    return dx, pc[:, :, 0].sum((0, 1)), pc[:, :, 1].sum((0, 1))
+
+
+@_bwd_op.register_fake
+def _(g, x, weight, mean, rstd):
+    C = x.shape[-1]
+    return torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, eps, mean, var = inputs
+    _, mean_used, rstd = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, mean_used, rstd)
+
+
+def _backward(ctx, g, g_mean, g_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _bwd_op(g.contiguous(), x, weight, mean, rstd)
+    return dx, dw.to(weight.dtype), (db.to(weight.dtype) if ctx.has_bias else None), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def group_norm1_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                    moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``F.group_norm(x, 1, ...)`` on NCHW (``moments`` is only a hint, unused)."""
+    return torch.nn.functional.group_norm(x.float(), 1, weight.float(),
+                                          bias.float() if bias is not None else None, eps).to(x.dtype)
+
+
+def group_norm1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
+    """One-group GroupNorm of an NCHW map. ``moments`` = per-sample (mean, var) of ``x`` when already known."""
+    if x.dim() != 4:
+        raise ValueError(f"group_norm1: x must be NCHW, got shape {tuple(x.shape)}")
+    if resolve(backend, x) == "torch":
+        return group_norm1_ref(x, weight, bias, eps)
+    mean, var = moments if moments is not None else (None, None)
+    y, _, _ = _fwd_op(channels_last_view(x, True), weight, bias, float(eps), mean, var)
+    return back_to_layout(y, True)

@@ -1,0 +1,258 @@
+"""PoolFormer's token-mixer branch fused with its norm, layer scale and residual, fwd and bwd.
+
+``out = x*rs + ls * (avgpool(n) - n)`` with ``n = GroupNorm1(x)`` and ``count_include_pad=False``.
+Average pooling commutes with the per-channel affine of the norm, so the branch equals
+``ls * w * rstd * (avgpool(x) - x)``: neither ``n`` nor the pooled map is ever written, and the norm
+bias cancels exactly (its gradient is zero). The pass also returns the per-sample moments of
+``out`` so the following GroupNorm skips its statistics pass. Channels-last maps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
+from .dispatch import resolve
+from .group_norm import sample_moments
+
+_kernels = None
+
+
+def _load():
+    """Build the Triton kernels on first use (Triton stays optional)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd(X, MEAN, RSTD, NW, LS, RS, OUT, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
+            HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        om = (ws < W)[:, None] & cmask[None, :]
+        PAD: tl.constexpr = P // 2
+        base = X + b.to(tl.int64) * H * W * C
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(P):
+            hh = h + i - PAD
+            for j in tl.static_range(P):
+                ww = ws + j - PAD
+                m = ((hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
+                acc += tl.load(base + hh * W * C + ww[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
+        cnt = ((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
+               * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1)).to(tl.float32)
+        offs = h * W * C + ws[:, None] * C + cs[None, :]
+        x = tl.load(base + offs, mask=om, other=0.0).to(tl.float32)
+        a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_LS:
+            a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
+        mu = tl.load(MEAN + b)
+        out = (acc / cnt[:, None] - x) * (a * tl.load(RSTD + b))[None, :]
+        if HAS_RS:
+            out += x * tl.load(RS + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            out += x
+        tl.store(OUT + b.to(tl.int64) * H * W * C + offs, out.to(OUT.dtype.element_ty), mask=om)
+        d = tl.where(om, out - mu, 0.0)
+        lin = (pid * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        tl.store(PS + lin * 2, tl.sum(tl.sum(d, axis=1), axis=0))
+        tl.store(PS + lin * 2 + 1, tl.sum(tl.sum(d * d, axis=1), axis=0))
+
+    @triton.jit
+    def bwd_reduce(G, X, RSTD, NW, LS, PC, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
+                   HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Per program: channel sums of rstd*g*d and g*x; the sample sum of g*a*d (d = pool(x) - x).
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        om = (ws < W)[:, None] & cmask[None, :]
+        PAD: tl.constexpr = P // 2
+        base = b.to(tl.int64) * H * W * C
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(P):
+            hh = h + i - PAD
+            for j in tl.static_range(P):
+                ww = ws + j - PAD
+                m = ((hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
+                acc += tl.load(X + base + hh * W * C + ww[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
+        cnt = ((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
+               * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1)).to(tl.float32)
+        offs = base + h * W * C + ws[:, None] * C + cs[None, :]
+        x = tl.load(X + offs, mask=om, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=om, other=0.0).to(tl.float32)
+        gd = tl.where(om, g * (acc / cnt[:, None] - x), 0.0)
+        a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_LS:
+            a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
+        lin = (pid * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        row = (pid * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * 2 * C
+        tl.store(PC + row + cs, tl.sum(gd, axis=0) * tl.load(RSTD + b), mask=cmask)
+        if HAS_RS:
+            tl.store(PC + row + C + cs, tl.sum(g * x, axis=0), mask=cmask)
+        tl.store(PS + lin, tl.sum(tl.sum(gd * a[None, :], axis=1), axis=0))
+
+    @triton.jit
+    def bwd_apply(G, X, MEAN, RSTD, COEF, NW, LS, RS, DX, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
+                  HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # dx = rs*g + a*rstd*(P^T g - g) + coef_b*(x - mean_b), P^T g summing g/count over the window.
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        om = (ws < W)[:, None] & cmask[None, :]
+        PAD: tl.constexpr = P // 2
+        base = b.to(tl.int64) * H * W * C
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(P):
+            hh = h + i - PAD
+            ch = tl.minimum(hh + PAD, H - 1) - tl.maximum(hh - PAD, 0) + 1  # window size at hh
+            for j in tl.static_range(P):
+                ww = ws + j - PAD
+                m = ((hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
+                gq = tl.load(G + base + hh * W * C + ww[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                cw = tl.minimum(ww + PAD, W - 1) - tl.maximum(ww - PAD, 0) + 1
+                acc += gq / tl.maximum(ch * cw, 1).to(tl.float32)[:, None]
+        offs = base + h * W * C + ws[:, None] * C + cs[None, :]
+        x = tl.load(X + offs, mask=om, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=om, other=0.0).to(tl.float32)
+        a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_LS:
+            a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
+        dx = (acc - g) * (a * tl.load(RSTD + b))[None, :] + tl.load(COEF + b) * (x - tl.load(MEAN + b))
+        if HAS_RS:
+            dx += g * tl.load(RS + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            dx += g
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=om)
+
+    _kernels = (fwd, bwd_reduce, bwd_apply)
+    return _kernels
+
+
+def _grid(x: Tensor):
+    B, H, W, C = x.shape
+    bw, bc = min(16, next_pow2(W)), min(64, next_pow2(C))
+    return (B * H, cdiv(W, bw), cdiv(C, bc)), bw, bc
+
+
+def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like
+
+
+@torch.library.custom_op("metazoo::pool_mixer_fwd", mutates_args=())
+def _fwd_op(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
+            rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fwd = _load()[0]
+    mean, var = sample_moments(x)
+    rstd = torch.rsqrt(var + eps)
+    grid, bw, bc = _grid(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ps = torch.empty((grid[0], grid[1] * grid[2], 2), dtype=torch.float32, device=x.device)
+    fwd[grid](x, mean, rstd, norm_weight, _opt(ls, x), _opt(rs, x), out, ps, x.shape[1], x.shape[2],
+              x.shape[3], P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
+              num_warps=4)
+    B = x.shape[0]
+    N = x.numel() // B
+    m = ps.view(B, -1, 2).sum(1) / N
+    out_mean = mean + m[:, 0]
+    out_var = (m[:, 1] - m[:, 0] * m[:, 0]).clamp_min(0.0)
+    return out, mean, rstd, out_mean, out_var
+
+
+@_fwd_op.register_fake
+def _(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
+    B = x.shape[0]
+
+    def vec():
+        return x.new_empty(B, dtype=torch.float32)
+
+    return torch.empty_like(x), vec(), vec(), vec(), vec()
+
+
+@torch.library.custom_op("metazoo::pool_mixer_bwd", mutates_args=())
+def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor, ls: Optional[Tensor],
+            rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, bwd_reduce, bwd_apply = _load()
+    B, H, W, C = x.shape
+    grid, bw, bc = _grid(x)
+    pc = torch.empty((grid[0] * grid[1], 2, C), dtype=torch.float32, device=x.device)
+    ps = torch.empty((B, H * grid[1] * grid[2]), dtype=torch.float32, device=x.device)
+    flags = dict(P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
+    bwd_reduce[grid](g, x, rstd, norm_weight, _opt(ls, x), pc, ps, H, W, C, **flags)
+    coef = -ps.sum(1) * rstd ** 3 / (x.numel() // B)
+    dx = torch.empty_like(x)
+    bwd_apply[grid](g, x, mean, rstd, coef, norm_weight, _opt(ls, x), _opt(rs, x), dx, H, W, C, **flags)
+    s = pc[:, 0].sum(0)
+    dw = s * ls.float() if ls is not None else s
+    dls = s * norm_weight.float() if ls is not None else x.new_empty(0, dtype=torch.float32)
+    drs = pc[:, 1].sum(0) if rs is not None else x.new_empty(0, dtype=torch.float32)
+    return dx, dw, dls, drs
+
+
+@_bwd_op.register_fake
+def _(g, x, mean, rstd, norm_weight, ls, rs, pool_size):
+    C = x.shape[-1]
+
+    def vec(flag):
+        return x.new_empty(C if flag else 0, dtype=torch.float32)
+
+    return torch.empty_like(x), vec(True), vec(ls is not None), vec(rs is not None)
+
+
+def _setup(ctx, inputs, output):
+    x, norm_weight, norm_bias, eps, ls, rs, pool_size = inputs
+    out, mean, rstd, out_mean, out_var = output
+    ctx.mark_non_differentiable(mean, rstd, out_mean, out_var)
+    ctx.pool_size = pool_size
+    ctx.has_bias = norm_bias is not None
+    ctx.save_for_backward(x, mean, rstd, norm_weight, ls, rs)
+
+
+def _backward(ctx, g, *_):
+    x, mean, rstd, norm_weight, ls, rs = ctx.saved_tensors
+    dx, dw, dls, drs = _bwd_op(g.contiguous(), x, mean, rstd, norm_weight, ls, rs, ctx.pool_size)
+    db = torch.zeros_like(norm_weight) if ctx.has_bias else None
+    return (dx, dw.to(norm_weight.dtype), db, None, dls.to(ls.dtype) if ls is not None else None,
+            drs.to(rs.dtype) if rs is not None else None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def pool_mixer_ref(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
+                   ls: Optional[Tensor] = None, rs: Optional[Tensor] = None, pool_size: int = 3,
+                   backend: Optional[str] = None) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """Plain PyTorch reference on NCHW: ``(x*rs + ls*(avgpool(n) - n), None)`` with ``n = GroupNorm1(x)``."""
+    n = torch.nn.functional.group_norm(x, 1, norm_weight, norm_bias, eps)
+    p = torch.nn.functional.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
+    branch = (p - n) * ls.view(-1, 1, 1) if ls is not None else p - n
+    return ((x * rs.view(-1, 1, 1) if rs is not None else x) + branch).to(x.dtype), None
+
+
+def pool_mixer(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
+               ls: Optional[Tensor] = None, rs: Optional[Tensor] = None, pool_size: int = 3,
+               backend: Optional[str] = None) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """PoolFormer token-mixer half-block on NCHW. Returns ``(out, moments of out or None)``; pass the
+    moments to :func:`metazoo.kernels.group_norm.group_norm1` to skip its statistics pass."""
+    if x.dim() != 4:
+        raise ValueError(f"pool_mixer: x must be NCHW, got shape {tuple(x.shape)}")
+    if pool_size % 2 != 1:
+        raise ValueError(f"pool_mixer: pool_size must be odd, got {pool_size}")
+    if resolve(backend, x) == "torch":
+        return pool_mixer_ref(x, norm_weight, norm_bias, eps, ls, rs, pool_size)
+    out, _, _, out_mean, out_var = _fwd_op(channels_last_view(x, True), norm_weight, norm_bias, float(eps),
+                                           ls, rs, int(pool_size))
+    return back_to_layout(out, True), (out_mean, out_var)
