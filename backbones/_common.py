@@ -1,0 +1,159 @@
+"""Shared plumbing for every family: safe checkpoint loading, argument validation, timm builds."""
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from typing import Callable, Iterable, Mapping
+
+import timm
+import torch
+from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
+from timm.models._registry import _model_to_module
+
+PREFIX = "mz_"
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+
+
+def list_families() -> dict[str, list[str]]:
+    """Family name (the module that registers it) -> sorted ``mz_*`` model names."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for name in timm.list_models(f"{PREFIX}*"):
+        out[_model_to_module[name]].append(name)
+    return dict(out)
+
+
+def load_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file without executing pickled code.
+
+    Unwraps the usual ``model`` / ``state_dict`` containers and strips ``module.``, ``backbone.``
+    and ``_orig_mod.`` prefixes. A pickle that needs anything beyond tensors and plain containers
+    raises (``weights_only=True``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    keys = WRAPPER_KEYS if use_ema else tuple(k for k in WRAPPER_KEYS if "ema" not in k)
+    while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = next((k for k in keys if k in sd), None)
+        if inner is None:
+            raise ValueError(f"checkpoint {path} holds no tensors under any of {keys}")
+        sd = sd[inner]
+    return {strip_prefixes(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_prefixes(key: str) -> str:
+    """Remove wrapper prefixes (DDP ``module.``, detector ``backbone.``, compile ``_orig_mod.``)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in STRIP_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Atomically write a safetensors file (temp file in the same folder, then ``os.replace``)."""
+    from safetensors.torch import save_file
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def check_input_size(x: torch.Tensor, min_size: int, name: str = "input") -> None:
+    """Raise ``ValueError`` when the spatial size of NCHW ``x`` is below the network's total stride."""
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be a 4-D NCHW image batch, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h < min_size or w < min_size:
+        raise ValueError(f"{name} spatial size {h}x{w} is smaller than the total stride; "
+                         f"accepted: height and width >= {min_size}")
+
+
+def check_in_chans(state_dict: Mapping[str, torch.Tensor], first_conv: str, model: torch.nn.Module) -> None:
+    """A checkpoint's first conv must have 3 input channels (timm adapts those to any ``in_chans``)."""
+    w = state_dict.get(f"{first_conv}.weight")
+    if w is None or w.ndim != 4:
+        return
+    ckpt_in, model_in = w.shape[1], getattr(model, "in_chans", 3)
+    if ckpt_in != 3 and ckpt_in != model_in:
+        raise ValueError(f"in_chans={model_in} does not match the checkpoint ({ckpt_in} input channels "
+                         f"in {first_conv}.weight); accepted: in_chans={ckpt_in}, or a 3-channel checkpoint")
+
+
+def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict:
+    """Apply ``(regex, replacement)`` rules in order to every key."""
+    rules = [(re.compile(p), r) for p, r in rules]
+    out = {}
+    for k, v in state_dict.items():
+        for pat, rep in rules:
+            k = pat.sub(rep, k)
+        out[k] = v
+    return out
+
+
+def match_shapes(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict:
+    """Reshape tensors whose element count matches the model's (Linear <-> 1x1 conv, (C,) <-> (C,1,1))."""
+    ref = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        if k in ref and v.shape != ref[k].shape and v.numel() == ref[k].numel():
+            v = v.reshape(ref[k].shape)
+        out[k] = v
+    return out
+
+
+def mirror_timm_cfgs(archs: Iterable[str], make_cfg: Callable[..., dict]) -> dict[str, dict]:
+    """Our ``mz_<arch>.<tag>`` cfgs for every pretrained tag timm has for ``archs``.
+
+    Each points at timm's hub repo for the same tag, so ``pretrained=True`` fetches timm's file,
+    whose keys equal ours. ``make_cfg`` supplies the family's defaults.
+    """
+    out = {}
+    for arch in archs:
+        for full, cfg in get_arch_pretrained_cfgs(arch).items():
+            tag = full.split(".", 1)[1]
+            kw = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("hf_hub_id", "tag", "architecture")}
+            kw["hf_hub_id"] = f"timm/{full}"
+            out[f"{PREFIX}{full}"] = make_cfg(**kw)
+    return out
+
+
+def validate_out_indices(out_indices, num_stages: int) -> tuple[int, ...]:
+    """Normalise ``out_indices``; anything outside ``[-num_stages, num_stages)`` is a ``ValueError``."""
+    if isinstance(out_indices, int):
+        out_indices = (out_indices,)
+    out_indices = tuple(out_indices)
+    bad = [i for i in out_indices if not isinstance(i, int) or not -num_stages <= i < num_stages]
+    if bad or not out_indices:
+        raise ValueError(f"out_indices={out_indices} is invalid; accepted: integers in "
+                         f"[{-num_stages}, {num_stages - 1}] (one per stage, features of stride 4..32)")
+    return out_indices
+
+
+def validate_tag(variant: str, pretrained_cfg) -> None:
+    """Raise ``ValueError`` for ``mz_x.<tag>`` when ``<tag>`` is not a registered pretrained tag."""
+    if not isinstance(pretrained_cfg, str):
+        return
+    tags = sorted(k.split(".", 1)[1] for k in get_arch_pretrained_cfgs(variant))
+    if pretrained_cfg not in tags:
+        raise ValueError(f"unknown pretrained tag {pretrained_cfg!r} for model {variant}; "
+                         f"accepted tags: {', '.join(tags) or '(none)'}")
+
+
+def build(model_cls, variant: str, pretrained: bool, *, num_stages: int = 4,
+          pretrained_filter_fn: Callable | None = None, feature_cfg: dict | None = None, **kwargs):
+    """``timm.models.build_model_with_cfg`` with our boundary checks (tag, ``out_indices``)."""
+    validate_tag(variant, kwargs.get("pretrained_cfg"))
+    out_indices = validate_out_indices(kwargs.pop("out_indices", tuple(range(num_stages))), num_stages)
+    feature_cfg = dict(flatten_sequential=True, **(feature_cfg or {}), out_indices=out_indices)
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
+                                feature_cfg=feature_cfg, **kwargs)

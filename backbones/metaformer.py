@@ -1,0 +1,211 @@
+"""The one MetaFormer skeleton every hierarchical family is built from.
+
+stem -> 4 stages (downsample, then blocks) -> head. A family supplies the stem, downsampling and
+head classes and, per stage, a block class with its arguments: ``MetaFormerBlock`` (norm -> token
+mixer -> scales + drop path -> norm -> channel mixer) or a self-contained block such as MambaOut's
+gated CNN. Module names follow timm so timm state dicts load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
+from torch import nn
+
+from ..mixers.activations import Scale
+from ..mixers.mlp import Mlp
+
+
+class MetaFormerBlock(nn.Module):
+    """``x = rs1(x) + ls1(dp(mixer(norm1(x))))``; ``x = rs2(x) + ls2(dp(mlp(norm2(x))))``.
+
+    ``layout`` is the block's tensor layout: ``NCHW`` (conv/pool mixers, 1x1-conv MLP) or ``NLC``
+    (attention, Linear MLP).
+    """
+
+    def __init__(self, dim: int, token_mixer: Callable[..., nn.Module], mixer_kwargs: dict | None = None,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, mlp_act=nn.GELU, mlp_bias: bool = False,
+                 mlp_ratio: float = 4.0, proj_drop: float = 0.0, drop_path: float = 0.0,
+                 layer_scale_init_value: float | None = None, res_scale_init_value: float | None = None,
+                 layout: str = "NCHW"):
+        super().__init__()
+        if layout not in ("NCHW", "NLC"):
+            raise ValueError(f"layout={layout!r} is not supported; accepted: 'NCHW', 'NLC'")
+        self.layout = layout
+        cf = layout == "NCHW"
+
+        def scale(init):
+            return Scale(dim, init, channels_first=cf) if init is not None else nn.Identity()
+
+        self.norm1 = norm_layer(dim)
+        self.token_mixer = token_mixer(dim=dim, proj_drop=proj_drop, **(mixer_kwargs or {}))
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale1 = scale(layer_scale_init_value)
+        self.res_scale1 = scale(res_scale_init_value)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=mlp_act, bias=mlp_bias, drop=proj_drop, use_conv=cf)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale2 = scale(layer_scale_init_value)
+        self.res_scale2 = scale(res_scale_init_value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NCHW or (B, N, C), per ``layout``."""
+        x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+
+class MetaFormerStage(nn.Module):
+    """Downsample then a sequence of blocks; converts NCHW <-> NLC around blocks that need tokens."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module], tokens: bool):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.tokens = tokens
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the model's layout (NCHW or NHWC); same layout out."""
+        x = self.downsample(x)
+        if self.tokens:
+            B, C, H, W = x.shape
+            x = x.reshape(B, C, H * W).transpose(1, 2)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        if self.tokens:
+            x = x.transpose(1, 2).reshape(B, C, H, W)
+        return x
+
+
+def _per_stage(value, n: int, name: str) -> list:
+    """Broadcast a scalar/class/dict argument to one entry per stage."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries; accepted: one value or {n} (one per stage)")
+        return list(value)
+    return [value] * n
+
+
+class MetaFormer(nn.Module):
+    """Hierarchical MetaFormer: ``stem_layer(in_chans, dims[0])``, ``downsample_layer(d_in, d_out)``
+    before stages 1.., ``block_layer[i](dim=, drop_path=, **block_kwargs[i])``, ``head_layer(dim,
+    num_classes, pool_type=, drop_rate=)``. ``output_fmt`` is the layout between stages."""
+
+    def __init__(self, depths: Sequence[int], dims: Sequence[int], *, stem_layer, downsample_layer, head_layer,
+                 block_layer=MetaFormerBlock, block_kwargs: dict | Sequence[dict] = (), in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "avg", drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0, output_fmt: str = "NCHW"):
+        super().__init__()
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; accepted: 'NCHW', 'NHWC'")
+        if len(depths) != len(dims):
+            raise ValueError(f"depths ({len(depths)}) and dims ({len(dims)}) must have one entry per stage")
+        n = len(depths)
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.num_features = dims[-1]
+        self.grad_checkpointing = False
+        if output_fmt == "NHWC":
+            self.output_fmt = output_fmt  # timm's features_only reads this attribute
+        block_layers = _per_stage(block_layer, n, "block_layer")
+        block_kwargs = _per_stage(dict(block_kwargs) if not isinstance(block_kwargs, (list, tuple)) else block_kwargs,
+                                  n, "block_kwargs")
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+
+        self.stem = stem_layer(in_chans, dims[0])
+        self.feature_info = []
+        stages = []
+        for i in range(n):
+            blocks = [block_layers[i](dim=dims[i], drop_path=dpr[i][j], **block_kwargs[i]) for j in range(depths[i])]
+            tokens = output_fmt == "NCHW" and getattr(blocks[0], "layout", "NCHW") == "NLC"
+            down = downsample_layer(dims[i - 1], dims[i]) if i > 0 else nn.Identity()
+            stages.append(MetaFormerStage(down, blocks, tokens))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.head_layer = head_layer
+        self.head = head_layer(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head_hidden_size = self.head.num_features
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ---- timm model API -------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Scales, norms and biases (1-D parameters) are excluded from weight decay."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
+        device = next(self.parameters()).device
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        self.head.to(device)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Final features plus the outputs of the stages picked by ``indices`` (timm semantics)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; accepted: 'NCHW', 'NHWC'")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        native = getattr(self, "output_fmt", "NCHW")
+        x = self.stem(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+            if i in take_indices:
+                y = x
+                if native != output_fmt:
+                    y = y.permute(0, 3, 1, 2) if native == "NHWC" else y.permute(0, 2, 3, 1)
+                intermediates.append(y.contiguous() if native != output_fmt else y)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Drop stages after the last one ``indices`` needs (and the head)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.feature_info[max_index]["num_chs"]
+            self.head = self.head_layer(self.num_features, 0, pool_type="avg").to(next(self.parameters()).device)
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (NCHW) -> last-stage features in the model's layout."""
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,29 @@
+"""Multi-head self-attention token mixer (CAFormer's upper stages) on top of SDPA."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Vanilla MHSA; heads of ``head_dim`` channels; ``F.scaled_dot_product_attention`` does the math."""
+
+    def __init__(self, dim: int, head_dim: int = 32, num_heads: int | None = None, qkv_bias: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, proj_bias: bool = False, **_):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = max(1, num_heads or dim // head_dim)
+        inner = self.num_heads * head_dim
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C)."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,37 @@
+"""MambaOut's Gated CNN block: norm, fc1 -> (gate, identity, conv) split, depthwise kxk on the conv
+part, ``act(gate) * [identity, conv]``, fc2, layer scale, drop path, residual. Channels-last."""
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath, LayerScale
+from torch import nn
+
+from .norms import LayerNorm
+
+
+class GatedCNNBlock(nn.Module):
+    """A whole residual block (token and channel mixing in one gated unit), NHWC in and out."""
+
+    def __init__(self, dim: int, expansion_ratio: float = 8 / 3, kernel_size: int = 7, conv_ratio: float = 1.0,
+                 ls_init_value: float | None = None, norm_layer=LayerNorm, act_layer=nn.GELU,
+                 drop_path: float = 0.0):
+        super().__init__()
+        hidden = int(expansion_ratio * dim)
+        conv_channels = int(conv_ratio * dim)
+        self.split_indices = (hidden, hidden - conv_channels, conv_channels)
+        self.norm = norm_layer(dim)
+        self.fc1 = nn.Linear(dim, hidden * 2)
+        self.act = act_layer()
+        self.conv = nn.Conv2d(conv_channels, conv_channels, kernel_size, padding=kernel_size // 2,
+                              groups=conv_channels)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NHWC."""
+        shortcut = x
+        g, i, c = torch.split(self.fc1(self.norm(x)), self.split_indices, dim=-1)
+        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
+        return self.drop_path(self.ls(x)) + shortcut

@@ -1,0 +1,28 @@
+"""Two-layer MLP channel mixer (fc1, act, fc2) as Linear (channels-last) or 1x1 Conv2d (NCHW)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Mlp(nn.Module):
+    """``fc2(drop(act(fc1(x))))``; ``use_conv`` picks 1x1 convs so NCHW maps need no permute."""
+
+    def __init__(self, dim: int, hidden_dim: int | None = None, out_dim: int | None = None,
+                 act_layer=nn.GELU, bias: bool = True, drop: float = 0.0, use_conv: bool = False):
+        super().__init__()
+        hidden_dim = hidden_dim or 4 * dim
+        out_dim = out_dim or dim
+        if use_conv:
+            self.fc1 = nn.Conv2d(dim, hidden_dim, 1, bias=bias)
+            self.fc2 = nn.Conv2d(hidden_dim, out_dim, 1, bias=bias)
+        else:
+            self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+            self.fc2 = nn.Linear(hidden_dim, out_dim, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NCHW when built with ``use_conv`` else (..., C)."""
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))

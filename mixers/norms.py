@@ -1,0 +1,59 @@
+"""Normalisation layers used by the MetaFormer families (parameter names as in timm).
+
+``GroupNorm1`` (one group, NCHW) is PoolFormer's norm; ``LayerNorm2d`` normalises the channels of
+an NCHW map; ``LayerNorm`` normalises the last dim (NLC / NHWC). ``bias=False`` gives the
+"no bias" variants of the MetaFormer baselines.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with a single group over an NCHW tensor (normalises over C, H, W)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(1, num_channels, eps=eps)
+        if not bias:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NCHW."""
+        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last dimension (NLC or NHWC), eps 1e-6 by default."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = True):
+        super().__init__(num_channels, eps=eps, bias=bias)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = True):
+        super().__init__(num_channels, eps=eps, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NCHW."""
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def group_norm1_no_bias(num_channels: int) -> GroupNorm1:
+    """PoolFormerV2's norm: one-group GroupNorm without bias, eps 1e-6."""
+    return GroupNorm1(num_channels, eps=1e-6, bias=False)
+
+
+def layer_norm2d_no_bias(num_channels: int) -> LayerNorm2d:
+    """ConvFormer/CAFormer conv-stage norm: channels-first LayerNorm without bias."""
+    return LayerNorm2d(num_channels, eps=1e-6, bias=False)
+
+
+def layer_norm_no_bias(num_channels: int) -> LayerNorm:
+    """CAFormer attention-stage norm: LayerNorm (last dim) without bias."""
+    return LayerNorm(num_channels, eps=1e-6, bias=False)

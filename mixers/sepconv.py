@@ -1,0 +1,25 @@
+"""ConvFormer's token mixer: inverted separable conv (1x1 expand, act, depthwise kxk, 1x1 project)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activations import StarReLU
+
+
+class SepConv(nn.Module):
+    """MobileNetV2-style separable conv on NCHW; 1x1 convs kept as Conv2d (timm's weight layout)."""
+
+    def __init__(self, dim: int, expansion_ratio: float = 2.0, act1_layer=StarReLU, act2_layer=nn.Identity,
+                 bias: bool = False, kernel_size: int = 7, **_):
+        super().__init__()
+        mid = int(expansion_ratio * dim)
+        self.pwconv1 = nn.Conv2d(dim, mid, 1, bias=bias)
+        self.act1 = act1_layer()
+        self.dwconv = nn.Conv2d(mid, mid, kernel_size, padding=kernel_size // 2, groups=mid, bias=bias)
+        self.act2 = act2_layer()
+        self.pwconv2 = nn.Conv2d(mid, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NCHW."""
+        return self.pwconv2(self.act2(self.dwconv(self.act1(self.pwconv1(x)))))
