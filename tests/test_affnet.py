@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import metazoo  # noqa: F401  (registers the models)
+from metazoo.backbones._affnet_convert import convert_file
 from metazoo.backbones.affnet import AFFNet, convert_official
 from metazoo.kernels import use_backend
 from metazoo.kernels.aff_filter import aff_filter, aff_filter_ref
@@ -284,6 +285,11 @@ def test_official_checkpoint_loads_strictly(tmp_path):
         assert torch.equal(official[ko], sd[kn]), kn
     depths = tuple(len(s.blocks) for s in model.stages)
     assert sorted(convert_official(official, depths)) == sorted(sd)
+    # the publishing script: official file -> safetensors in our layout, which loads as-is
+    out = tmp_path / "mz_affnet_et.safetensors"
+    assert convert_file(str(path), str(out)) == "mz_affnet_et"
+    again = timm.create_model("mz_affnet_et", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sd.items())
 
 
 def test_pretrained_without_file_explains_where_weights_are():
