@@ -1,0 +1,306 @@
+"""TransNeXt (Shi, CVPR 2024): aggregated attention + Convolutional GLU, four overlapping-patch stages.
+
+Spec sheet: variant table, official checkpoint handling, timm registration. Module and parameter
+names equal the official ``classification/transnext.py`` so its ``.pth`` files load with
+``strict=True`` (only the ``model`` wrapper is removed). Runs at any input size >= 32: the
+position-bias tables are rebuilt (cached) for the actual feature size; at the construction size
+they equal the official buffers, kept here as non-persistent buffers so compiled graphs need no
+table look-up.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+
+from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention, relative_position_table
+from metazoo.mixers.convglu import ConvGLU
+
+from ._common import build, check_input_size, load_checkpoint  # noqa: F401  (load_checkpoint: pretrained files)
+
+__all__ = ["TransNeXt", "checkpoint_filter_fn", "VARIANTS"]
+
+MIN_INPUT = 32
+NUM_STAGES = 4
+
+VARIANTS = {
+    # name: embed dims, heads, depths, sr ratios, window sizes (None: plain attention), mlp ratios
+    "micro": dict(embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2)),
+    "tiny": dict(embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24), depths=(2, 2, 15, 2)),
+    "small": dict(embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24), depths=(5, 5, 22, 5)),
+    "base": dict(embed_dims=(96, 192, 384, 768), num_heads=(4, 8, 16, 32), depths=(5, 5, 23, 5)),
+    "micro_aaaa": dict(embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2),
+                       sr_ratios=(16, 8, 4, 2), window_sizes=(3, 3, 3, 3)),
+}
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv with overlapping kernel (7/4 at the stem, 3/2 between stages), then LayerNorm."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor):
+        """x: NCHW -> ((B, N, C) tokens, H, W)."""
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), H, W
+
+
+class TransNeXtBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm1(x))``, then ``x + ConvGLU(norm2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, window_size, pretrain_hw,
+                 drop_path: float = 0.0, proj_drop: float = 0.0, backend: str | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if sr_ratio == 1:
+            self.attn = LengthScaledAttention(dim, num_heads, pretrain_hw, proj_drop=proj_drop)
+        else:
+            self.attn = AggregatedAttention(dim, num_heads, sr_ratio, pretrain_hw, window_size=window_size or 3,
+                                            proj_drop=proj_drop, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvGLU(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, height: int, width: int, rel_pos) -> torch.Tensor:
+        """x: (B, N, C) tokens -> (B, N, C)."""
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width, rel_pos))
+        return x + self.drop_path(self.mlp(self.norm2(x), height, width))
+
+
+class TransNeXt(nn.Module):
+    """Four stages of overlapping patch embedding + TransNeXt blocks + LayerNorm; mean-pool head.
+
+    ``img_size`` only seeds the cached position tables; any input >= 32 px runs. ``pretrain_size``
+    (default ``img_size``) is the pre-training resolution that scales the position-bias
+    coordinates: keep 224 when running 224-pretrained weights at another size.
+    """
+
+    def __init__(self, img_size: int = 224, pretrain_size: int | None = None, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "avg", embed_dims=(48, 96, 192, 384),
+                 num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2), sr_ratios=(8, 4, 2, 1),
+                 window_sizes=(3, 3, 3, None), mlp_ratios=(8, 8, 4, 4), drop_rate: float = 0.0,
+                 proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0, backend: str | None = None):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool={global_pool!r} is not supported; accepted: 'avg', ''")
+        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.embed_dims, self.sr_ratios, self.num_stages = tuple(embed_dims), tuple(sr_ratios), NUM_STAGES
+        self.grad_checkpointing = False
+        pretrain_size = pretrain_size or img_size
+        self.pretrain_hw = [(pretrain_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
+        total = sum(depths)
+        dpr = [drop_path_rate * k / max(1, total - 1) for k in range(total)]  # linear stochastic-depth rule
+        self.feature_info = []
+        for i in range(NUM_STAGES):
+            embed = OverlapPatchEmbed(in_chans if i == 0 else embed_dims[i - 1], embed_dims[i],
+                                      patch_size=7 if i == 0 else 3, stride=4 if i == 0 else 2)
+            blocks = nn.ModuleList([
+                TransNeXtBlock(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], window_sizes[i],
+                               self.pretrain_hw[i], drop_path=dpr[sum(depths[:i]) + j], proj_drop=proj_drop_rate,
+                               backend=backend)
+                for j in range(depths[i])])
+            setattr(self, f"patch_embed{i + 1}", embed)
+            setattr(self, f"block{i + 1}", blocks)
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f"block{i + 1}"))
+            # tables at the construction size, as buffers (the official layout keeps them out of state dicts)
+            hw = (img_size // 2 ** (i + 2),) * 2
+            index, table = relative_position_table(hw, blocks[0].attn.key_grid(*hw), self.pretrain_hw[i], "cpu")
+            device = torch.get_default_device()
+            self.register_buffer(f"relative_pos_index{i + 1}", index.to(device, copy=True), persistent=False)
+            self.register_buffer(f"relative_coords_table{i + 1}", table.to(device, copy=True), persistent=False)
+        self._buffer_hw = [(img_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # --- timm API -------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """Official keyword list: query embeddings, local biases, position-bias MLPs, temperatures."""
+        keys = ("query_embedding", "relative_pos_bias_local", "cpb", "temperature")
+        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        if coarse:
+            return dict(stem=r"^patch_embed1\.", blocks=r"^(?:patch_embed|block|norm)(\d+)")
+        return dict(stem=r"^patch_embed1\.", blocks=[(r"^patch_embed(\d+)", (-1,)), (r"^block(\d+)\.(\d+)", None),
+                                                     (r"^norm(\d+)", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool={global_pool!r} is not supported; accepted: 'avg', ''")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward --------------------------------------------------------------------------------
+    def _rel_pos(self, i: int, height: int, width: int, attn: nn.Module):
+        """Position tables of stage ``i`` for an ``height×width`` map: buffers at the construction size."""
+        if (height, width) == self._buffer_hw[i]:
+            return getattr(self, f"relative_pos_index{i + 1}"), getattr(self, f"relative_coords_table{i + 1}")
+        return relative_position_table((height, width), attn.key_grid(height, width), self.pretrain_hw[i],
+                                       getattr(self, f"relative_coords_table{i + 1}").device)
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """NCHW in -> NCHW out (after the stage's LayerNorm)."""
+        x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
+        blocks = getattr(self, f"block{i + 1}")
+        rel_pos = self._rel_pos(i, H, W, blocks[0].attn)
+        for blk in blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, H, W, rel_pos)
+            else:
+                x = blk(x, H, W, rel_pos)
+        x = getattr(self, f"norm{i + 1}")(x)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW image -> NCHW stride-32 features after the last stage's norm."""
+        check_input_size(x, MIN_INPUT)
+        for i in range(self.num_stages):
+            x = self._stage(i, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Per-stage NCHW outputs (after each stage's own LayerNorm) for ``indices`` (timm semantics)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; accepted: 'NCHW'")
+        check_input_size(x, MIN_INPUT)
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        intermediates = []
+        last = max_index if stop_early or intermediates_only else self.num_stages - 1
+        for i in range(last + 1):
+            x = self._stage(i, x)
+            if i in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Drop the stages after the last requested one (and the head)."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
+                delattr(self, name)
+        self.num_stages = max_index + 1
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def checkpoint_filter_fn(state_dict, model: TransNeXt):
+    """Official checkpoints already use our names: unwrap ``model``, drop derived tables, match shapes."""
+    if "model" in state_dict:
+        state_dict = state_dict["model"]
+    drop = ("relative_pos_index", "relative_coords_table", "seq_length_scale", "padding_mask")
+    out = {}
+    for k, v in state_dict.items():
+        if k.split(".")[-1].startswith(drop):
+            continue
+        if k.startswith("head.") and model.num_classes == 0:
+            continue
+        out[k] = v
+    return out
+
+
+def _cfg(variant: str, size: int = 224, ft: bool = False, **kwargs):
+    res = f"{size}-1k-ft-1k" if ft else f"{size}-1k"
+    repo_variant = variant.replace("_aaaa", "-AAAA")
+    file_variant = variant.replace("_aaaa", "_AAAA")
+    return dict(
+        hf_hub_id=f"DaiShiResearch/transnext-{repo_variant}-{res}",
+        hf_hub_filename=f"transnext_{file_variant}_{res.replace('-', '_')}.pth",
+        num_classes=1000, input_size=(3, size, size), pool_size=(size // 32, size // 32),
+        crop_pct=1.0 if size >= 384 else 0.875, crop_mode="squash" if size >= 384 else "center",
+        interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        first_conv="patch_embed1.proj", classifier="head", license="apache-2.0",
+        paper_ids="arXiv:2311.17132", **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "mz_transnext_micro.in1k": _cfg("micro"),
+    "mz_transnext_tiny.in1k": _cfg("tiny"),
+    "mz_transnext_small.in1k": _cfg("small"),
+    "mz_transnext_small.in1k_384": _cfg("small", 384, ft=True),
+    "mz_transnext_base.in1k": _cfg("base"),
+    "mz_transnext_base.in1k_384": _cfg("base", 384, ft=True),
+    "mz_transnext_micro_aaaa.in1k": _cfg("micro_aaaa", 256),
+})
+
+
+def _create(variant: str, pretrained: bool, **kwargs) -> TransNeXt:
+    arch = f"mz_transnext_{variant}"
+    if "img_size" not in kwargs and isinstance(kwargs.get("pretrained_cfg"), str):
+        tag_cfg = default_cfgs[arch].cfgs.get(kwargs["pretrained_cfg"])
+        if tag_cfg is not None:
+            kwargs["img_size"] = tag_cfg.input_size[-1]
+    if variant == "micro_aaaa":
+        kwargs.setdefault("img_size", 256)
+    kwargs.setdefault("pretrain_size", 224 if variant != "micro_aaaa" else 256)
+    return build(TransNeXt, arch, pretrained, num_stages=NUM_STAGES, pretrained_filter_fn=checkpoint_filter_fn,
+                 feature_cfg=dict(feature_cls="getter"), **{**VARIANTS[variant], **kwargs})
+
+
+@register_model
+def mz_transnext_micro(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create("micro", pretrained, **kwargs)
+
+
+@register_model
+def mz_transnext_tiny(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create("tiny", pretrained, **kwargs)
+
+
+@register_model
+def mz_transnext_small(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create("small", pretrained, **kwargs)
+
+
+@register_model
+def mz_transnext_base(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create("base", pretrained, **kwargs)
+
+
+@register_model
+def mz_transnext_micro_aaaa(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create("micro_aaaa", pretrained, **kwargs)

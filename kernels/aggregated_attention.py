@@ -1,0 +1,547 @@
+"""TransNeXt aggregated attention: a k×k sliding window plus pooled keys under one softmax.
+
+For every query token (row-major position ``n`` of an ``H×W`` map) and head, with L2-normalised
+``q̂, k̂``::
+
+    qs      = (q̂ + query_embedding) · softplus(temperature) · log(#valid window keys + P)
+    logits  = [qs·k̂_j + local_bias_j  (j in the window, −inf outside the map),
+               qs·k̂pool_p + pool_bias_np  (p < P)]
+    a       = softmax(logits)                                  (one softmax over k·k + P)
+    out     = Σ_j (a_j + q̂·tokens_j + token_bias_j) v_j + Σ_p a_p vpool_p
+
+The Triton path gathers the window straight from the ``(B, N, 2C)`` key/value projection (no
+unfold) and keeps the k·k + P logits in registers (online softmax over pooled-key blocks), so
+inference writes only the output. Training stores the log-sum-exp and, in the backward, two
+``B×heads×k²×N`` fp32 maps (window softmax grads and effective window weights) that a second
+kernel gathers into the key/value gradients without atomics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import resolve, triton_available
+
+__all__ = ["aggregated_attention", "aggregated_attention_ref"]
+
+_EPS = 1e-12  # F.normalize's default clamp on the norm
+
+
+def _check_args(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token_bias,
+                height, width, num_heads, window_size):
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, N, C); got shape {tuple(q.shape)}")
+    B, N, C = q.shape
+    if height * width != N or height < 1 or width < 1:
+        raise ValueError(f"height*width must equal N={N}; got height={height}, width={width}")
+    if num_heads < 1 or C % num_heads:
+        raise ValueError(f"num_heads must divide C={C}; got num_heads={num_heads}")
+    if window_size < 1 or window_size % 2 == 0:
+        raise ValueError(f"window_size must be a positive odd integer; got {window_size}")
+    D, KK = C // num_heads, window_size * window_size
+    if tuple(kv.shape) != (B, N, 2 * C):
+        raise ValueError(f"kv must be (B, N, 2C)={(B, N, 2 * C)}; got {tuple(kv.shape)}")
+    if kv_pool.dim() != 3 or kv_pool.shape[0] != B or kv_pool.shape[2] != 2 * C or kv_pool.shape[1] < 1:
+        raise ValueError(f"kv_pool must be (B, P, 2C) with P >= 1; got {tuple(kv_pool.shape)}")
+    P = kv_pool.shape[1]
+    expected = {"query_embedding": (num_heads, D), "local_bias": (num_heads, KK),
+                "pool_bias": (num_heads, N, P), "tokens": (num_heads, D, KK), "token_bias": (num_heads, KK)}
+    got = {"query_embedding": query_embedding, "local_bias": local_bias, "pool_bias": pool_bias,
+           "tokens": tokens, "token_bias": token_bias}
+    for name, shape in expected.items():
+        if tuple(got[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {tuple(got[name].shape)}")
+    return B, N, C, D, P, KK
+
+
+def _window_length_scale(height, width, window_size, pool_len, device):
+    """log(#in-map window keys + pooled keys) per query: TransNeXt's length-aware scale, (N,)."""
+    ones = torch.ones(1, 1, height, width, device=device)
+    count = F.avg_pool2d(ones, window_size, stride=1, padding=window_size // 2,
+                         count_include_pad=True) * (window_size * window_size)
+    return torch.log(count.round().flatten() + pool_len)
+
+
+def _window_gather(t, height, width, window_size):
+    """(B, N, X) -> (B, N, k², X): the k×k neighbours of each token, zeros outside the map."""
+    B, N, X = t.shape
+    r = window_size // 2
+    padded = F.pad(t.reshape(B, height, width, X), (0, 0, r, r, r, r))
+    shifts = [padded[:, dy:dy + height, dx:dx + width] for dy in range(window_size) for dx in range(window_size)]
+    return torch.stack(shifts, dim=3).reshape(B, N, window_size * window_size, X)
+
+
+def aggregated_attention_ref(q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias, tokens,
+                             token_bias, height: int, width: int, num_heads: int, window_size: int = 3,
+                             backend: str | None = None):
+    """Plain PyTorch aggregated attention. q (B, N, C), kv (B, N, 2C), kv_pool (B, P, 2C) -> (B, N, C)."""
+    B, N, C, D, P, KK = _check_args(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens,
+                                    token_bias, height, width, num_heads, window_size)
+    h = num_heads
+    q_hat = F.normalize(q.reshape(B, N, h, D), dim=-1)                       # B N h D
+    scale = F.softplus(temperature).reshape(1, 1, h, 1) * _window_length_scale(
+        height, width, window_size, P, q.device).reshape(1, N, 1, 1)
+    q_scaled = (q_hat + query_embedding.reshape(1, 1, h, D)) * scale
+    k, v = kv.split(C, dim=-1)
+    k_win = _window_gather(F.normalize(k.reshape(B, N, h, D), dim=-1).reshape(B, N, C), height, width,
+                           window_size).reshape(B, N, KK, h, D)
+    v_win = _window_gather(v, height, width, window_size).reshape(B, N, KK, h, D)
+    inside = _window_gather(q.new_ones(1, N, 1), height, width, window_size).reshape(1, N, KK, 1) > 0
+    logits_local = torch.einsum("bnhd,bnjhd->bnhj", q_scaled, k_win.to(q_scaled.dtype)) + local_bias
+    logits_local = logits_local.masked_fill(~inside.reshape(1, N, 1, KK), float("-inf"))
+    k_pool, v_pool = kv_pool.split(C, dim=-1)
+    k_pool = F.normalize(k_pool.reshape(B, P, h, D), dim=-1)
+    logits_pool = torch.einsum("bnhd,bphd->bnhp", q_scaled, k_pool.to(q_scaled.dtype)) + pool_bias.permute(1, 0, 2)
+    attn = torch.cat([logits_local, logits_pool], dim=-1).softmax(dim=-1)
+    attn_local, attn_pool = attn.split([KK, P], dim=-1)
+    dynamic = torch.einsum("bnhd,hdj->bnhj", q_hat, tokens.to(q_hat.dtype)) + token_bias
+    out = torch.einsum("bnhj,bnjhd->bnhd", attn_local + dynamic, v_win.to(attn.dtype))
+    out = out + torch.einsum("bnhp,bphd->bnhd", attn_pool, v_pool.reshape(B, P, h, D).to(attn.dtype))
+    return out.reshape(B, N, C).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (compiled lazily so the package imports without Triton).
+
+
+if triton_available():  # guarded: the package imports (and runs the reference) without Triton
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def _normalize_rows(x, eps):
+        nrm = tl.sqrt(tl.sum(x * x, axis=1))
+        return x / tl.maximum(nrm, eps)[:, None], nrm
+
+    @triton.jit
+    def _query_terms(Q, QE, T, q_row, h, offs_n, mask_n, offs_d, mask_d, yy, xx, H, W, P, eps,
+                     D: tl.constexpr, R: tl.constexpr):
+        """Loads a query block; returns (q raw, q̂, |q|, scale, q_scaled)."""
+        m2 = mask_n[:, None] & mask_d[None, :]
+        q = tl.load(Q + q_row[:, None] + h * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        qn, nrm = _normalize_rows(q, eps)
+        rows = tl.minimum(yy + R, H - 1) - tl.maximum(yy - R, 0) + 1
+        cols = tl.minimum(xx + R, W - 1) - tl.maximum(xx - R, 0) + 1
+        t = tl.load(T + h).to(tl.float32)
+        scale = tl.where(mask_n, t * tl.log(tl.maximum(rows * cols + P, 1).to(tl.float32)), 0.0)
+        qe = tl.load(QE + h * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        qs = (qn + qe[None, :]) * scale[:, None]
+        return q, qn, nrm, scale, qs
+
+    @triton.jit
+    def fwd_kernel(Q, KV, KVP, QE, T, LB, PB, TOK, TB, O, LSE,
+                   N, H, W, P, C, sq_b, sq_n, skv_b, skv_n, skp_b, skp_n, so_b, so_n, eps,
+                   HEADS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, STORE_LSE: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HEADS
+        h = pid_bh % HEADS
+        KK: tl.constexpr = KS * KS
+        R: tl.constexpr = KS // 2
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, DP)
+        mask_n = offs_n < N
+        mask_d = offs_d < D
+        yy = offs_n // W
+        xx = offs_n % W
+        _, qn, _, _, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d, mask_d,
+                                       yy, xx, H, W, P, eps, D, R)
+        m_i = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, DP], tl.float32)
+        acc_dyn = tl.zeros([BLOCK_N, DP], tl.float32)
+        kv_base = KV + b * skv_b + h * D
+        for j in tl.static_range(KK):
+            ny = yy + (j // KS - R)
+            nx = xx + (j % KS - R)
+            ok = mask_n & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+            m2 = ok[:, None] & mask_d[None, :]
+            row = (ny * W + nx) * skv_n
+            kj = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+            vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+            kj, _ = _normalize_rows(kj, eps)
+            s = tl.sum(qs * kj, axis=1) + tl.load(LB + h * KK + j).to(tl.float32)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, s)
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * vj
+            m_i = m_new
+            tok = tl.load(TOK + h * D * KK + offs_d * KK + j, mask=mask_d, other=0.0).to(tl.float32)
+            dyn = tl.sum(qn * tok[None, :], axis=1) + tl.load(TB + h * KK + j).to(tl.float32)
+            acc_dyn += dyn[:, None] * vj
+        kvp_base = KVP + b * skp_b + h * D
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            mp2 = mask_p[:, None] & mask_d[None, :]
+            kp = tl.load(kvp_base + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2, other=0.0).to(tl.float32)
+            vp = tl.load(kvp_base + C + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2, other=0.0).to(tl.float32)
+            kp, _ = _normalize_rows(kp, eps)
+            pb = tl.load(PB + h * N * P + offs_n[:, None] * P + offs_p[None, :],
+                         mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+            s = tl.dot(qs, tl.trans(kp), input_precision="ieee") + pb
+            s = tl.where(mask_p[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, vp, input_precision="ieee")
+            m_i = m_new
+        out = acc / l_i[:, None] + acc_dyn
+        o_ptr = O + b * so_b + offs_n[:, None] * so_n + h * D + offs_d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+        if STORE_LSE:
+            tl.store(LSE + pid_bh * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
+
+    @triton.jit
+    def bwd_query_kernel(Q, KV, KVP, QE, T, LB, PB, TOK, TB, O, DO, LSE,
+                         DQ, DS, AEFF, DKVP, DPB, PART,
+                         B, N, H, W, P, C, sq_b, sq_n, skv_b, skv_n, skp_b, skp_n, so_b, so_n, sdo_b, sdo_n,
+                         eps, B_PER_PROG,
+                         HEADS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
+                         KKP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                         SINGLE_P: tl.constexpr):
+        """Per query block: dq, window softmax grads (DS) and weights (AEFF), pooled k/v grads,
+        pool-bias grads and per-program partial sums of the per-head parameter grads."""
+        pid_n = tl.program_id(0)
+        h = tl.program_id(1)
+        pid_b = tl.program_id(2)
+        KK: tl.constexpr = KS * KS
+        R: tl.constexpr = KS // 2
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, DP)
+        offs_j = tl.arange(0, KKP)
+        mask_n = offs_n < N
+        mask_d = offs_d < D
+        m2n = mask_n[:, None] & mask_d[None, :]
+        yy = offs_n // W
+        xx = offs_n % W
+        t = tl.load(T + h).to(tl.float32)
+        qe = tl.load(QE + h * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        offs_p0 = tl.arange(0, BLOCK_P)
+        dpb_acc = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
+        dlb_acc = tl.zeros([KKP], tl.float32)
+        dtb_acc = tl.zeros([KKP], tl.float32)
+        dtok_acc = tl.zeros([DP, KKP], tl.float32)
+        dqe_acc = tl.zeros([DP], tl.float32)
+        dt_acc = tl.zeros([BLOCK_N], tl.float32)
+        b_lo = pid_b * B_PER_PROG
+        b_hi = tl.minimum(b_lo + B_PER_PROG, B)
+        for b in range(b_lo, b_hi):
+            _, qn, qnrm, scale, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d,
+                                                  mask_d, yy, xx, H, W, P, eps, D, R)
+            do = tl.load(DO + b * sdo_b + offs_n[:, None] * sdo_n + h * D + offs_d[None, :], mask=m2n,
+                         other=0.0).to(tl.float32)
+            o = tl.load(O + b * so_b + offs_n[:, None] * so_n + h * D + offs_d[None, :], mask=m2n,
+                        other=0.0).to(tl.float32)
+            lse = tl.load(LSE + (b * HEADS + h) * N + offs_n, mask=mask_n, other=0.0)
+            kv_base = KV + b * skv_b + h * D
+            # delta = do·(softmax part of o) = do·o − Σ_j dynamic_j (do·v_j)
+            delta = tl.sum(do * o, axis=1)
+            for j in tl.static_range(KK):
+                ny = yy + (j // KS - R)
+                nx = xx + (j % KS - R)
+                ok = mask_n & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+                row = (ny * W + nx) * skv_n
+                vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=ok[:, None] & mask_d[None, :],
+                             other=0.0).to(tl.float32)
+                tok = tl.load(TOK + h * D * KK + offs_d * KK + j, mask=mask_d, other=0.0).to(tl.float32)
+                dyn = tl.sum(qn * tok[None, :], axis=1) + tl.load(TB + h * KK + j).to(tl.float32)
+                delta -= dyn * tl.sum(do * vj, axis=1)
+            dqs = tl.zeros([BLOCK_N, DP], tl.float32)
+            dqn = tl.zeros([BLOCK_N, DP], tl.float32)
+            ds_base = ((b * HEADS + h) * KK) * N
+            for j in tl.static_range(KK):
+                ny = yy + (j // KS - R)
+                nx = xx + (j % KS - R)
+                ok = mask_n & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+                m2 = ok[:, None] & mask_d[None, :]
+                row = (ny * W + nx) * skv_n
+                kj = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+                vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+                kj, _ = _normalize_rows(kj, eps)
+                s = tl.sum(qs * kj, axis=1) + tl.load(LB + h * KK + j).to(tl.float32)
+                a = tl.where(ok, tl.exp(s - lse), 0.0)
+                dp = tl.sum(do * vj, axis=1)
+                ds = a * (dp - delta)
+                tok = tl.load(TOK + h * D * KK + offs_d * KK + j, mask=mask_d, other=0.0).to(tl.float32)
+                dyn = tl.sum(qn * tok[None, :], axis=1) + tl.load(TB + h * KK + j).to(tl.float32)
+                dqs += ds[:, None] * kj
+                dqn += dp[:, None] * tok[None, :]
+                tl.store(DS + ds_base + j * N + offs_n, ds, mask=mask_n)
+                tl.store(AEFF + ds_base + j * N + offs_n, a + dyn, mask=mask_n)
+                sel = offs_j == j
+                dlb_acc += tl.where(sel, tl.sum(ds, axis=0), 0.0)
+                dtb_acc += tl.where(sel, tl.sum(tl.where(mask_n, dp, 0.0), axis=0), 0.0)
+                dtok_acc += tl.where(sel[None, :], tl.sum(qn * dp[:, None], axis=0)[:, None], 0.0)
+            kvp_base = KVP + b * skp_b + h * D
+            dkvp_base = DKVP + b * P * 2 * C + h * D
+            for p0 in range(0, P, BLOCK_P):
+                offs_p = p0 + offs_p0
+                mask_p = offs_p < P
+                mp2 = mask_p[:, None] & mask_d[None, :]
+                kp = tl.load(kvp_base + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2, other=0.0).to(tl.float32)
+                vp = tl.load(kvp_base + C + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2,
+                             other=0.0).to(tl.float32)
+                kp, _ = _normalize_rows(kp, eps)
+                mnp = mask_n[:, None] & mask_p[None, :]
+                pb = tl.load(PB + h * N * P + offs_n[:, None] * P + offs_p[None, :], mask=mnp, other=0.0).to(tl.float32)
+                s = tl.dot(qs, tl.trans(kp), input_precision="ieee") + pb
+                a = tl.where(mnp, tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(vp), input_precision="ieee")
+                ds = a * (dp - delta[:, None])
+                dqs += tl.dot(ds, kp, input_precision="ieee")
+                dkp = tl.dot(tl.trans(ds), qs, input_precision="ieee")
+                dvp = tl.dot(tl.trans(a), do, input_precision="ieee")
+                ptr = dkvp_base + offs_p[:, None] * (2 * C) + offs_d[None, :]
+                tl.atomic_add(ptr, dkp, mask=mp2)
+                tl.atomic_add(ptr + C, dvp, mask=mp2)
+                if SINGLE_P:
+                    dpb_acc += ds
+                else:
+                    tl.atomic_add(DPB + h * N * P + offs_n[:, None] * P + offs_p[None, :], ds, mask=mnp)
+            dqs = tl.where(m2n, dqs, 0.0)
+            dqe_acc += tl.sum(dqs * scale[:, None], axis=0)
+            dt_acc += tl.sum(dqs * (qn + qe[None, :]), axis=1) * (scale / t)
+            dqh = dqs * scale[:, None] + dqn
+            dq = (dqh - qn * tl.sum(qn * dqh, axis=1)[:, None]) / tl.maximum(qnrm, eps)[:, None]
+            dq = tl.where((qnrm > eps)[:, None], dq, dqh / eps)
+            tl.store(DQ + b * sq_b + offs_n[:, None] * sq_n + h * D + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=m2n)
+        if SINGLE_P:
+            mnp = mask_n[:, None] & (offs_p0 < P)[None, :]
+            tl.atomic_add(DPB + h * N * P + offs_n[:, None] * P + offs_p0[None, :], dpb_acc, mask=mnp)
+        # per-program partials: [dlb (KKP) | dtb (KKP) | dt (1) | dqe (DP) | dtok (DP*KKP)]
+        prog = (pid_n * tl.num_programs(2) + pid_b) * HEADS + h
+        width: tl.constexpr = 2 * KKP + 1 + DP + DP * KKP
+        base = PART + prog * width
+        tl.store(base + offs_j, dlb_acc)
+        tl.store(base + KKP + offs_j, dtb_acc)
+        tl.store(base + 2 * KKP, tl.sum(dt_acc, axis=0))
+        tl.store(base + 2 * KKP + 1 + offs_d, dqe_acc)
+        tl.store(base + 2 * KKP + 1 + DP + offs_d[:, None] * KKP + offs_j[None, :], dtok_acc)
+
+    @triton.jit
+    def bwd_key_kernel(Q, KV, QE, T, DO, DS, AEFF, DKV,
+                       N, H, W, P, C, sq_b, sq_n, skv_b, skv_n, sdo_b, sdo_n, eps,
+                       HEADS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        """Per key block: gathers dk, dv from the queries whose window holds each key."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HEADS
+        h = pid_bh % HEADS
+        KK: tl.constexpr = KS * KS
+        R: tl.constexpr = KS // 2
+        offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, DP)
+        mask_m = offs_m < N
+        mask_d = offs_d < D
+        m2 = mask_m[:, None] & mask_d[None, :]
+        my = offs_m // W
+        mx = offs_m % W
+        kv_ptr = KV + b * skv_b + offs_m[:, None] * skv_n + h * D + offs_d[None, :]
+        k = tl.load(kv_ptr, mask=m2, other=0.0).to(tl.float32)
+        kn, knrm = _normalize_rows(k, eps)
+        dkn = tl.zeros([BLOCK_N, DP], tl.float32)
+        dv = tl.zeros([BLOCK_N, DP], tl.float32)
+        ds_base = ((b * HEADS + h) * KK) * N
+        for j in tl.static_range(KK):
+            qy = my - (j // KS - R)
+            qx = mx - (j % KS - R)
+            ok = mask_m & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+            n = qy * W + qx
+            ds = tl.load(DS + ds_base + j * N + n, mask=ok, other=0.0)
+            ae = tl.load(AEFF + ds_base + j * N + n, mask=ok, other=0.0)
+            _, _, _, _, qs = _query_terms(Q, QE, T, b * sq_b + n * sq_n, h, n, ok, offs_d, mask_d,
+                                          qy, qx, H, W, P, eps, D, R)
+            do = tl.load(DO + b * sdo_b + n[:, None] * sdo_n + h * D + offs_d[None, :],
+                         mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            dkn += ds[:, None] * qs
+            dv += ae[:, None] * do
+        dk = (dkn - kn * tl.sum(kn * dkn, axis=1)[:, None]) / tl.maximum(knrm, eps)[:, None]
+        dk = tl.where((knrm > eps)[:, None], dk, dkn / eps)
+        dkv_ptr = DKV + b * skv_b + offs_m[:, None] * skv_n + h * D + offs_d[None, :]
+        tl.store(dkv_ptr, dk.to(DKV.dtype.element_ty), mask=m2)
+        tl.store(dkv_ptr + C, dv.to(DKV.dtype.element_ty), mask=m2)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _blocks(D: int, P: int):
+    DP = max(16, _next_pow2(D))
+    BLOCK_P = min(64, max(16, _next_pow2(P)))
+    return DP, BLOCK_P
+
+
+def _fwd_impl(q, kv, kv_pool, qe, t, lb, pb, tok, tb, H, W, heads, window, need_lse):
+    B, N, C = q.shape
+    P = kv_pool.shape[1]
+    D = C // heads
+    DP, BLOCK_P = _blocks(D, P)
+    BLOCK_N = 64 if DP <= 32 else 32
+    out = torch.empty_like(q)
+    lse = torch.empty(B * heads, N, device=q.device, dtype=torch.float32) if need_lse else out
+    grid = (_cdiv(N, BLOCK_N), B * heads)
+    fwd_kernel[grid](q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse,
+              N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+              kv_pool.stride(0), kv_pool.stride(1), out.stride(0), out.stride(1), _EPS,
+              HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, STORE_LSE=need_lse,
+              num_warps=4)
+    if not need_lse:
+        lse = out.new_empty(0, dtype=torch.float32)
+    return out, lse
+
+
+def _normalize_backward(x, grad_hat):
+    """Gradient of F.normalize(x, dim=-1) given the gradient of its output (the kernels normalise pooled keys)."""
+    nrm = x.norm(dim=-1, keepdim=True)
+    x_hat = x / nrm.clamp_min(_EPS)
+    dx = (grad_hat - x_hat * (x_hat * grad_hat).sum(-1, keepdim=True)) / nrm.clamp_min(_EPS)
+    return torch.where(nrm > _EPS, dx, grad_hat / _EPS)
+
+
+def _bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, H, W, heads, window):
+    B, N, C = q.shape
+    P = kv_pool.shape[1]
+    D = C // heads
+    KK = window * window
+    KKP = _next_pow2(KK)
+    DP, BLOCK_P = _blocks(D, P)
+    grad = grad.contiguous()
+    BLOCK_N = 32
+    n_blocks = _cdiv(N, BLOCK_N)
+    target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
+    b_chunks = max(1, min(B, _cdiv(target, n_blocks * heads)))
+    b_per_prog = _cdiv(B, b_chunks)
+    b_chunks = _cdiv(B, b_per_prog)
+    dq = torch.empty_like(q)
+    ds = torch.empty(B, heads, KK, N, device=q.device, dtype=torch.float32)
+    aeff = torch.empty_like(ds)
+    dkvp_hat = torch.zeros(B, P, 2 * C, device=q.device, dtype=torch.float32)
+    dpb = torch.zeros(heads, N, P, device=q.device, dtype=torch.float32)
+    width = 2 * KKP + 1 + DP + DP * KKP
+    part = torch.empty(n_blocks * b_chunks * heads, width, device=q.device, dtype=torch.float32)
+    bwd_query_kernel[(n_blocks, heads, b_chunks)](
+        q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, grad, lse, dq, ds, aeff, dkvp_hat, dpb, part,
+        B, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv_pool.stride(0),
+        kv_pool.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), _EPS, b_per_prog,
+        HEADS=heads, D=D, DP=DP, KS=window, KKP=KKP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
+        SINGLE_P=P <= BLOCK_P, num_warps=4)
+    dkv = torch.empty_like(kv)
+    bwd_key_kernel[(n_blocks, B * heads)](
+        q, kv, qe, t, grad, ds, aeff, dkv, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+        grad.stride(0), grad.stride(1), _EPS, HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=BLOCK_N, num_warps=4)
+    part = part.view(n_blocks * b_chunks, heads, width).sum(0)
+    dlb = part[:, :KK]
+    dtb = part[:, KKP:KKP + KK]
+    dt = part[:, 2 * KKP]
+    dqe = part[:, 2 * KKP + 1:2 * KKP + 1 + D]
+    dtok = part[:, 2 * KKP + 1 + DP:].view(heads, DP, KKP)[:, :D, :KK]
+    dkp = _normalize_backward(kv_pool[..., :C].float().reshape(B, P, heads, D),
+                              dkvp_hat[..., :C].reshape(B, P, heads, D))
+    dkv_pool = torch.cat([dkp.reshape(B, P, C), dkvp_hat[..., C:]], dim=-1).to(kv_pool.dtype)
+    params = [g.to(ref.dtype, copy=True) for g, ref in ((dqe, qe), (dt, t), (dlb, lb), (dpb, pb), (dtok, tok), (dtb, tb))]
+    return (dq, dkv, dkv_pool, *params)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile, with fake (meta) shapes and autograd.
+
+
+@torch.library.custom_op("metazoo::aggregated_attention_fwd", mutates_args=())
+def _aa_fwd_op(q: torch.Tensor, kv: torch.Tensor, kv_pool: torch.Tensor, qe: torch.Tensor, t: torch.Tensor,
+               lb: torch.Tensor, pb: torch.Tensor, tok: torch.Tensor, tb: torch.Tensor, height: int, width: int,
+               num_heads: int, window: int, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, need_lse)
+
+
+@_aa_fwd_op.register_fake
+def _(q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, need_lse):
+    B, N, _ = q.shape
+    lse = q.new_empty((B * num_heads, N) if need_lse else (0,), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("metazoo::aggregated_attention_bwd", mutates_args=())
+def _aa_bwd_op(grad: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, kv_pool: torch.Tensor, qe: torch.Tensor,
+               t: torch.Tensor, lb: torch.Tensor, pb: torch.Tensor, tok: torch.Tensor, tb: torch.Tensor,
+               out: torch.Tensor, lse: torch.Tensor, height: int, width: int, num_heads: int,
+               window: int) -> list[torch.Tensor]:
+    return list(_bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, height, width, num_heads, window))
+
+
+@_aa_bwd_op.register_fake
+def _(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, height, width, num_heads, window):
+    return [torch.empty_like(x) for x in (q, kv, kv_pool, qe, t, lb, pb, tok, tb)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse)
+    ctx.geometry = (height, width, num_heads, window)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    grads = _aa_bwd_op(grad_out, *ctx.saved_tensors, *ctx.geometry)
+    return (*grads, None, None, None, None, None)
+
+
+_aa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flops(q_shape, kv_pool_shape, num_heads, window):
+    """Multiply-adds x2 of the fused op: window logits, dynamic bias, both value sums, pooled logits."""
+    B, N, C = q_shape
+    P = kv_pool_shape[1]
+    return 2 * B * N * C * (3 * window * window + 2 * P)
+
+
+def _register_flop_formulas():
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.metazoo.aggregated_attention_fwd)
+    def _fwd_flops(q_shape, kv_shape, kv_pool_shape, *args, out_shape=None, **kwargs):
+        return _flops(q_shape, kv_pool_shape, args[8], args[9])
+
+    @register_flop_formula(torch.ops.metazoo.aggregated_attention_bwd)
+    def _bwd_flops(grad_shape, q_shape, kv_shape, kv_pool_shape, *args, out_shape=None, **kwargs):
+        return 2 * _flops(q_shape, kv_pool_shape, args[10], args[11])
+
+
+_register_flop_formulas()
+
+
+def aggregated_attention(q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias, tokens, token_bias,
+                         height: int, width: int, num_heads: int, window_size: int = 3,
+                         backend: str | None = None):
+    """Aggregated attention; Triton-fused on CUDA (or under TRITON_INTERPRET), else the reference.
+
+    Shapes: q (B, N, C), kv (B, N, 2C) keys then values, kv_pool (B, P, 2C), query_embedding (h, D),
+    temperature (h,) before softplus, local_bias (h, k²), pool_bias (h, N, P), tokens (h, D, k²),
+    token_bias (h, k²). Returns (B, N, C) in q's dtype.
+    """
+    if resolve(backend, q, kv, kv_pool) == "torch":
+        return aggregated_attention_ref(q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias,
+                                        tokens, token_bias, height, width, num_heads, window_size)
+    _check_args(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token_bias,
+                height, width, num_heads, window_size)
+    need_lse = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias, tokens,
+                                  token_bias))
+    t = F.softplus(temperature.float())
+    out, _ = _aa_fwd_op(q.contiguous(), kv.contiguous(), kv_pool.contiguous(), query_embedding.contiguous(), t,
+                        local_bias.contiguous(), pool_bias.contiguous(), tokens.contiguous(),
+                        token_bias.contiguous(), height, width, num_heads, window_size, need_lse)
+    return out

@@ -1,0 +1,172 @@
+"""TransNeXt token mixers: aggregated (pixel-focused) attention and the last stage's plain attention.
+
+Both use L2-normalised queries and keys, a learned query embedding, a softplus temperature times a
+log-length scale, and a continuous relative-position bias from a small MLP over log-spaced
+coordinates. Parameter names follow the official implementation so its checkpoints load as-is.
+Resolution-dependent tables are rebuilt for the actual feature size (cached), so any input size runs.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metazoo.kernels.aggregated_attention import aggregated_attention
+
+__all__ = ["AggregatedAttention", "LengthScaledAttention", "relative_position_table", "pool_size"]
+
+
+def pool_size(height: int, width: int, sr_ratio: int) -> tuple[int, int]:
+    """Pooled-key grid for an ``height×width`` map: the map divided by ``sr_ratio`` (at least 1×1)."""
+    return max(1, height // sr_ratio), max(1, width // sr_ratio)
+
+
+@functools.lru_cache(maxsize=32)
+def _relative_position_table_cpu(query_hw, key_hw, pretrain_hw):
+    axes_q, axes_k = [], []
+    for q_len, k_len in zip(query_hw, key_hw):
+        axis = torch.arange(q_len, dtype=torch.float32, device="cpu")
+        axes_q.append(axis)
+        axes_k.append(F.adaptive_avg_pool1d(axis[None], k_len)[0])  # pooled-key centres
+    qh, qw = (t.reshape(-1) for t in torch.meshgrid(*axes_q, indexing="ij"))
+    kh, kw = (t.reshape(-1) for t in torch.meshgrid(*axes_k, indexing="ij"))
+    rel = torch.stack([(qh[:, None] - kh[None, :]) / (pretrain_hw[0] - 1) * 8,
+                       (qw[:, None] - kw[None, :]) / (pretrain_hw[1] - 1) * 8], dim=-1).reshape(-1, 2)
+    table, index = torch.unique(rel, return_inverse=True, dim=0)
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return index.reshape(-1), table
+
+
+_DEVICE_CACHE: dict = {}
+
+
+@torch.compiler.disable
+def relative_position_table(query_hw, key_hw, pretrain_hw, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (Nq*Nk,), log-spaced coordinate table (U, 2)) for the continuous position bias.
+
+    Coordinates are query minus pooled-key centre, scaled so ``pretrain_hw`` spans ±8, then
+    sign·log2(1+|x|)/3. Small LRU cache per (sizes, device).
+    """
+    key = (tuple(query_hw), tuple(key_hw), tuple(pretrain_hw), str(device))
+    hit = _DEVICE_CACHE.get(key)
+    if hit is None:
+        index, table = _relative_position_table_cpu(*key[:3])
+        hit = (index.to(device), table.to(device))
+        if len(_DEVICE_CACHE) >= 32:
+            _DEVICE_CACHE.pop(next(iter(_DEVICE_CACHE)))
+        _DEVICE_CACHE[key] = hit
+    return hit
+
+
+class _ScaledCosineMixin(nn.Module):
+    """Parameters shared by both mixers: temperature, query embedding and the position-bias MLP."""
+
+    def _init_shared(self, dim: int, num_heads: int, pretrain_hw):
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.pretrain_hw = tuple(pretrain_hw)
+        # softplus(temperature) starts at 1/0.24
+        self.temperature = nn.Parameter(torch.log(torch.expm1(torch.full((num_heads, 1, 1), 1 / 0.24))))
+        self.query_embedding = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_heads, 1, self.head_dim), std=0.02))
+        self.cpb_fc1 = nn.Linear(2, 512)
+        self.cpb_act = nn.ReLU(inplace=True)
+        self.cpb_fc2 = nn.Linear(512, num_heads)
+
+    def _position_bias(self, query_hw, key_hw, rel_pos, device) -> torch.Tensor:
+        """(heads, Nq, Nk) continuous relative-position bias; ``rel_pos`` = (index, table) or None."""
+        index, table = rel_pos if rel_pos is not None else relative_position_table(
+            query_hw, key_hw, self.pretrain_hw, device)
+        per_coord = self.cpb_fc2(self.cpb_act(self.cpb_fc1(table)))  # (U, heads)
+        nq, nk = query_hw[0] * query_hw[1], key_hw[0] * key_hw[1]
+        return per_coord.t()[:, index].reshape(self.num_heads, nq, nk)
+
+
+class AggregatedAttention(_ScaledCosineMixin):
+    """Pixel-focused attention: a ``window_size``² neighbourhood plus pooled keys, one softmax.
+
+    ``pretrain_hw`` is the feature size of this stage at pre-training resolution (it scales the
+    position-bias coordinates); ``sr_ratio`` sets the pooled grid (``H//sr × W//sr``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, pretrain_hw, window_size: int = 3,
+                 qkv_bias: bool = True, proj_drop: float = 0.0, backend: str | None = None):
+        super().__init__()
+        if window_size < 1 or window_size % 2 == 0:
+            raise ValueError(f"window_size must be a positive odd integer; got {window_size}")
+        if sr_ratio < 1:
+            raise ValueError(f"sr_ratio must be >= 1; got {sr_ratio}")
+        self._init_shared(dim, num_heads, pretrain_hw)
+        self.sr_ratio, self.window_size, self.backend = sr_ratio, window_size, backend
+        local_len = window_size * window_size
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+        self.relative_pos_bias_local = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(num_heads, local_len), std=0.0004))
+        self.learnable_tokens = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(num_heads, self.head_dim, local_len), std=0.02))
+        self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, local_len))
+
+    def pooled_tokens(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, N, C) -> (B, P, C): 1×1 conv, GELU, adaptive average pool, LayerNorm."""
+        B, N, C = x.shape
+        y = self.act(F.linear(x, self.sr.weight.reshape(C, C), self.sr.bias))
+        y = y.reshape(B, height, width, C).permute(0, 3, 1, 2)
+        y = F.adaptive_avg_pool2d(y, pool_size(height, width, self.sr_ratio))
+        return self.norm(y.flatten(2).transpose(1, 2))
+
+    def key_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Pooled-key grid this mixer uses on a ``height×width`` map."""
+        return pool_size(height, width, self.sr_ratio)
+
+    def forward(self, x: torch.Tensor, height: int, width: int, rel_pos=None) -> torch.Tensor:
+        """x: (B, N, C) tokens of a row-major ``height×width`` map -> (B, N, C).
+
+        ``rel_pos``: precomputed :func:`relative_position_table` for this map (shared by a stage).
+        """
+        kv_pool = self.kv(self.pooled_tokens(x, height, width))
+        pool_bias = self._position_bias((height, width), self.key_grid(height, width), rel_pos, x.device)
+        h = self.num_heads
+        out = aggregated_attention(
+            self.q(x), self.kv(x), kv_pool, self.query_embedding.reshape(h, self.head_dim),
+            self.temperature.reshape(h), self.relative_pos_bias_local, pool_bias, self.learnable_tokens,
+            self.learnable_bias.reshape(h, -1), height, width, h, self.window_size, backend=self.backend)
+        return self.proj_drop(self.proj(out))
+
+
+class LengthScaledAttention(_ScaledCosineMixin):
+    """Global attention of TransNeXt's last stage: cosine similarity scaled by log(N)·softplus(T)."""
+
+    def __init__(self, dim: int, num_heads: int, pretrain_hw, qkv_bias: bool = True, proj_drop: float = 0.0):
+        super().__init__()
+        self._init_shared(dim, num_heads, pretrain_hw)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def key_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Every token is a key: the key grid is the map itself."""
+        return height, width
+
+    def forward(self, x: torch.Tensor, height: int, width: int, rel_pos=None) -> torch.Tensor:
+        """x: (B, N, C) tokens of a row-major ``height×width`` map -> (B, N, C).
+
+        ``rel_pos``: precomputed :func:`relative_position_table` for this map (shared by a stage).
+        """
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scale = F.softplus(self.temperature) * math.log(N)
+        q = (F.normalize(q, dim=-1) + self.query_embedding) * scale
+        bias = self._position_bias((height, width), (height, width), rel_pos, x.device)
+        k = F.normalize(k, dim=-1)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                             attn_mask=bias.to(q.dtype).expand(B, -1, -1, -1), scale=1.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C).to(x.dtype)))
