@@ -129,8 +129,13 @@ if triton is not None:
 
     @triton.jit
     def _op(a, CD: tl.constexpr, EMU: tl.constexpr):
-        """Dot operand in CD; EMU rounds to CD but keeps fp32 (the interpreter's half dots are broken)."""
+        """Dot operand in CD. EMU (interpreter, whose half-precision dots are broken) keeps fp32 values
+        rounded to CD; bf16 is rounded to nearest-even by hand since the interpreter truncates."""
         if EMU:
+            if CD == tl.bfloat16:
+                bits = a.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                return bits.to(tl.float32, bitcast=True)
             return a.to(CD).to(tl.float32)
         return a.to(CD)
 
