@@ -9,7 +9,17 @@ if not torch.cuda.is_available():
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+import metazoo  # noqa: E402
+
+# The repository root is the ``metazoo`` package (package-dir = {"metazoo" = "."}), so pytest sees
+# it as a package named after the checkout folder and imports its ``__init__`` under that name.
+# Alias that name to the installed package so every module is imported (and registered) once.
+sys.modules.setdefault(Path(metazoo.__file__).resolve().parent.name, metazoo)
 
 
 @pytest.fixture(autouse=True)
