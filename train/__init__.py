@@ -1,0 +1,1 @@
+"""Classification training and evaluation: ``python -m metazoo.train`` and ``python -m metazoo.validate``."""

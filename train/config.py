@@ -1,0 +1,244 @@
+"""Typed schema of the training config (Hydra structured configs) and the value checks run before training.
+
+The dataclasses give Hydra the types (a string where a float belongs fails at compose time); the
+``check_config`` pass catches values that are well-typed but wrong, naming the offending key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # any timm-registered model, e.g. mz_poolformerv2_s12
+    pretrained: bool = False
+    checkpoint: Optional[str] = None  # local weights file to start from (safetensors or weights-only .pth)
+    drop_rate: Optional[float] = None  # head dropout; None: the recipe's per_model table, else 0
+    drop_path_rate: Optional[float] = None  # None: the recipe's per_model table, else 0
+    grad_checkpointing: bool = False
+    compile: bool = False
+    sync_bn: bool = True  # converted only when the model has BatchNorm and runs distributed on GPU
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # shapes | imagefolder
+    root: Optional[str] = None  # shapes: cache dir (default ~/.cache/metazoo); imagefolder: dataset root
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: Optional[int] = None  # None: counted from the training folder
+    img_size: int = 224
+    batch_size: int = 128  # per device
+    val_batch_size: Optional[int] = None
+    workers: int = 4
+    pin_memory: bool = True
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    # shapes generator (ignored for imagefolder)
+    shapes_train_per_class: int = 500
+    shapes_val_per_class: int = 100
+    shapes_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm optimizer name (adamw, lamb, sgd, lion, ...)
+    lr: float = 1e-3  # at global batch lr_base_batch; scaled linearly to the effective global batch
+    lr_base_batch: int = 1024
+    global_batch: Optional[int] = None  # target global batch: reached with gradient accumulation
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: Optional[List[float]] = None
+    eps: Optional[float] = None
+    clip_grad: Optional[float] = None
+    layer_decay: Optional[float] = None
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # timm scheduler name (cosine, step, multistep, poly, constant, wsd, ...)
+    warmup_epochs: float = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    cooldown_epochs: int = 0
+    step_on_epochs: bool = False  # False: lr updated every optimizer step
+
+
+@dataclass
+class AugConfig:
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: Optional[float] = None
+    auto_augment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.0
+    bce_loss: bool = False
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = False
+    eval: bool = True  # also evaluate the EMA weights each epoch
+
+
+@dataclass
+class AmpConfig:
+    dtype: str = "off"  # off | bf16 | fp16
+
+
+@dataclass
+class LoggerConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "metazoo"
+    name: Optional[str] = None
+    progress: bool = True
+    log_interval: int = 10
+
+
+@dataclass
+class CkptConfig:
+    dir: str = "checkpoints"  # relative paths are under the run dir
+    interval: int = 1  # epochs between checkpoints
+    keep_last: int = 3
+    resume: Optional[str] = None  # None | auto | path to a checkpoint dir
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    recipe: Optional[str] = None  # name of the published recipe applied (informational)
+    per_model: Dict[str, Dict[str, float]] = field(default_factory=dict)  # recipe: name -> {drop_path_rate, drop_rate}
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch default)
+    deterministic: bool = True
+    eval_only: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema so that ``configs/train.yaml`` can name it in its defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+_CHOICES = {
+    "data.name": ("shapes", "imagefolder"),
+    "amp.dtype": ("off", "bf16", "fp16"),
+    "logger.wandb": ("offline", "online", "disabled"),
+    "device": ("auto", "cpu", "cuda"),
+    "aug.mixup_mode": ("batch", "pair", "elem"),
+    "data.interpolation": ("bilinear", "bicubic", "nearest", "random"),
+}
+
+
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
+
+
+def _optimizers() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list_optimizers()
+
+
+def _bad(key: str, msg: str) -> ValueError:
+    return ValueError(f"config key '{key}': {msg}")
+
+
+def check_config(cfg: Any) -> None:
+    """Raise ``ValueError`` naming the key for any value that would fail later; cheap, runs before training."""
+    import timm
+
+    import metazoo  # noqa: F401  (registers the mz_* models)
+
+    for key, accepted in _CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value not in accepted:
+            raise _bad(key, f"got {value!r}, accepted values: {', '.join(accepted)}")
+    if not timm.is_model(cfg.model.name):
+        close = timm.list_models(f"*{cfg.model.name.split('_')[-1]}*")[:8]
+        raise _bad("model.name", f"unknown model {cfg.model.name!r}; registered names look like {close or 'mz_poolformerv2_s12'}")
+    if cfg.model.checkpoint is not None and not os.path.isfile(os.path.expanduser(cfg.model.checkpoint)):
+        raise _bad("model.checkpoint", f"file not found: {cfg.model.checkpoint}")
+    if cfg.data.name == "imagefolder":
+        if cfg.data.root is None:
+            raise _bad("data.root", "must be set to an ImageFolder root (with train/ and val/ folders) for data=imagefolder")
+        if not os.path.isdir(os.path.expanduser(cfg.data.root)):
+            raise _bad("data.root", f"directory not found: {cfg.data.root}")
+    positive = {
+        "optim.lr": cfg.optim.lr, "optim.lr_base_batch": cfg.optim.lr_base_batch,
+        "data.batch_size": cfg.data.batch_size, "data.img_size": cfg.data.img_size,
+        "epochs": cfg.epochs, "ckpt.interval": cfg.ckpt.interval, "ckpt.keep_last": cfg.ckpt.keep_last,
+        "logger.log_interval": cfg.logger.log_interval, "data.crop_pct": cfg.data.crop_pct,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise _bad(key, f"must be > 0, got {value}")
+    non_negative = {
+        "optim.weight_decay": cfg.optim.weight_decay, "sched.warmup_epochs": cfg.sched.warmup_epochs,
+        "sched.min_lr": cfg.sched.min_lr, "sched.warmup_lr": cfg.sched.warmup_lr,
+        "data.workers": cfg.data.workers, "aug.mixup": cfg.aug.mixup, "aug.cutmix": cfg.aug.cutmix,
+        "sched.cooldown_epochs": cfg.sched.cooldown_epochs,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise _bad(key, f"must be >= 0, got {value}")
+    unit = {"aug.hflip": cfg.aug.hflip, "aug.vflip": cfg.aug.vflip, "aug.reprob": cfg.aug.reprob,
+            "aug.smoothing": cfg.aug.smoothing, "aug.mixup_prob": cfg.aug.mixup_prob, "ema.decay": cfg.ema.decay}
+    for key in ("drop_rate", "drop_path_rate"):
+        if cfg.model[key] is not None:
+            unit[f"model.{key}"] = cfg.model[key]
+    for key, value in unit.items():
+        if not 0.0 <= value <= 1.0:
+            raise _bad(key, f"must be in [0, 1], got {value}")
+    if cfg.optim.global_batch is not None and cfg.optim.global_batch <= 0:
+        raise _bad("optim.global_batch", f"must be > 0 or null, got {cfg.optim.global_batch}")
+    if cfg.data.num_classes is not None and cfg.data.num_classes <= 0:
+        raise _bad("data.num_classes", f"must be > 0 or null, got {cfg.data.num_classes}")
+    if cfg.ckpt.resume not in (None, "auto") and not os.path.isdir(os.path.expanduser(cfg.ckpt.resume)):
+        raise _bad("ckpt.resume", f"expected null, 'auto' or a checkpoint directory, got {cfg.ckpt.resume!r}")
+    if cfg.per_model and cfg.model.drop_path_rate is None and cfg.model.name not in cfg.per_model:
+        raise _bad("model.drop_path_rate", f"recipe {cfg.recipe!r} has no drop path for {cfg.model.name!r} "
+                   f"(it covers {', '.join(cfg.per_model)}); set model.drop_path_rate")
+    for name, entry in cfg.per_model.items():
+        unknown = set(entry) - {"drop_rate", "drop_path_rate"}
+        if unknown:
+            raise _bad(f"per_model.{name}", f"unknown keys {sorted(unknown)}; accepted: drop_rate, drop_path_rate")
+    if cfg.optim.name not in _optimizers():
+        raise _bad("optim.name", f"unknown optimizer {cfg.optim.name!r}; timm offers e.g. adamw, lamb, sgd, lion")
+    if cfg.sched.name not in SCHEDULERS:
+        raise _bad("sched.name", f"got {cfg.sched.name!r}, accepted values: {', '.join(SCHEDULERS)}")
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:
+        raise _bad("data.batch_size", f"mixup/cutmix need an even per-device batch, got {cfg.data.batch_size}")
+    if len(cfg.aug.scale) != 2 or len(cfg.aug.ratio) != 2:
+        raise _bad("aug.scale" if len(cfg.aug.scale) != 2 else "aug.ratio", "must be a [low, high] pair")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise _bad("data.mean" if len(cfg.data.mean) != 3 else "data.std", "must hold 3 values")

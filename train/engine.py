@@ -1,0 +1,124 @@
+"""One training epoch (grad accumulation, AMP, mixup, EMA, per-step lr) and a distributed evaluation."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .distributed import DistEnv
+
+
+@dataclass
+class StepContext:
+    """What a training epoch needs besides the model and the data."""
+
+    raw_model: nn.Module  # the unwrapped model (EMA source)
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm Scheduler or None
+    loss_fn: nn.Module
+    accum_steps: int
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    clip_grad: float | None
+    ema: object | None  # timm ModelEmaV3 or None
+    mixup: object | None  # timm Mixup or None
+    dist: DistEnv
+    log_interval: int
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_updates: int,
+                    progress=None) -> tuple[dict, int]:
+    """Train for one pass over ``loader``; returns (stats, updated optimizer step count).
+
+    Loss values in the stats are means over every rank's samples, so they do not depend on how
+    the global batch is split across processes.
+    """
+    model.train()
+    dev = ctx.dist.device
+    steps_per_update = ctx.accum_steps
+    n_batches = len(loader) - len(loader) % steps_per_update  # drop a trailing partial accumulation
+    loss_sum, seen, logged = 0.0, 0, []
+    t0 = time.perf_counter()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        if i >= n_batches:
+            break
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        if ctx.mixup is not None:
+            x, y = ctx.mixup(x, y)
+        last_micro = (i + 1) % steps_per_update == 0
+        ddp = isinstance(model, DistributedDataParallel)
+        sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
+        with sync:
+            with autocast(dev, ctx.amp_dtype):
+                loss = ctx.loss_fn(model(x), y)
+            scaled = loss / steps_per_update
+            (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().item() * x.shape[0]
+        seen += x.shape[0]
+        if not last_micro:
+            continue
+        if ctx.clip_grad is not None:
+            if ctx.scaler is not None:
+                ctx.scaler.unscale_(ctx.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
+        if ctx.scaler is not None:
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+        else:
+            ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        num_updates += 1
+        if ctx.ema is not None:
+            ctx.ema.update(ctx.raw_model, step=num_updates)
+        if ctx.scheduler is not None:
+            ctx.scheduler.step_update(num_updates=num_updates)
+        if num_updates % ctx.log_interval == 0 or i + 1 == n_batches:
+            total, count = ctx.dist.all_reduce_sum([loss.detach().item() * x.shape[0], x.shape[0]])
+            lr = ctx.optimizer.param_groups[0]["lr"]
+            rate = seen * ctx.dist.world_size / (time.perf_counter() - t0)
+            logged.append({"step": num_updates, "loss": total / count, "lr": lr})
+            if progress is not None:
+                progress.update_step(i + 1, n_batches, total / count, lr, rate)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elapsed = time.perf_counter() - t0
+    total, count = ctx.dist.all_reduce_sum([loss_sum, seen])
+    stats = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": ctx.optimizer.param_groups[0]["lr"],
+             "train_time_s": elapsed, "img_per_s": count / elapsed if elapsed > 0 else 0.0, "steps": logged}
+    return stats, num_updates
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist: DistEnv, amp_dtype: torch.dtype | None,
+             num_classes: int) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole split, summed across ranks."""
+    model.eval()
+    dev = dist.device
+    k = min(5, num_classes)
+    loss_sum = top1 = top5 = count = 0.0
+    for x, y in loader:
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with autocast(dev, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.topk(k, dim=1).indices
+        hit = pred.eq(y[:, None])
+        top1 += hit[:, 0].sum().item()
+        top5 += hit.any(dim=1).sum().item()
+        count += y.numel()
+    loss_sum, top1, top5, count = dist.all_reduce_sum([loss_sum, top1, top5, count])
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+            "count": int(count)}
