@@ -36,9 +36,9 @@ _METAFORMER_RULES = [
     (r"^downsample_layers\.(\d)\.pre_norm\.", r"stages.\1.downsample.norm."),
     (r"^downsample_layers\.(\d)\.conv\.", r"stages.\1.downsample.conv."),
     (r"^stages\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^norm\.", "head.norm."),
     (r"^head\.(fc1|fc2|norm)\.", r"head.fc.\1."),
     (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    (r"^norm\.", "head.norm."),
 ]
 
 

@@ -35,10 +35,10 @@ _OFFICIAL_RULES = [
     (r"^downsample_layers\.0\.", "stem."),
     (r"^downsample_layers\.(\d)\.", r"stages.\1.downsample."),
     (r"^stages\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^norm\.", "head.norm."),
     (r"^head\.fc1\.", "head.pre_logits.fc."),
     (r"^head\.norm\.", "head.pre_logits.norm."),
     (r"^head\.fc2\.", "head.fc."),
+    (r"^norm\.", "head.norm."),  # after the head rules: the final norm must not become the MLP's
 ]
 
 

@@ -53,27 +53,26 @@ def test_features_only_equal_to_timm(name):
 
 
 @pytest.mark.parametrize("name", SMALL)
-@torch.no_grad()
 def test_timm_api(name):
     ours, ref = _pair(name)
     x = torch.randn(1, 3, 64, 64)
-    final, inter = ours.forward_intermediates(x)
-    final_r, inter_r = ref.forward_intermediates(x)
-    assert (final - final_r).abs().max() <= 1e-5
-    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(inter, inter_r))
-    assert [t.shape[1] for t in inter] == ours.feature_info_channels if hasattr(ours, "feature_info_channels") else True
-    ours.reset_classifier(7)
-    assert ours(x).shape == (1, 7)
-    ours.reset_classifier(0)
-    assert ours(x).shape == (1, ours.num_features) or ours(x).shape == (1, ours.head_hidden_size)
+    with torch.no_grad():
+        final, inter = ours.forward_intermediates(x)
+        final_r, inter_r = ref.forward_intermediates(x)
+        assert (final - final_r).abs().max() <= 1e-5
+        assert all((a - b).abs().max() <= 1e-5 for a, b in zip(inter, inter_r))
+        assert [t.shape[1] for t in inter] == [f["num_chs"] for f in ours.feature_info]
+        ours.reset_classifier(7)
+        assert ours(x).shape == (1, 7)
+        ours.reset_classifier(0)
+        assert ours(x).shape == (1, ours.head_hidden_size)
     ours.set_grad_checkpointing(True)
-    ours.train()
     ours.reset_classifier(5)
-    y = ours(torch.randn(2, 3, 64, 64, requires_grad=True))
-    y.sum().backward()
+    ours.train()
+    ours(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
     assert ours.group_matcher()["stem"] == r"^stem"
-    assert "stem.conv.bias" in ours.no_weight_decay() or "stem.conv1.bias" in ours.no_weight_decay()
+    assert {"stem.conv.bias", "stem.conv1.bias"} & ours.no_weight_decay()
 
 
 def _official_layout(name, sd):
@@ -114,7 +113,7 @@ def test_pretrained_file_timm_and_official_layouts(name, tmp_path):
     save_state_dict(sd, st)
     off = tmp_path / "official.pth"
     official = _official_layout(name, sd)
-    assert set(official) != set(sd) or name.startswith("mz_mambaout") is False
+    assert not set(official) & {k for k in sd if k.startswith("stages.0.blocks.")}  # really another layout
     torch.save({"model": official}, off)
     x = torch.randn(1, 3, 64, 64)
     want = src(x)
