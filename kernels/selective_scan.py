@@ -74,17 +74,18 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         dt = dt + delta_bias.to(ct)[None, :, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    A_ = A.to(ct)
-    # expand B, C per channel: (batch, D, N, L)
-    Bc = B4.to(ct).repeat_interleave(dim // groups, dim=1)
-    Cc = C4.to(ct).repeat_interleave(dim // groups, dim=1)
-    h = u_.new_zeros(bsz, dim, A.shape[1])
-    ys = []
-    for t in range(seqlen):
-        x = dt[:, :, t, None] * A_
-        h = torch.exp(x) * h + (dt[:, :, t] * u_[:, :, t])[..., None] * _phi_ref(x) * Bc[..., t]
-        ys.append((h * Cc[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
+    n = A.shape[1]
+    # grouped views: (batch, G, D/G, L[, N]); a_t, b_t for every step, then the sequential recurrence
+    dt = dt.view(bsz, groups, dim // groups, seqlen, 1)
+    x = dt * A.to(ct).view(1, groups, dim // groups, 1, n)
+    a = torch.exp(x)
+    b = dt * u_.view(bsz, groups, dim // groups, seqlen, 1) * _phi_ref(x) * B4.to(ct).transpose(2, 3)[:, :, None]
+    h = u_.new_zeros(bsz, groups, dim // groups, n)
+    hs = []
+    for a_t, b_t in zip(a.unbind(3), b.unbind(3)):  # unbind: one gradient stack, not one per step
+        h = torch.addcmul(b_t, a_t, h)
+        hs.append(h)
+    y = torch.einsum("bgdln,bgnl->bgdl", torch.stack(hs, dim=3), C4.to(ct)).reshape(bsz, dim, seqlen)
     if D is not None:
         y = y + D.to(ct)[None, :, None] * u_
     return y.to(dtype_out)
