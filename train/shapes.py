@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 # Sorted, so that the position in this tuple is the ImageFolder class index.
 SHAPE_CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
 SPLITS = ("train", "val")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SUPERSAMPLE = 4  # masks are rasterised at 4x and thresholded, for clean edges at small sizes
 
 
@@ -87,29 +87,42 @@ def draw_shape(canvas: np.ndarray, spec: ShapeSpec) -> np.ndarray:
     return mask
 
 
+def _luma(rgb) -> float:
+    r, g, b = rgb
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
 def random_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Cluttered (H, W, 3) uint8 background: colour gradient, thin random lines, pixel noise."""
-    c0, c1 = rng.uniform(0, 255, size=(2, 3))
+    """Cluttered (H, W, 3) uint8 background: a dark or light colour gradient, faint random lines, noise.
+
+    The background stays in one half of the brightness range, so a shape drawn with a contrasting
+    colour (``random_shape(..., background=...)``) is always visible whatever its hue.
+    """
+    dark = rng.random() < 0.5
+    lo, hi = (0, 100) if dark else (155, 255)
+    c0, c1 = rng.uniform(lo, hi, size=(2, 3))
     t = np.linspace(0.0, 1.0, width if rng.random() < 0.5 else height, dtype=np.float32)
     ramp = c0 + (c1 - c0) * t[:, None]
     bg = np.broadcast_to(ramp[None] if len(t) == width else ramp[:, None], (height, width, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 6))):
+    mid = (c0 + c1) / 2
+    for _ in range(int(rng.integers(1, 4))):
         x0, x1 = rng.uniform(0, width, size=2)
         y0, y1 = rng.uniform(0, height, size=2)
-        draw.line([(x0, y0), (x1, y1)], fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=1)
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 6.0, size=(height, width, 3))
+        color = np.clip(mid + rng.normal(0.0, 35.0, size=3), 0, 255)
+        draw.line([(x0, y0), (x1, y1)], fill=tuple(int(v) for v in color), width=1)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 5.0, size=(height, width, 3))
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
 def random_shape(rng: np.random.Generator, height: int, width: int, kind: str | None = None,
-                 radius_range: tuple[float, float] = (0.22, 0.42),
+                 radius_range: tuple[float, float] = (0.25, 0.45),
                  background: np.ndarray | None = None) -> ShapeSpec:
     """Sample a shape lying fully inside the image.
 
     ``radius_range`` is a fraction of the shorter side. With ``background`` given, the colour is
-    resampled until it contrasts with the mean background colour under the shape.
+    resampled until its brightness differs clearly from the mean background under the shape.
     """
     if kind is None:
         kind = SHAPE_CLASSES[int(rng.integers(len(SHAPE_CLASSES)))]
@@ -125,8 +138,8 @@ def random_shape(rng: np.random.Generator, height: int, width: int, kind: str | 
         y0, y1 = int(max(cy - radius, 0)), int(min(cy + radius + 1, height))
         x0, x1 = int(max(cx - radius, 0)), int(min(cx + radius + 1, width))
         ref = background[y0:y1, x0:x1].reshape(-1, 3).mean(axis=0)
-        for _ in range(64):
-            if np.abs(np.asarray(color) - ref).sum() >= 160:
+        for _ in range(256):
+            if abs(_luma(color) - _luma(ref)) >= 90:
                 break
             color = tuple(int(v) for v in rng.integers(0, 256, 3))
     return ShapeSpec(kind, (cx, cy), radius, angle, color)
