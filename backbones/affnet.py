@@ -62,6 +62,8 @@ class ChannelLayerNorm(nn.LayerNorm):
     """ml-cvnets' channel-first ``layer_norm``: ``(x - mean_c) / (std_c + eps) * w + b`` on NCHW.
 
     Note ``std + eps`` (not ``sqrt(var + eps)``): the official AFF blocks normalise this way.
+    Statistics in fp32; the output keeps the input dtype (the official one turns a bf16 autocast
+    stream into fp32 through its fp32 affine parameters).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
@@ -69,9 +71,10 @@ class ChannelLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
-        std, mean = torch.std_mean(x, dim=1, keepdim=True, unbiased=False)
-        x = (x - mean) / (std + self.eps)
-        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+        xf = x.float()
+        std, mean = torch.std_mean(xf, dim=1, keepdim=True, unbiased=False)
+        y = (xf - mean) / (std + self.eps)
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), y, self.weight.view(1, -1, 1, 1)).to(x.dtype)
 
 
 NORM_LAYERS = {"layer_norm": ChannelLayerNorm, "layer_norm_2d": lambda c: GroupNorm1(c, eps=1e-5)}

@@ -408,11 +408,19 @@ def _register_flops():
 _register_flops()
 
 
+@torch.compiler.assume_constant_result
+def _resolve_traced(backend: str | None, device_type: str) -> str:
+    """:func:`resolve` evaluated once while torch.compile traces (Dynamo in torch <= 2.11 breaks the
+    graph on the dispatcher's cached Triton probe, which splits every AFF block into pieces)."""
+    return resolve(backend, torch.empty(0, device=device_type))
+
+
 def aff_filter(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                lambd: float = 0.01, compute_dtype: torch.dtype | None = None,
                act: str = "relu", backend: str | None = None) -> torch.Tensor:
     """Fused AFF filter (Triton) or its reference, chosen by :func:`metazoo.kernels.dispatch.resolve`."""
     _, _, cd = _check(x, w1, b1, w2, b2, lambd, compute_dtype, act)
-    if resolve(backend, x) == "torch":
+    traced = torch.compiler.is_compiling()
+    if (_resolve_traced(backend, x.device.type) if traced else resolve(backend, x)) == "torch":
         return aff_filter_ref(x, w1, b1, w2, b2, lambd, cd, act)
     return AFFFilterFunction.apply(x.contiguous(), w1, b1, w2, b2, float(lambd), cd, act)

@@ -17,6 +17,8 @@ from metazoo.kernels.aff_filter import ACTS, aff_filter
 
 __all__ = ["AFFMixer", "fft_flop_mapping"]
 
+AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")  # others (meta) run without an autocast context
+
 
 class AFFMixer(nn.Module):
     """Adaptive frequency filter over an NCHW map (parameter names ``w1 b1 w2 b2`` as in the official code)."""
@@ -40,7 +42,7 @@ class AFFMixer(nn.Module):
         if self.filter_dtype is not None:
             return self.filter_dtype
         dev = x.device.type
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
             return torch.get_autocast_dtype(dev)
         return torch.float32
 
@@ -48,7 +50,7 @@ class AFFMixer(nn.Module):
         """x: NCHW -> NCHW (same dtype)."""
         h, w = x.shape[-2:]
         cd = self._compute_dtype(x)
-        no_autocast = (torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type)
+        no_autocast = (torch.autocast(x.device.type, enabled=False) if x.device.type in AUTOCAST_DEVICES
                        else contextlib.nullcontext())  # e.g. the meta device, used to count FLOPs
         with no_autocast:
             spec = torch.view_as_real(torch.fft.rfft2(x.float(), norm="ortho"))

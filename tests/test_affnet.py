@@ -297,3 +297,13 @@ def test_pretrained_without_file_explains_where_weights_are():
         timm.create_model("mz_affnet_t", pretrained=True)
     with pytest.raises(ValueError, match="not part of the official AFFNet layout"):
         convert_official({"layer_9.0.x": torch.zeros(1)}, (1, 3, 2, 4, 3))
+
+
+def test_model_compiles_to_one_graph():
+    """No graph breaks under torch.compile (the dispatcher is resolved as a trace-time constant)."""
+    import torch._dynamo
+    model = _tiny()
+    torch._dynamo.reset()
+    with use_backend("torch"):
+        ex = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
