@@ -140,7 +140,12 @@ if triton is not None:
         dt = tl.where(m2, dt, 0.0)
         return u, raw, dt
 
-    @triton.jit
+    # sizes and outer strides vary per layer: one compiled kernel serves them all (inner strides,
+    # usually 1, stay specialised for vector loads)
+    _RUNTIME_INTS = ["L", "DG", "G", "N", "n_chunks", "s_ub", "s_ud", "s_db", "s_dd", "s_ad", "s_bb", "s_bg",
+                     "s_bn", "s_cb", "s_cg", "s_cn", "s_yb", "s_yd"]
+
+    @triton.jit(do_not_specialize=_RUNTIME_INTS)
     def fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, st_ptr,
                    L, DG, G, N, n_chunks,
                    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
@@ -194,7 +199,7 @@ if triton is not None:
                      mask=mask_d[:, None] & mask_t[None, :])
             h = tl.sum(tl.where((offs_c == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_RUNTIME_INTS)
     def bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, st_ptr,
                    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
                    L, DG, G, N, n_chunks,
