@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from timm.layers import ClassifierHead, ConvNormAct, DropPath, make_divisible
 from timm.models import register_model
 from timm.models._features import feature_take_indices

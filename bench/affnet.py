@@ -155,8 +155,6 @@ def bench_model(model_name: str, mode: str, args, device) -> dict:
         res["train_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(f"{model_name} {mode}: infer {res['infer_img_s']:.0f} img/s, train {res['train_img_s']:.0f} img/s, "
           f"train peak {res['train_peak_gb']:.2f} GB", flush=True)
-    del model, run, opt
-    torch.cuda.empty_cache()
     return res
 
 
@@ -207,6 +205,7 @@ def main(argv=None) -> None:
         for mode in args.modes:
             try:
                 result["models"][name][mode] = bench_model(name, mode, args, device)
+                torch.cuda.empty_cache()
             except Exception as e:  # keep the other rows (a compile failure must not lose them)
                 result.setdefault("errors", {})[f"{name}/{mode}"] = repr(e)
                 print(f"{name} {mode} FAILED: {e!r}", flush=True)

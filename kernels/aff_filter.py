@@ -274,7 +274,6 @@ if triton is not None:
         tl.store(gb_ptr + (base + 3) * BLOCK_D + d, gb2i)
 
 
-
 def _config(bs: int, backward: bool):
     """(rows per program, padded group width, warps), picked from ptxas reports for sm_90 with bf16
     operands: no or few register spills, and >= 8 resident warps per SM."""
