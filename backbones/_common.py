@@ -12,7 +12,7 @@ from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
 from timm.models._registry import _model_to_module
 
 PREFIX = "mz_"
-WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model_state_dict", "model", "module")
 STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
@@ -135,7 +135,7 @@ def validate_out_indices(out_indices, num_stages: int) -> tuple[int, ...]:
     bad = [i for i in out_indices if not isinstance(i, int) or not -num_stages <= i < num_stages]
     if bad or not out_indices:
         raise ValueError(f"out_indices={out_indices} is invalid; accepted: integers in "
-                         f"[{-num_stages}, {num_stages - 1}] (one per stage, features of stride 4..32)")
+                         f"[{-num_stages}, {num_stages - 1}] (one per stage)")
     return out_indices
 
 

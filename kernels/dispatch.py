@@ -8,7 +8,6 @@ device and Triton imports; otherwise the reference). ``TRITON_INTERPRET=1`` lets
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 
@@ -26,15 +25,24 @@ def _check(backend: str, what: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when Triton imports (it is optional: the package runs without it)."""
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install raising at import
         return False
     return True
+
+
+_TRITON: bool | None = None
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it is optional: the package runs without it). Probed once."""
+    global _TRITON
+    if _TRITON is None:
+        _TRITON = _probe_triton()
+    return _TRITON
 
 
 def interpret_mode() -> bool:
@@ -69,10 +77,14 @@ def resolve(backend: str | None = None, *tensors: torch.Tensor) -> str:
 
     ``auto`` picks Triton only for CUDA tensors when Triton is importable. An explicit
     ``triton`` on CPU tensors needs the interpreter; otherwise it is an error, never a silent
-    fallback.
+    fallback. Under ``torch.compile`` the answer is a trace-time constant (no graph break).
     """
+    return _resolve(backend, all(t.is_cuda for t in tensors) if tensors else False)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str | None, on_cuda: bool) -> str:
     want = requested_backend(backend)
-    on_cuda = all(t.is_cuda for t in tensors) if tensors else False
     if want == "torch":
         return "torch"
     if want == "auto":

@@ -22,6 +22,10 @@ import metazoo  # noqa: E402
 sys.modules.setdefault(Path(metazoo.__file__).resolve().parent.name, metazoo)
 
 
+# two xdist workers on two cores: one intra-op thread each avoids oversubscription
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
