@@ -15,8 +15,13 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import nn
 
+from ..kernels.group_norm import group_norm1
+from ..kernels.norm_residual import norm_residual, scale_add
+from ..kernels.pool_mixer import pool_mixer
 from ..mixers.activations import Scale
 from ..mixers.mlp import Mlp
+from ..mixers.norms import GroupNorm1, LayerNorm, LayerNorm2d
+from ..mixers.pooling import Pooling
 
 
 class MetaFormerBlock(nn.Module):
@@ -50,11 +55,33 @@ class MetaFormerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.layer_scale2 = scale(layer_scale_init_value)
         self.res_scale2 = scale(res_scale_init_value)
+        # Fused kernels (metazoo.kernels) merge the residual updates with the following norm; they
+        # need deterministic branches (no drop path) and norms they know.
+        norm2_type = LayerNorm2d if cf else LayerNorm
+        self.fused_pool = (drop_path == 0 and isinstance(self.token_mixer, Pooling)
+                           and type(self.norm1) is GroupNorm1 and type(self.norm2) is GroupNorm1 and cf)
+        self.fused_norm = drop_path == 0 and type(self.norm2) is norm2_type
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW or (B, N, C), per ``layout``."""
+        if self.fused_pool or self.fused_norm:
+            return self._forward_fused(x)
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Same math as the plain path: residual+scales fused with norm2 (PoolFormer: norm1+pool too)."""
+        cf = self.layout == "NCHW"
+        rs1, ls1, rs2, ls2 = (getattr(m, "scale", None) for m in (
+            self.res_scale1, self.layer_scale1, self.res_scale2, self.layer_scale2))
+        if self.fused_pool:
+            x, moments = pool_mixer(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, ls1, rs1,
+                                    self.token_mixer.pool_size)
+            n2 = group_norm1(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, moments=moments)
+        else:
+            x, n2 = norm_residual(x, self.token_mixer(self.norm1(x)), rs1, ls1, self.norm2.weight, self.norm2.bias,
+                                  self.norm2.eps, channels_first=cf)
+        return scale_add(x, self.mlp(n2), rs2, ls2, channels_first=cf)
 
 
 class MetaFormerStage(nn.Module):

@@ -179,8 +179,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup)
 def group_norm1_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
                     moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
     """Plain PyTorch reference: ``F.group_norm(x, 1, ...)`` on NCHW (``moments`` is only a hint, unused)."""
-    return torch.nn.functional.group_norm(x.float(), 1, weight.float(),
-                                          bias.float() if bias is not None else None, eps).to(x.dtype)
+    return torch.nn.functional.group_norm(x, 1, weight, bias, eps)
 
 
 def group_norm1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,

@@ -244,17 +244,15 @@ def norm_residual_ref(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor
                       ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                       bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
                       backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Plain PyTorch reference: returns ``(out, n)`` (``n`` is None without ``weight``)."""
+    """Plain PyTorch reference (timm's op order): returns ``(out, n)`` (``n`` is None without ``weight``)."""
     shape = (-1, 1, 1) if channels_first else (-1,)
     out = x
     if y is not None:
         out = (x * rs.view(shape) if rs is not None else x) + (y * ls.view(shape) if ls is not None else y)
-        out = out.to(torch.promote_types(x.dtype, y.dtype))
     if weight is None:
         return out, None
     o = out.permute(0, 2, 3, 1) if channels_first else out
-    n = torch.nn.functional.layer_norm(o.float(), (o.shape[-1],), weight.float(),
-                                       bias.float() if bias is not None else None, eps).to(out.dtype)
+    n = torch.nn.functional.layer_norm(o, (o.shape[-1],), weight, bias, eps)
     return out, (n.permute(0, 3, 1, 2) if channels_first else n)
 
 

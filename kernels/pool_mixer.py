@@ -47,8 +47,8 @@ def _load():
                 ww = ws + j - PAD
                 m = ((hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
                 acc += tl.load(base + hh * W * C + ww[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
-        cnt = ((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
-               * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1)).to(tl.float32)
+        cnt = tl.maximum((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
+                         * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1), 1).to(tl.float32)
         offs = h * W * C + ws[:, None] * C + cs[None, :]
         x = tl.load(base + offs, mask=om, other=0.0).to(tl.float32)
         a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
@@ -86,8 +86,8 @@ def _load():
                 ww = ws + j - PAD
                 m = ((hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
                 acc += tl.load(X + base + hh * W * C + ww[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
-        cnt = ((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
-               * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1)).to(tl.float32)
+        cnt = tl.maximum((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
+                         * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1), 1).to(tl.float32)
         offs = base + h * W * C + ws[:, None] * C + cs[None, :]
         x = tl.load(X + offs, mask=om, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=om, other=0.0).to(tl.float32)
@@ -239,7 +239,7 @@ def pool_mixer_ref(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] =
     n = torch.nn.functional.group_norm(x, 1, norm_weight, norm_bias, eps)
     p = torch.nn.functional.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
     branch = (p - n) * ls.view(-1, 1, 1) if ls is not None else p - n
-    return ((x * rs.view(-1, 1, 1) if rs is not None else x) + branch).to(x.dtype), None
+    return (x * rs.view(-1, 1, 1) if rs is not None else x) + branch, None
 
 
 def pool_mixer(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,

@@ -109,8 +109,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def star_relu_ref(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference (output in ``x``'s dtype)."""
-    return (scale * torch.relu(x) ** 2 + bias).to(x.dtype)
+    """Plain PyTorch reference (timm's expression)."""
+    return scale * torch.relu(x) ** 2 + bias
 
 
 def star_relu(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = None) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from timm.layers import DropPath, LayerScale
 from torch import nn
 
+from ..kernels.gated_conv import gated_dwconv
 from .norms import LayerNorm
 
 
@@ -31,7 +32,12 @@ class GatedCNNBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NHWC."""
         shortcut = x
-        g, i, c = torch.split(self.fc1(self.norm(x)), self.split_indices, dim=-1)
-        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
-        return self.drop_path(self.ls(x)) + shortcut
+        u = self.fc1(self.norm(x))
+        if type(self.act) is nn.GELU and self.act.approximate == "none":
+            # split, depthwise conv, exact GELU gate and concat in one fused op
+            h = gated_dwconv(u, self.conv.weight, self.conv.bias, self.split_indices[0])
+        else:
+            g, i, c = torch.split(u, self.split_indices, dim=-1)
+            c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            h = self.act(g) * torch.cat((i, c), dim=-1)
+        return self.drop_path(self.ls(self.fc2(h))) + shortcut

@@ -7,8 +7,10 @@ an NCHW map; ``LayerNorm`` normalises the last dim (NLC / NHWC). ``bias=False`` 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..kernels.group_norm import group_norm1
+from ..kernels.norm_residual import layer_norm
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -21,7 +23,7 @@ class GroupNorm1(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
-        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        return group_norm1(x, self.weight, self.bias, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -29,6 +31,10 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = True):
         super().__init__(num_channels, eps=eps, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., C)."""
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -39,9 +45,7 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return layer_norm(x, self.weight, self.bias, self.eps, channels_first=True)
 
 
 def group_norm1_no_bias(num_channels: int) -> GroupNorm1:

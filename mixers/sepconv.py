@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.dwconv import dwconv2d
 from .activations import StarReLU
 
 
@@ -22,4 +23,8 @@ class SepConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
-        return self.pwconv2(self.act2(self.dwconv(self.act1(self.pwconv1(x)))))
+        x = self.pwconv1(x)
+        if isinstance(self.act1, StarReLU) and isinstance(self.act2, nn.Identity):
+            # StarReLU applied inside the depthwise conv's loads: the activation is never stored
+            return self.pwconv2(dwconv2d(x, self.dwconv.weight, self.dwconv.bias, self.act1.scale, self.act1.bias))
+        return self.pwconv2(self.act2(self.dwconv(self.act1(x))))

@@ -1,0 +1,242 @@
+"""Model benchmark: metazoo (eager with Triton kernels, and torch.compile) vs timm (eager, torch.compile).
+
+Inference img/s at batch 256 and training-step img/s at batch 128 (AdamW, cross-entropy), peak
+training memory, bf16 autocast, channels_last inputs and weights. Before timing, our model is loaded
+with timm's weights and its logits and gradients are compared with timm's. Writes JSON and a
+Markdown table under ``--out``; ``--combine`` merges JSON files of several runs into one table.
+
+    python bench/models.py --impls ours_eager,timm_eager --out $OUT
+    python bench/models.py --profile --out $OUT      # torch.profiler table of timm train steps
+    python bench/models.py --combine a.json b.json --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+MODELS = {  # timm name -> ours
+    "poolformer_s12": "mz_poolformer_s12",
+    "convformer_s18": "mz_convformer_s18",
+    "caformer_s18": "mz_caformer_s18",
+    "mambaout_tiny": "mz_mambaout_tiny",
+}
+IMPLS = ("ours_eager", "ours_compile", "timm_eager", "timm_compile")
+
+
+def build(name: str, impl: str) -> torch.nn.Module:
+    import timm
+
+    import metazoo  # noqa: F401  (registers mz_* models)
+
+    model_name = MODELS[name] if impl.startswith("ours") else name
+    model = timm.create_model(model_name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
+    return model
+
+
+def _sync_time(fn, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def bench_inference(model, batch: int, warmup: int, iters: int) -> float:
+    model.eval()
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+
+    def step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    return batch * iters / _sync_time(step, iters)
+
+
+def bench_train(model, batch: int, warmup: int, iters: int) -> tuple[float, float]:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ips = batch * iters / _sync_time(step, iters)
+    return ips, torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def check_against_timm(name: str, batch: int = 16) -> dict:
+    """Load timm's weights into ours; relative error of logits and of all parameter gradients (bf16 autocast)."""
+    ours, ref = build(name, "ours_eager"), build(name, "timm_eager")
+    missing = ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    out = {}
+    for tag, m in (("ours", ours), ("timm", ref)):
+        m.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = m(x)
+        F.cross_entropy(logits.float(), y).backward()
+        out[tag] = (logits.float(), {k: p.grad.float() for k, p in m.named_parameters() if p.grad is not None})
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    g_ours, g_timm = out["ours"][1], out["timm"][1]
+    grad_errs = {k: rel(g_ours[k], g_timm[k]) for k in g_timm if k in g_ours and g_timm[k].norm() > 0}
+    worst = max(grad_errs, key=grad_errs.get)
+    return dict(logits_rel_err=rel(out["ours"][0], out["timm"][0]), grad_rel_err_median=sorted(grad_errs.values())[
+        len(grad_errs) // 2], grad_rel_err_max=grad_errs[worst], grad_rel_err_max_param=worst,
+        params_without_grad=sorted(set(g_timm) - set(g_ours)), load=str(missing))
+
+
+def run_one(name: str, impl: str, args) -> dict:
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = build(name, impl)
+    t0 = time.time()
+    if impl.endswith("compile"):
+        model = torch.compile(model)
+    row = dict(model=name, impl=impl)
+    row["infer_img_s"] = bench_inference(model, args.infer_batch, args.warmup, args.iters)
+    row["train_img_s"], row["train_peak_gib"] = bench_train(model, args.train_batch, args.warmup, args.iters)
+    row["wall_s"] = time.time() - t0
+    del model
+    return row
+
+
+def profile_timm(out_dir: str, names) -> None:
+    """torch.profiler table (top CUDA-time ops) of one bf16 channels_last training step per timm model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(os.path.join(out_dir, "profile_timm.txt"), "w") as f:
+        for name in names:
+            model = build(name, "timm_eager").train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            x = torch.randn(128, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+            y = torch.randint(0, 1000, (128,), device="cuda")
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            f.write(f"### {name}: one training step, batch 128, bf16 autocast, channels_last\n{table}\n\n")
+            print(f"### {name}\n{table}", flush=True)
+            del model, opt
+
+
+def markdown(rows: list[dict], checks: dict) -> str:
+    by = {(r["model"], r["impl"]): r for r in rows}
+    lines = ["| model | impl | infer img/s (b256) | train img/s (b128) | train peak GiB | infer vs timm compiled | "
+             "train vs timm compiled | mem vs timm eager |", "|---|---|---|---|---|---|---|---|"]
+    for name in MODELS:
+        tc, te = by.get((name, "timm_compile")), by.get((name, "timm_eager"))
+        for impl in IMPLS:
+            r = by.get((name, impl))
+            if r is None:
+                continue
+            ri = f"{r['infer_img_s'] / tc['infer_img_s']:.2f}x" if tc else "-"
+            rt = f"{r['train_img_s'] / tc['train_img_s']:.2f}x" if tc else "-"
+            rm = f"{r['train_peak_gib'] / te['train_peak_gib']:.2f}x" if te else "-"
+            lines.append(f"| {name} | {impl} | {r['infer_img_s']:.0f} | {r['train_img_s']:.0f} | "
+                         f"{r['train_peak_gib']:.2f} | {ri} | {rt} | {rm} |")
+    if checks:
+        lines += ["", "| model | logits rel err vs timm | grad rel err median / max (param) |", "|---|---|---|"]
+        for name, c in checks.items():
+            lines.append(f"| {name} | {c['logits_rel_err']:.1e} | {c['grad_rel_err_median']:.1e} / "
+                         f"{c['grad_rel_err_max']:.1e} ({c['grad_rel_err_max_param']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: str, rows, checks, meta, stem="models"):
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows, checks=checks), f, indent=1)
+    md = markdown(rows, checks)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(md)
+    return md
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--infer-batch", type=int, default=256)
+    ap.add_argument("--train-batch", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="only write the torch.profiler tables of timm")
+    ap.add_argument("--check", action="store_true", help="compare ours with timm (same weights) first")
+    ap.add_argument("--combine", nargs="*", help="merge these JSON results into one table")
+    ap.add_argument("--stem", default="models")
+    args = ap.parse_args()
+    names = [n for n in args.models.split(",") if n]
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        raise ValueError(f"--models: unknown {sorted(unknown)}; accepted: {', '.join(MODELS)}")
+    impls = [i for i in args.impls.split(",") if i]
+    if set(impls) - set(IMPLS):
+        raise ValueError(f"--impls: unknown {sorted(set(impls) - set(IMPLS))}; accepted: {', '.join(IMPLS)}")
+    os.makedirs(args.out, exist_ok=True)
+    if args.combine:
+        rows, checks, metas = [], {}, []
+        for path in args.combine:
+            with open(path) as f:
+                d = json.load(f)
+            rows += d["rows"]
+            checks.update(d.get("checks", {}))
+            metas.append(d["meta"])
+        print(write(args.out, rows, checks, dict(runs=metas), args.stem))
+        return
+    torch.backends.cudnn.benchmark = True
+    if args.profile:
+        profile_timm(args.out, names)
+        return
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, infer_batch=args.infer_batch,
+                train_batch=args.train_batch, iters=args.iters, warmup=args.warmup, dtype="bf16 autocast",
+                memory_format="channels_last", kernels=os.environ.get("METAZOO_KERNELS", "auto"))
+    checks = {}
+    if args.check:
+        for name in names:
+            checks[name] = check_against_timm(name)
+            print(name, json.dumps(checks[name]), flush=True)
+    rows = []
+    for name in names:
+        for impl in impls:
+            row = run_one(name, impl, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(args.out, rows, checks, meta, args.stem)
+    print(write(args.out, rows, checks, meta, args.stem))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Each Triton kernel against its plain-PyTorch ``*_ref``: forward and backward, fp32 and bf16.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py), so shapes stay tiny; they are
+drawn at random (seeded) and are mostly not multiples of the block sizes. The reference runs in
+float64 on upcast copies of the same inputs; errors are relative (||a - b|| / ||b||).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from metazoo.kernels import dispatch
+from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
+from metazoo.kernels.gated_conv import gated_dwconv, gated_dwconv_ref
+from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
+from metazoo.kernels.norm_residual import norm_residual, norm_residual_ref
+from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
+from metazoo.kernels.star_relu import star_relu, star_relu_ref
+
+pytestmark = pytest.mark.skipif(not (dispatch.triton_available() and (torch.cuda.is_available()
+                                                                       or dispatch.interpret_mode())),
+                                reason="needs Triton (GPU, or TRITON_INTERPRET=1 on CPU)")
+
+N_SHAPES = 20
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in the kernel's result"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def compare(fn, ref, acts: dict, params: dict, dtype, kwargs: dict):
+    """Run ``fn`` (Triton) on ``acts`` cast to ``dtype`` (params stay fp32, as under autocast) and
+    ``ref`` in float64; compare every output and the gradient of every input."""
+    def leaves(cast_act, cast_par):
+        a = {k: v.to(dtype).to(cast_act).requires_grad_() for k, v in acts.items()}
+        p = {k: (v.to(cast_par).requires_grad_() if v is not None else None) for k, v in params.items()}
+        return a, p
+
+    a_k, p_k = leaves(dtype, torch.float32)
+    a_r, p_r = leaves(torch.float64, torch.float64)
+    outs_k = [o for o in _as_tuple(fn(**a_k, **p_k, **kwargs, backend="triton")) if torch.is_tensor(o)]
+    outs_r = [o for o in _as_tuple(ref(**a_r, **p_r, **kwargs)) if torch.is_tensor(o)]
+    gen = torch.Generator().manual_seed(123)
+    # Both sides see the same incoming gradient: rounded to the kernel output's dtype.
+    cots = [torch.randn(o.shape, generator=gen).to(k.dtype).to(o.device).double() for o, k in zip(outs_r, outs_k)]
+    ins_k = list(a_k.values()) + [v for v in p_k.values() if v is not None]
+    ins_r = list(a_r.values()) + [v for v in p_r.values() if v is not None]
+    g_k = torch.autograd.grad(sum((o.double() * c).sum() for o, c in zip(outs_k, cots)), ins_k, allow_unused=True)
+    g_r = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs_r, cots)), ins_r, allow_unused=True)
+    names = [f"out{i}" for i in range(len(outs_k))] + [f"d_{k}" for k in a_k] + \
+        [f"d_{k}" for k, v in p_k.items() if v is not None]
+    tol = TOL[dtype]
+    for name, k, r in zip(names, list(outs_k) + list(g_k), list(outs_r) + list(g_r)):
+        if r is None or r.norm() < 1e-10:  # e.g. the pooling mixer's norm bias cancels exactly
+            assert k is None or k.double().norm() < 1e-4, f"{name}: expected a zero gradient"
+            continue
+        assert k is not None, f"{name}: no gradient from the kernel"
+        assert k.shape == r.shape, f"{name}: shape {tuple(k.shape)} != {tuple(r.shape)}"
+        err = rel_err(k, r)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e} ({dtype})"
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _rand(*shape, scale=1.0, shift=0.0):
+    return torch.randn(*shape, device=DEVICE) * scale + shift
+
+
+def _map_shape(rng: random.Random, max_hw=7, max_c=40):
+    return rng.randint(1, 2), rng.randint(1, max_c), rng.randint(1, max_hw), rng.randint(1, max_hw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_norm_residual(seed, dtype):
+    rng = random.Random(seed)
+    channels_first = seed % 2 == 0
+    if channels_first:
+        B, C, H, W = _map_shape(rng, max_c=80)
+        shape = (B, C, H, W)
+    else:
+        C = rng.randint(1, 300)
+        shape = (rng.randint(1, 3), rng.randint(1, 11), C)
+    with_y, with_norm = [(True, True), (False, True), (True, False)][seed % 3]
+    acts = {"x": _rand(*shape, scale=2.0, shift=0.5)}
+    if with_y:
+        acts["y"] = _rand(*shape)
+    params = {"rs": _rand(C) if with_y and seed % 4 != 1 else None, "ls": _rand(C) if with_y else None,
+              "weight": _rand(C) if with_norm else None, "bias": _rand(C) if with_norm and seed % 5 else None}
+    compare(norm_residual, norm_residual_ref, acts, params, dtype, dict(eps=1e-6, channels_first=channels_first))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_star_relu(seed, dtype):
+    rng = random.Random(seed)
+    shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(0, 2))) + (rng.randint(1, 300),)
+    compare(star_relu, star_relu_ref, {"x": _rand(*shape)}, {"scale": _rand(1), "bias": _rand(1)}, dtype, {})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_dwconv(seed, dtype):
+    rng = random.Random(seed)
+    K = 7 if seed % 5 == 0 else (5 if seed % 5 == 1 else 3)  # the interpreter pays per tap: few large K
+    B, C, H, W = _map_shape(rng, max_hw=4 if K == 7 else 5, max_c=70)
+    channels_first = seed % 2 == 0
+    act = seed % 3 != 1
+    x = _rand(B, C, H, W) if channels_first else _rand(B, H, W, C)
+    params = {"weight": _rand(C, 1, K, K) / K, "bias": _rand(C) if seed % 2 else None,
+              "act_scale": _rand(1) if act else None, "act_bias": _rand(1) if act else None}
+    compare(dwconv2d, dwconv2d_ref, {"x": x}, params, dtype, dict(channels_first=channels_first))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_gated_dwconv(seed, dtype):
+    rng = random.Random(seed)
+    K = 7 if seed % 5 == 0 else 3
+    B, _, H, W = _map_shape(rng, max_hw=4 if K == 7 else 5)
+    hidden = rng.randint(2, 48)
+    cc = rng.randint(1, hidden)
+    params = {"weight": _rand(cc, 1, K, K) / K, "bias": _rand(cc) if seed % 4 else None}
+    compare(gated_dwconv, gated_dwconv_ref, {"u": _rand(B, H, W, 2 * hidden)}, params, dtype, dict(hidden=hidden))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_group_norm1(seed, dtype):
+    rng = random.Random(seed)
+    B, C, H, W = _map_shape(rng, max_hw=9, max_c=90)
+    params = {"weight": _rand(C), "bias": _rand(C) if seed % 2 else None}
+    compare(group_norm1, group_norm1_ref, {"x": _rand(B, C, H, W, scale=3.0, shift=4.0)}, params, dtype,
+            dict(eps=1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_pool_mixer(seed, dtype):
+    rng = random.Random(seed)
+    B, C, H, W = _map_shape(rng, max_hw=8, max_c=70)
+    params = {"norm_weight": _rand(C), "norm_bias": _rand(C) if seed % 2 else None,
+              "ls": _rand(C) if seed % 3 else None, "rs": _rand(C) if seed % 4 == 0 else None}
+    compare(pool_mixer, pool_mixer_ref, {"x": _rand(B, C, H, W, scale=2.0, shift=1.0)}, params, dtype,
+            dict(eps=1e-5, pool_size=3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_pool_mixer_moments_feed_group_norm(dtype):
+    """The moments the pooling pass returns give the same GroupNorm as recomputing them."""
+    x = _rand(2, 12, 5, 6, scale=2.0, shift=3.0).to(dtype)
+    w, ls = _rand(12), _rand(12)
+    out, moments = pool_mixer(x, w, None, 1e-5, ls, None, backend="triton")
+    n_hint = group_norm1(out, w, None, 1e-6, moments=moments, backend="triton")
+    n_ref = group_norm1_ref(out.double(), w.double(), None, 1e-6)
+    assert rel_err(n_hint, n_ref) < TOL[dtype]
+
+
+def test_backend_torch_is_the_reference():
+    x = _rand(2, 5, 7)
+    w = _rand(7)
+    assert torch.equal(norm_residual(x, weight=w, backend="torch")[1], norm_residual_ref(x, weight=w)[1])
+    with dispatch.use_backend("torch"):
+        s, b = _rand(1), _rand(1)
+        assert torch.equal(star_relu(x, s, b), star_relu_ref(x, s, b))
+
+
+def test_bad_inputs_raise_value_error():
+    x = _rand(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="weight"):
+        dwconv2d(x, _rand(3, 1, 3, 3), backend="torch")
+    with pytest.raises(ValueError, match="act_scale"):
+        dwconv2d(x, _rand(4, 1, 3, 3), act_scale=_rand(1), backend="torch")
+    with pytest.raises(ValueError, match="scale"):
+        star_relu(x, _rand(2), _rand(1), backend="torch")
+    with pytest.raises(ValueError, match="neither"):
+        norm_residual(x, backend="torch")
+    with pytest.raises(ValueError, match="hidden"):
+        gated_dwconv(_rand(1, 3, 3, 10), _rand(2, 1, 3, 3), None, hidden=4, backend="torch")
+    with pytest.raises(ValueError, match="pool_size"):
+        pool_mixer(x, _rand(4), pool_size=2, backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        star_relu(x, _rand(1), _rand(1), backend="cuda")
+
+
+def test_custom_ops_trace_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces through every op and its backward (fake impls, autograd)."""
+    x = _rand(1, 6, 4, 3, shift=1.0).requires_grad_()
+    w = _rand(6).requires_grad_()
+    wk = (_rand(6, 1, 3, 3) / 3).requires_grad_()
+    s, b = _rand(1).requires_grad_(), _rand(1).requires_grad_()
+    u = _rand(1, 3, 4, 2 * 8).requires_grad_()
+    wg = (_rand(5, 1, 3, 3) / 3).requires_grad_()
+
+    def step(x, w, wk, s, b, u, wg):
+        out, mom = pool_mixer(x, w, None, 1e-5, w, None, backend="triton")
+        n = group_norm1(out, w, None, 1e-6, moments=mom, backend="triton")
+        h = dwconv2d(n, wk, None, s, b, backend="triton")
+        h = star_relu(h, s, b, backend="triton")
+        r, n2 = norm_residual(out, h, w, w, w, None, 1e-6, channels_first=True, backend="triton")
+        return (n2 * r).sum() + gated_dwconv(u, wg, None, 8, backend="triton").sum()
+
+    args = (x, w, wk, s, b, u, wg)
+    eager = torch.autograd.grad(step(*args), args)
+    compiled_fn = torch.compile(step, fullgraph=True, backend="aot_eager")
+    traced = torch.autograd.grad(compiled_fn(*args), args)
+    for e, t in zip(eager, traced):
+        assert rel_err(t, e) < 1e-5
+
+
+def _blocks():
+    from torch import nn
+
+    from metazoo.backbones.metaformer import MetaFormerBlock
+    from metazoo.mixers.activations import StarReLU
+    from metazoo.mixers.attention import Attention
+    from metazoo.mixers.gated_cnn import GatedCNNBlock
+    from metazoo.mixers.norms import GroupNorm1, group_norm1_no_bias, layer_norm2d_no_bias, layer_norm_no_bias
+    from metazoo.mixers.pooling import Pooling
+    from metazoo.mixers.sepconv import SepConv
+
+    return {
+        "poolformer_v1": (MetaFormerBlock(12, Pooling, norm_layer=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True,
+                                          layer_scale_init_value=1e-5), (2, 12, 5, 6)),
+        "poolformer_v2": (MetaFormerBlock(12, Pooling, norm_layer=group_norm1_no_bias, mlp_act=StarReLU,
+                                          res_scale_init_value=1.0), (1, 12, 4, 7)),
+        "convformer": (MetaFormerBlock(8, SepConv, norm_layer=layer_norm2d_no_bias, mlp_act=StarReLU,
+                                       res_scale_init_value=1.0), (1, 8, 4, 5)),
+        "caformer_attention": (MetaFormerBlock(32, Attention, norm_layer=layer_norm_no_bias, mlp_act=StarReLU,
+                                               res_scale_init_value=1.0, layout="NLC"), (2, 9, 32)),
+        "mambaout": (GatedCNNBlock(12), (1, 4, 5, 12)),
+    }
+
+
+@pytest.mark.parametrize("family", ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout"])
+def test_block_kernels_on_equals_off(family):
+    """A whole block (the wiring of the kernels into mixers and the fused residual/norm path):
+    output and every parameter gradient with Triton kernels equal the plain PyTorch path."""
+    block, shape = _blocks()[family]
+    with torch.no_grad():
+        for p in block.parameters():  # non-trivial scales/norm affines so every term matters
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = _rand(*shape)
+    res = {}
+    for backend in ("triton", "torch"):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        with dispatch.use_backend(backend):
+            y = block(xi)
+            (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        res[backend] = [y, xi.grad] + [p.grad for p in block.parameters()]
+    names = ["out", "d_x"] + [n for n, _ in block.named_parameters()]
+    zero = 1e-5 * res["torch"][1].norm()
+    for name, k, r in zip(names, res["triton"], res["torch"]):
+        assert k is not None and r is not None, name
+        if r.norm() < zero:  # PoolFormer's norm1 bias cancels in pool(n) - n: zero up to rounding
+            assert k.norm() < zero, name
+            continue
+        assert rel_err(k, r) < 2e-5, f"{family}: {name} differs by {rel_err(k, r):.2e}"
+
+
+@pytest.mark.slow
+def test_model_kernels_on_equals_off():
+    """End to end: CAFormer-S18 (conv and attention stages, every LayerNorm kind, StarReLU, SepConv)."""
+    import timm
+
+    import metazoo  # noqa: F401
+
+    model = timm.create_model("mz_caformer_s18").eval()
+    x = _rand(1, 3, 32, 32)
+    with torch.no_grad():
+        with dispatch.use_backend("triton"):
+            y_k = model(x)
+        with dispatch.use_backend("torch"):
+            y_r = model(x)
+    assert rel_err(y_k, y_r) < 1e-5
