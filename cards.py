@@ -180,6 +180,14 @@ def _rows_affnet(d: dict) -> list[dict]:
             for name, modes in d.get("models", {}).items() for mode, r in modes.items()]
 
 
+def _rows_vim2(d: dict) -> list[dict]:
+    """bench/vim2.py: our eager models only (ViM2-T and two other families for comparison); no anchor exists."""
+    return [_row(r["model"], "ours_eager", "ours", r.get("infer_img_s"), r.get("train_img_s"), r.get("train_peak_gb"),
+                 infer_batch=r.get("infer_batch"), train_batch=r.get("train_batch"))
+            if "error" not in r else _row(r["model"], "ours_eager", "ours", None, None, None, note=[r["error"][:120]])
+            for r in d.get("models", [])]
+
+
 def _rows_generic(d: dict) -> list[dict]:
     """Files written in the bench/models.py layout (``rows`` of model/impl/img/s), e.g. vim2.json."""
     rows = []
@@ -193,7 +201,7 @@ def _rows_generic(d: dict) -> list[dict]:
 
 
 ADAPTERS = {"models.json": _rows_models, "transnext.json": _rows_transnext, "affnet.json": _rows_affnet,
-            "vim2.json": _rows_generic}
+            "vim2.json": _rows_vim2}
 
 
 def _meta(d: dict) -> dict:
@@ -201,10 +209,11 @@ def _meta(d: dict) -> dict:
     runs = m.get("runs") if isinstance(m.get("runs"), list) else [m]
     pick = lambda k: next((r.get(k) for r in runs if isinstance(r, dict) and r.get(k) is not None), None)  # noqa: E731
     args = d.get("args", {}) if isinstance(d.get("args"), dict) else {}
+    first = next((r for r in d.get("models", []) if isinstance(r, dict)), {}) if isinstance(d.get("models"), list) else {}
     return dict(device=pick("device") or d.get("device"), torch=pick("torch") or d.get("torch"),
-                date=pick("date") or d.get("date"), dtype=pick("dtype") or "bf16 autocast",
-                infer_batch=pick("infer_batch") or d.get("infer_batch") or args.get("infer_batch"),
-                train_batch=pick("train_batch") or d.get("train_batch") or args.get("train_batch"),
+                date=pick("date") or d.get("date") or d.get("started"), dtype=pick("dtype") or "bf16 autocast",
+                infer_batch=pick("infer_batch") or d.get("infer_batch") or args.get("infer_batch") or first.get("infer_batch"),
+                train_batch=pick("train_batch") or d.get("train_batch") or args.get("train_batch") or first.get("train_batch"),
                 size=args.get("size"), code_commit=pick("code_commit") or d.get("code_commit"),
                 note=pick("note") or d.get("note"))
 
@@ -265,8 +274,8 @@ def _bench_section(fam: str, names: list[str], bench: dict) -> list[str]:
         return out + [f"Not measured yet: `bench/results/{fname}` is not in the repository.", ""]
     if "error" in entry:
         return out + [f"`bench/results/{fname}` is {entry['error']}.", ""]
-    rows = [r for r in entry["rows"] if r["model"] in names]
-    if not rows:
+    rows = [r for r in entry["rows"] if r["model"] in names or fname != "models.json"]
+    if not any(r["model"] in names for r in rows):
         return out + [f"Not measured yet: `bench/results/{fname}` holds no row for this family's models.", ""]
     m = entry["meta"]
     size = m.get("size") or 224
@@ -284,6 +293,8 @@ def _bench_section(fam: str, names: list[str], bench: dict) -> list[str]:
         note = f" ({'; '.join(r['note'])})" if r.get("note") else ""
         out.append(f"| {r['model']} | {r['label']}{note} | {r['role']} | {_f(r.get('infer_img_s'), 0)} | "
                    f"{_f(r.get('train_img_s'), 0)} | {_f(r.get('train_peak_gib'), 2)} | {ratio} |")
+    if any(r["model"] not in names for r in rows):
+        out += ["", "Rows of other families are the same run's comparison models."]
     unmeasured = [n for n in names if n not in {r["model"] for r in rows}]
     if unmeasured:
         out += ["", "Not measured yet: " + ", ".join(f"`{n}`" for n in unmeasured) + "."]
@@ -327,6 +338,12 @@ def _equivalence_section(fam: str, names: list[str], facts: dict, reg: dict, ben
             mx = lambda k: max(c[k].values()) if isinstance(c.get(k), dict) else None  # noqa: E731
             out.append(f"| {', '.join(map(str, c['shape']))} | {_e(mx('ker16'))} | {_e(mx('ref16'))} | {_e(mx('ker32'))} |")
         out.append("")
+    if fam == "vim2" and raw.get("check"):
+        out += ["Selective-scan kernel vs the sequential reference (float64) at L = 3136, N = 16 on the GPU (`check` in "
+                "`bench/results/vim2.json`; max relative error over the output and all gradients):", "",
+                "| D | groups | operands | max rel. err. |", "|---:|---:|---|---:|"]
+        out += [f"| {c.get('D')} | {c.get('groups')} | {c.get('dtype')} | {_e(c.get('max_rel_err'))} |" for c in raw["check"]]
+        out.append("")
     if fam == "transnext" and raw.get("kernel_rel_err"):
         out += ["Fused aggregated-attention kernel vs its reference (float64) at stage shapes on the GPU (`kernel_rel_err` in "
                 "`bench/results/transnext.json`; max relative error over the output and all gradients):", "",
@@ -350,10 +367,52 @@ def _kernel_section(names: list[str], reg: dict, bench: dict) -> list[str]:
                 "|---|---:|---:|---:|---:|"]
         out += [f"| {', '.join(map(str, f['shape']))} | {_f(f['ref_fp32']['ms'], 2)} | {_f(f['kernel_bf16']['ms'], 2)} | "
                 f"{_f(f['ref_fp32']['peak_mb'], 0)} | {_f(f['kernel_bf16']['peak_mb'], 0)} |" for f in raw["filter"]]
+    raw = bench.get("vim2.json", {}).get("raw") or {}
+    scan = raw.get("scan") if isinstance(raw.get("scan"), dict) else {}
+    if any(reg["models"][n]["family"] == "vim2" for n in names) and scan:
+        out += ["", "The selective scan alone at B = 64, D = 384, L = 3136, N = 16 on the GPU (`scan` in "
+                "`bench/results/vim2.json`; bound = minimal memory traffic over the measured copy bandwidth):", "",
+                "| path | fwd ms | fwd+bwd ms | bound fwd+bwd ms | x bound |", "|---|---:|---:|---:|---:|"]
+        for key in ("best_float32", "best_bfloat16"):
+            if key in scan:
+                r = scan[key]
+                out.append(f"| kernel {r.get('dtype')} (block_d={r.get('block_d')}, chunk={r.get('chunk')}, "
+                           f"warps={r.get('num_warps')}) | {_f(r.get('fwd_ms'), 2)} | {_f(r.get('fwd_bwd_ms'), 2)} | "
+                           f"{_f(r.get('bound_fwd_bwd_ms'), 2)} | {_f(r.get('ratio_to_bound'), 2)} |")
+        ref = scan.get("reference") or {}
+        if "fwd_bwd_ms" in ref:
+            out.append(f"| sequential reference fp32 (batch {ref.get('batch')}) | — | {_f(ref['fwd_bwd_ms'], 1)} | — | — |")
     kb = bench.get(KERNEL_BENCH)
-    out += ["", "Kernel micro-benchmarks: " + (f"`bench/results/{KERNEL_BENCH}`." if kb else
-                                              f"not measured yet (`bench/results/{KERNEL_BENCH}` is not in the repository)."), ""]
-    return out
+    if kb is None:
+        return out + ["", f"Kernel micro-benchmarks: not measured yet (`bench/results/{KERNEL_BENCH}` is not in the repository).", ""]
+    mods = {k.split(".")[0] for n in names for k in reg["models"][n]["kernels"]}
+    rows = [r for r in (kb.get("raw") or {}).get("rows", []) if _kernel_module(r.get("kernel", "")) in mods]
+    if not rows:
+        return out + ["", f"Kernel micro-benchmarks: `bench/results/{KERNEL_BENCH}` has no case for these kernels.", ""]
+    m = kb["meta"]
+    out += ["", f"Kernel micro-benchmarks from `bench/results/{KERNEL_BENCH}` (device {m.get('device') or 'not recorded'}, "
+            f"torch {m.get('torch') or 'not recorded'}; Triton kernel vs its PyTorch reference, bf16, median times; "
+            "error: bf16 kernel vs the reference in fp32):", "",
+            "| case | max rel. err. | fwd ms Triton / torch | fwd+bwd ms Triton / torch | fwd+bwd speed-up | fwd+bwd GB/s |",
+            "|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['kernel']} | {_e(r.get('max_rel_err'))} | {_f(r.get('triton_fwd_ms'), 3)} / {_f(r.get('torch_fwd_ms'), 3)} | "
+            f"{_f(r.get('triton_fwd_bwd_ms'), 3)} / {_f(r.get('torch_fwd_bwd_ms'), 3)} | {_f(r.get('speedup_fwd_bwd'), 2)}x | "
+            f"{_f(r.get('triton_fwd_bwd_gbs'), 0)} |" for r in rows]
+    return out + [""]
+
+
+def _kernel_module(case: str) -> str | None:
+    """Kernel module of a ``bench/kernels.py`` case name (its first word: a module or one of its functions)."""
+    import importlib
+    import pkgutil
+
+    import metazoo.kernels as kernels
+    word = case.split(" ")[0]
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"metazoo.kernels.{info.name}")
+        if word.rstrip("0123456789") == info.name or callable(getattr(mod, word, None)) and info.name != "dispatch":
+            return info.name
+    return None
 
 
 def _dense_configs(names: list[str]) -> list[str]:
@@ -384,7 +443,7 @@ def _choices(facts: dict) -> list[str]:
         if not path.is_file():
             return out + [f"Not written yet: `{facts['choices_file']}` is not in the repository.", ""]
         body = path.read_text().strip().splitlines()
-        body = body[1:] if body and body[0].startswith("# ") else body
+        body = "\n".join(body[1:] if body and body[0].startswith("# ") else body).strip().splitlines()
         return out + [f"From `{facts['choices_file']}`:", ""] + [re.sub(r"^(#+) ", r"#\1 ", ln) for ln in body] + [""]
     return out + [f"- {c}" for c in facts["choices"]] + [""]
 
@@ -440,9 +499,11 @@ def chart_points(reg: dict, bench: dict) -> list[dict]:
         h = headline_top1(load_facts(m["family"]), name, m["input_size"])
         ours, anchor = best(rows, name, "ours"), best(rows, name, "anchor")
         if h and ours:
+            meta = bench[fname]["meta"]
             pts.append(dict(model=name, family=m["family"], top1=h["top1"], ours=ours["infer_img_s"], ours_path=ours["label"],
                             anchor=anchor["infer_img_s"] if anchor else None, anchor_path=anchor["label"] if anchor else None,
-                            source=fname, device=bench[fname]["meta"].get("device")))
+                            source=fname, device=meta.get("device"), size=meta.get("size") or 224,
+                            batch=ours.get("infer_batch") or meta.get("infer_batch")))
     return pts
 
 
@@ -465,13 +526,15 @@ def render_chart(points: list[dict], path: Path) -> None:
         if p["anchor"]:
             ax.scatter(p["anchor"], p["top1"], s=60, facecolor="none", edgecolor=c, linewidth=1.6, marker="s", zorder=3)
             ax.plot([p["anchor"], p["ours"]], [p["top1"]] * 2, color=c, linewidth=0.8, linestyle=":", zorder=2)
-        ax.annotate(p["model"][3:], (p["ours"], p["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        extra = [f"{p['size']} px"] * (p["size"] != 224) + [f"batch {p['batch']}"] * (p["batch"] != 256)
+        label = p["model"][3:] + (f" ({', '.join(extra)})" if extra else "")
+        ax.annotate(label, (p["ours"], p["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if not points:
         ax.text(0.5, 0.5, "no GPU measurements in bench/results/ yet", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.set_xscale("log")
     devices = sorted({p["device"] for p in points if p["device"]})
-    ax.set_xlabel("GPU inference throughput (images/s, log scale; bf16 autocast, batch 256)")
+    ax.set_xlabel("GPU inference throughput (images/s, log scale; bf16 autocast; 224 px, batch 256 unless labelled)")
     ax.set_ylabel("ImageNet-1K top-1 accuracy (%), paper")
     ax.set_title("metazoo: speed vs accuracy" + (f" on {', '.join(devices)}" if devices else ""))
     ax.grid(True, which="both", alpha=0.3)
