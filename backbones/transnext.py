@@ -19,7 +19,7 @@ from timm.models._manipulate import checkpoint
 from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention, relative_position_table
 from metazoo.mixers.convglu import ConvGLU
 
-from ._common import build, check_input_size, load_checkpoint  # noqa: F401  (load_checkpoint: pretrained files)
+from ._common import build, check_in_chans, check_input_size, strip_prefixes
 
 __all__ = ["TransNeXt", "checkpoint_filter_fn", "VARIANTS"]
 
@@ -229,17 +229,13 @@ class TransNeXt(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict, model: TransNeXt):
-    """Official checkpoints already use our names: unwrap ``model``, drop derived tables, match shapes."""
+    """Official checkpoints already use our names: unwrap ``model``, strip wrapper prefixes, drop
+    derived tables (none are persistent in the official files, older exports may hold them)."""
     if "model" in state_dict:
         state_dict = state_dict["model"]
-    drop = ("relative_pos_index", "relative_coords_table", "seq_length_scale", "padding_mask")
-    out = {}
-    for k, v in state_dict.items():
-        if k.split(".")[-1].startswith(drop):
-            continue
-        if k.startswith("head.") and model.num_classes == 0:
-            continue
-        out[k] = v
+    derived = ("relative_pos_index", "relative_coords_table", "seq_length_scale", "padding_mask")
+    out = {strip_prefixes(k): v for k, v in state_dict.items() if not k.split(".")[-1].startswith(derived)}
+    check_in_chans(out, "patch_embed1.proj", model)
     return out
 
 

@@ -11,9 +11,10 @@ For every query token (row-major position ``n`` of an ``H×W`` map) and head, wi
 
 The Triton path gathers the window straight from the ``(B, N, 2C)`` key/value projection (no
 unfold) and keeps the k·k + P logits in registers (online softmax over pooled-key blocks), so
-inference writes only the output. Training stores the log-sum-exp and, in the backward, two
-``B×heads×k²×N`` fp32 maps (window softmax grads and effective window weights) that a second
-kernel gathers into the key/value gradients without atomics.
+inference writes only the output. Training stores the log-sum-exp; the backward runs three kernels: per
+query block (dq, and two ``B×heads×k²×N`` fp32 maps: window softmax grads and effective window
+weights), per pooled-key block (pooled k/v grads) and per key block (gathers the window maps into
+k/v grads, no atomics). Only the batch-summed pool-bias grad uses atomics.
 """
 from __future__ import annotations
 
@@ -115,9 +116,13 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         return x / tl.maximum(nrm, eps)[:, None], nrm
 
     @triton.jit
+    def _unit_rows(x, eps):
+        return x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)[:, None]
+
+    @triton.jit
     def _query_terms(Q, QE, T, q_row, h, offs_n, mask_n, offs_d, mask_d, yy, xx, H, W, P, eps,
                      D: tl.constexpr, R: tl.constexpr):
-        """Loads a query block; returns (q raw, q̂, |q|, scale, q_scaled)."""
+        """Loads a query block; returns (q̂, |q|, scale, q_scaled)."""
         m2 = mask_n[:, None] & mask_d[None, :]
         q = tl.load(Q + q_row[:, None] + h * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         qn, nrm = _normalize_rows(q, eps)
@@ -127,12 +132,13 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         scale = tl.where(mask_n, t * tl.log(tl.maximum(rows * cols + P, 1).to(tl.float32)), 0.0)
         qe = tl.load(QE + h * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         qs = (qn + qe[None, :]) * scale[:, None]
-        return q, qn, nrm, scale, qs
+        return qn, nrm, scale, qs
 
-    @triton.jit
+    # sizes and head counts are not specialised: one compile per head dim and window, any map size
+    @triton.jit(do_not_specialize=["N", "H", "W", "P", "C", "HEADS"])
     def fwd_kernel(Q, KV, KVP, QE, T, LB, PB, TOK, TB, O, LSE,
                    N, H, W, P, C, sq_b, sq_n, skv_b, skv_n, skp_b, skp_n, so_b, so_n, eps,
-                   HEADS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
+                   HEADS, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, STORE_LSE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -146,7 +152,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         mask_d = offs_d < D
         yy = offs_n // W
         xx = offs_n % W
-        _, qn, _, _, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d, mask_d,
+        qn, _, _, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d, mask_d,
                                        yy, xx, H, W, P, eps, D, R)
         m_i = tl.full([BLOCK_N], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -161,7 +167,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
             row = (ny * W + nx) * skv_n
             kj = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
             vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-            kj, _ = _normalize_rows(kj, eps)
+            kj = _unit_rows(kj, eps)
             s = tl.sum(qs * kj, axis=1) + tl.load(LB + h * KK + j).to(tl.float32)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, s)
@@ -180,33 +186,33 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
             mp2 = mask_p[:, None] & mask_d[None, :]
             kp = tl.load(kvp_base + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2, other=0.0).to(tl.float32)
             vp = tl.load(kvp_base + C + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2, other=0.0).to(tl.float32)
-            kp, _ = _normalize_rows(kp, eps)
+            kp = _unit_rows(kp, eps)
             pb = tl.load(PB + h * N * P + offs_n[:, None] * P + offs_p[None, :],
                          mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-            s = tl.dot(qs, tl.trans(kp), input_precision="ieee") + pb
-            s = tl.where(mask_p[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, vp, input_precision="ieee")
-            m_i = m_new
+            sp = tl.dot(qs, tl.trans(kp), input_precision="ieee") + pb
+            sp = tl.where(mask_p[None, :], sp, float("-inf"))
+            mp_new = tl.maximum(m_i, tl.max(sp, axis=1))
+            alpha_p = tl.exp(m_i - mp_new)
+            pp = tl.exp(sp - mp_new[:, None])
+            l_i = l_i * alpha_p + tl.sum(pp, axis=1)
+            acc = acc * alpha_p[:, None] + tl.dot(pp, vp, input_precision="ieee")
+            m_i = mp_new
         out = acc / l_i[:, None] + acc_dyn
         o_ptr = O + b * so_b + offs_n[:, None] * so_n + h * D + offs_d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
         if STORE_LSE:
             tl.store(LSE + pid_bh * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "N", "H", "W", "P", "C", "B_PER_PROG", "HEADS"])
     def bwd_query_kernel(Q, KV, KVP, QE, T, LB, PB, TOK, TB, O, DO, LSE,
-                         DQ, DS, AEFF, DKVP, DPB, PART,
+                         DQ, DS, AEFF, DELTA, DPB, PART,
                          B, N, H, W, P, C, sq_b, sq_n, skv_b, skv_n, skp_b, skp_n, so_b, so_n, sdo_b, sdo_n,
                          eps, B_PER_PROG,
-                         HEADS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
+                         HEADS, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
                          KKP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                          SINGLE_P: tl.constexpr):
-        """Per query block: dq, window softmax grads (DS) and weights (AEFF), pooled k/v grads,
-        pool-bias grads and per-program partial sums of the per-head parameter grads."""
+        """Per query block: dq, window softmax grads (DS) and weights (AEFF), the softmax row term
+        (DELTA), pool-bias grads and per-program partial sums of the per-head parameter grads."""
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -232,7 +238,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         b_lo = pid_b * B_PER_PROG
         b_hi = tl.minimum(b_lo + B_PER_PROG, B)
         for b in range(b_lo, b_hi):
-            _, qn, qnrm, scale, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d,
+            qn, qnrm, scale, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d,
                                                   mask_d, yy, xx, H, W, P, eps, D, R)
             do = tl.load(DO + b * sdo_b + offs_n[:, None] * sdo_n + h * D + offs_d[None, :], mask=m2n,
                          other=0.0).to(tl.float32)
@@ -263,7 +269,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                 row = (ny * W + nx) * skv_n
                 kj = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
                 vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-                kj, _ = _normalize_rows(kj, eps)
+                kj = _unit_rows(kj, eps)
                 s = tl.sum(qs * kj, axis=1) + tl.load(LB + h * KK + j).to(tl.float32)
                 a = tl.where(ok, tl.exp(s - lse), 0.0)
                 dp = tl.sum(do * vj, axis=1)
@@ -279,7 +285,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                 dtb_acc += tl.where(sel, tl.sum(tl.where(mask_n, dp, 0.0), axis=0), 0.0)
                 dtok_acc += tl.where(sel[None, :], tl.sum(qn * dp[:, None], axis=0)[:, None], 0.0)
             kvp_base = KVP + b * skp_b + h * D
-            dkvp_base = DKVP + b * P * 2 * C + h * D
+            tl.store(DELTA + (b * HEADS + h) * N + offs_n, delta, mask=mask_n)
             for p0 in range(0, P, BLOCK_P):
                 offs_p = p0 + offs_p0
                 mask_p = offs_p < P
@@ -287,23 +293,19 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                 kp = tl.load(kvp_base + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2, other=0.0).to(tl.float32)
                 vp = tl.load(kvp_base + C + offs_p[:, None] * skp_n + offs_d[None, :], mask=mp2,
                              other=0.0).to(tl.float32)
-                kp, _ = _normalize_rows(kp, eps)
+                kp = _unit_rows(kp, eps)
                 mnp = mask_n[:, None] & mask_p[None, :]
                 pb = tl.load(PB + h * N * P + offs_n[:, None] * P + offs_p[None, :], mask=mnp, other=0.0).to(tl.float32)
-                s = tl.dot(qs, tl.trans(kp), input_precision="ieee") + pb
-                a = tl.where(mnp, tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(vp), input_precision="ieee")
-                ds = a * (dp - delta[:, None])
-                dqs += tl.dot(ds, kp, input_precision="ieee")
-                dkp = tl.dot(tl.trans(ds), qs, input_precision="ieee")
-                dvp = tl.dot(tl.trans(a), do, input_precision="ieee")
-                ptr = dkvp_base + offs_p[:, None] * (2 * C) + offs_d[None, :]
-                tl.atomic_add(ptr, dkp, mask=mp2)
-                tl.atomic_add(ptr + C, dvp, mask=mp2)
+                sp = tl.dot(qs, tl.trans(kp), input_precision="ieee") + pb
+                ap = tl.where(mnp, tl.exp(sp - lse[:, None]), 0.0)
+                dpp = tl.dot(do, tl.trans(vp), input_precision="ieee")
+                dsp = ap * (dpp - delta[:, None])
+                dqs += tl.dot(dsp, kp, input_precision="ieee")
                 if SINGLE_P:
-                    dpb_acc += ds
+                    dpb_acc += dsp
                 else:
-                    tl.atomic_add(DPB + h * N * P + offs_n[:, None] * P + offs_p[None, :], ds, mask=mnp)
+                    tl.atomic_add(DPB + h * N * P + offs_n[:, None] * P + offs_p[None, :], dsp, mask=mnp,
+                                  sem="relaxed")
             dqs = tl.where(m2n, dqs, 0.0)
             dqe_acc += tl.sum(dqs * scale[:, None], axis=0)
             dt_acc += tl.sum(dqs * (qn + qe[None, :]), axis=1) * (scale / t)
@@ -314,7 +316,8 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                      dq.to(DQ.dtype.element_ty), mask=m2n)
         if SINGLE_P:
             mnp = mask_n[:, None] & (offs_p0 < P)[None, :]
-            tl.atomic_add(DPB + h * N * P + offs_n[:, None] * P + offs_p0[None, :], dpb_acc, mask=mnp)
+            tl.atomic_add(DPB + h * N * P + offs_n[:, None] * P + offs_p0[None, :], dpb_acc, mask=mnp,
+                          sem="relaxed")
         # per-program partials: [dlb (KKP) | dtb (KKP) | dt (1) | dqe (DP) | dtok (DP*KKP)]
         prog = (pid_n * tl.num_programs(2) + pid_b) * HEADS + h
         width: tl.constexpr = 2 * KKP + 1 + DP + DP * KKP
@@ -325,10 +328,53 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         tl.store(base + 2 * KKP + 1 + offs_d, dqe_acc)
         tl.store(base + 2 * KKP + 1 + DP + offs_d[:, None] * KKP + offs_j[None, :], dtok_acc)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "H", "W", "P", "C", "HEADS"])
+    def bwd_pool_kernel(Q, KVP, QE, T, PB, DO, LSE, DELTA, DKVP,
+                        N, H, W, P, C, sq_b, sq_n, skp_b, skp_n, sdo_b, sdo_n, eps,
+                        HEADS, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Per pooled-key block: normalised-key and value grads, summed over every query block."""
+        pid_p = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HEADS
+        h = pid_bh % HEADS
+        R: tl.constexpr = KS // 2
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, DP)
+        mask_p = offs_p < P
+        mask_d = offs_d < D
+        mp2 = mask_p[:, None] & mask_d[None, :]
+        kvp_ptr = KVP + b * skp_b + offs_p[:, None] * skp_n + h * D + offs_d[None, :]
+        kp = tl.load(kvp_ptr, mask=mp2, other=0.0).to(tl.float32)
+        vp = tl.load(kvp_ptr + C, mask=mp2, other=0.0).to(tl.float32)
+        kp = _unit_rows(kp, eps)
+        dkp = tl.zeros([BLOCK_P, DP], tl.float32)
+        dvp = tl.zeros([BLOCK_P, DP], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            _, _, _, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d, mask_d,
+                                          offs_n // W, offs_n % W, H, W, P, eps, D, R)
+            do = tl.load(DO + b * sdo_b + offs_n[:, None] * sdo_n + h * D + offs_d[None, :],
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            lse = tl.load(LSE + pid_bh * N + offs_n, mask=mask_n, other=0.0)
+            delta = tl.load(DELTA + pid_bh * N + offs_n, mask=mask_n, other=0.0)
+            mnp = mask_n[:, None] & mask_p[None, :]
+            pb = tl.load(PB + h * N * P + offs_n[:, None] * P + offs_p[None, :], mask=mnp, other=0.0).to(tl.float32)
+            s = tl.dot(qs, tl.trans(kp), input_precision="ieee") + pb
+            a = tl.where(mnp, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(vp), input_precision="ieee")
+            ds = a * (dp - delta[:, None])
+            dkp += tl.dot(tl.trans(ds), qs, input_precision="ieee")
+            dvp += tl.dot(tl.trans(a), do, input_precision="ieee")
+        out = DKVP + b * P * 2 * C + offs_p[:, None] * (2 * C) + h * D + offs_d[None, :]
+        tl.store(out, dkp, mask=mp2)
+        tl.store(out + C, dvp, mask=mp2)
+
+    @triton.jit(do_not_specialize=["N", "H", "W", "P", "C", "HEADS"])
     def bwd_key_kernel(Q, KV, QE, T, DO, DS, AEFF, DKV,
                        N, H, W, P, C, sq_b, sq_n, skv_b, skv_n, sdo_b, sdo_n, eps,
-                       HEADS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
+                       HEADS, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
                        BLOCK_N: tl.constexpr):
         """Per key block: gathers dk, dv from the queries whose window holds each key."""
         pid_n = tl.program_id(0)
@@ -357,7 +403,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
             n = qy * W + qx
             ds = tl.load(DS + ds_base + j * N + n, mask=ok, other=0.0)
             ae = tl.load(AEFF + ds_base + j * N + n, mask=ok, other=0.0)
-            _, _, _, _, qs = _query_terms(Q, QE, T, b * sq_b + n * sq_n, h, n, ok, offs_d, mask_d,
+            _, _, _, qs = _query_terms(Q, QE, T, b * sq_b + n * sq_n, h, n, ok, offs_d, mask_d,
                                           qy, qx, H, W, P, eps, D, R)
             do = tl.load(DO + b * sdo_b + n[:, None] * sdo_n + h * D + offs_d[None, :],
                          mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
@@ -421,23 +467,28 @@ def _bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, H, W, head
     grad = grad.contiguous()
     BLOCK_N = 32
     n_blocks = _cdiv(N, BLOCK_N)
-    target = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
+    target = 16 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
     b_chunks = max(1, min(B, _cdiv(target, n_blocks * heads)))
     b_per_prog = _cdiv(B, b_chunks)
     b_chunks = _cdiv(B, b_per_prog)
     dq = torch.empty_like(q)
     ds = torch.empty(B, heads, KK, N, device=q.device, dtype=torch.float32)
     aeff = torch.empty_like(ds)
-    dkvp_hat = torch.zeros(B, P, 2 * C, device=q.device, dtype=torch.float32)
+    delta = torch.empty(B * heads, N, device=q.device, dtype=torch.float32)
     dpb = torch.zeros(heads, N, P, device=q.device, dtype=torch.float32)
     width = 2 * KKP + 1 + DP + DP * KKP
     part = torch.empty(n_blocks * b_chunks * heads, width, device=q.device, dtype=torch.float32)
     bwd_query_kernel[(n_blocks, heads, b_chunks)](
-        q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, grad, lse, dq, ds, aeff, dkvp_hat, dpb, part,
+        q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, grad, lse, dq, ds, aeff, delta, dpb, part,
         B, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv_pool.stride(0),
         kv_pool.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), _EPS, b_per_prog,
         HEADS=heads, D=D, DP=DP, KS=window, KKP=KKP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         SINGLE_P=P <= BLOCK_P, num_warps=4)
+    dkvp_hat = torch.empty(B, P, 2 * C, device=q.device, dtype=torch.float32)
+    bwd_pool_kernel[(_cdiv(P, BLOCK_P), B * heads)](
+        q, kv_pool, qe, t, pb, grad, lse, delta, dkvp_hat, N, H, W, P, C, q.stride(0), q.stride(1),
+        kv_pool.stride(0), kv_pool.stride(1), grad.stride(0), grad.stride(1), _EPS,
+        HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=64, BLOCK_P=BLOCK_P, num_warps=4)
     dkv = torch.empty_like(kv)
     bwd_key_kernel[(n_blocks, B * heads)](
         q, kv, qe, t, grad, ds, aeff, dkv, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ConvGLU"]
 
@@ -26,10 +27,13 @@ class ConvGLU(nn.Module):
     """Gated channel mixer with a depthwise 3×3 conv on the gate branch.
 
     ``hidden_dim`` is the MLP width before TransNeXt's 2/3 reduction (``int(2 * hidden_dim / 3)``
-    channels per branch keeps the parameter count of a plain MLP).
+    channels per branch keeps the parameter count of a plain MLP). ``recompute_gate`` keeps only
+    ``fc1``'s output for the backward and recomputes the cheap conv/GELU/product there, instead of
+    storing three more hidden-width tensors (about a third of TransNeXt's training activations).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, drop: float = 0.0):
+    def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, drop: float = 0.0,
+                 recompute_gate: bool = True):
         super().__init__()
         hidden = int(2 * hidden_dim / 3)
         self.fc1 = nn.Linear(dim, hidden * 2)
@@ -37,9 +41,17 @@ class ConvGLU(nn.Module):
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        self.recompute_gate = recompute_gate
+
+    def _gated(self, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        gate, value = hidden.chunk(2, dim=-1)
+        return self.act(self.dwconv(gate, height, width)) * value
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """x: (B, N, C) tokens of a row-major ``height×width`` map -> (B, N, C)."""
-        gate, value = self.fc1(x).chunk(2, dim=-1)
-        x = self.drop(self.act(self.dwconv(gate, height, width)) * value)
-        return self.drop(self.fc2(x))
+        hidden = self.fc1(x)
+        if self.recompute_gate and torch.is_grad_enabled() and hidden.requires_grad:
+            y = checkpoint(self._gated, hidden, height, width, use_reentrant=False)
+        else:
+            y = self._gated(hidden, height, width)
+        return self.drop(self.fc2(self.drop(y)))
