@@ -31,7 +31,7 @@ def test_every_variant_registered():
 @torch.no_grad()
 def test_equal_to_timm(name):
     ours, ref = _pair(name)
-    x = torch.randn(2, 3, 64, 80)
+    x = torch.randn(2, 3, 32, 48)
     assert (ours(x) - ref(x)).abs().max() <= 1e-5
     assert (ours.forward_features(x) - ref.forward_features(x)).abs().max() <= 1e-5
     assert (ours.forward_head(ours.forward_features(x), pre_logits=True)
@@ -131,7 +131,7 @@ def test_pickled_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pth"
     with open(bad, "wb") as fh:
         pickle.dump({"stem.conv.weight": _Evil()}, fh)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises((pickle.UnpicklingError, RuntimeError), match="weights_only|Unsupported global"):
         timm.create_model("mz_poolformerv2_s12", pretrained=True, pretrained_cfg_overlay=dict(file=str(bad)))
     from metazoo.backbones._common import load_checkpoint
     with pytest.raises(pickle.UnpicklingError):
