@@ -216,20 +216,26 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path, cache):
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path, cache):
-    """Same global batch (16 = 2 x 8 vs 1 x 16), no random augmentation: identical losses."""
+    """Same global batch (2 ranks x 8, 1 x 16, 1 x 8 with 2 accumulation steps), no random augmentation:
+    identical per-step losses."""
     common = tiny_overrides(cache, "aug=none", "epochs=2", "optim.lr_base_batch=16")
     single = tmp_path / "single"
     run_ok(train_cmd(single, common + ["data.batch_size=16"]))
+    accum = tmp_path / "accum"
+    run_ok(train_cmd(accum, common + ["data.batch_size=8", "optim.global_batch=16"]))
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "metazoo.train", f"hydra.run.dir={ddp}", *common, "data.batch_size=8"]
     out = run_ok(cmd)
     assert "on 2 x cpu" in out.stdout
-    s, d = metrics(single)["epochs"], metrics(ddp)["epochs"]
+    s, d, a = metrics(single)["epochs"], metrics(ddp)["epochs"], metrics(accum)["epochs"]
     s_steps = [x["loss"] for r in s for x in r["steps"]]
     d_steps = [x["loss"] for r in d for x in r["steps"]]
-    assert len(s_steps) == len(d_steps) == 6
+    a_steps = [x["loss"] for r in a for x in r["steps"]]
+    assert len(s_steps) == len(d_steps) == len(a_steps) == 6
+    assert len(set(np.round(s_steps, 3))) > 1  # the loss moves: the runs really train
     np.testing.assert_allclose(d_steps, s_steps, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a_steps, s_steps, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose([r["val_loss"] for r in d], [r["val_loss"] for r in s], rtol=1e-4)
     assert [r["val_top1"] for r in d] == [r["val_top1"] for r in s]
 

@@ -33,7 +33,8 @@ def dataset_root(data_cfg, dist: DistEnv) -> str:
     root = None
     if dist.is_main:
         root = write_shapes_imagefolder(cache, data_cfg.img_size, data_cfg.shapes_train_per_class,
-                                        data_cfg.shapes_val_per_class, data_cfg.shapes_seed)
+                                        data_cfg.shapes_val_per_class, data_cfg.shapes_seed,
+                                        processes=max(1, data_cfg.workers))
     dist.barrier()
     if root is None:  # other ranks: rank 0 has finished writing; this call only resolves the path
         root = write_shapes_imagefolder(cache, data_cfg.img_size, data_cfg.shapes_train_per_class,

@@ -47,12 +47,17 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
     dev = ctx.dist.device
     steps_per_update = ctx.accum_steps
     n_batches = len(loader) - len(loader) % steps_per_update  # drop a trailing partial accumulation
-    loss_sum, seen, logged = 0.0, 0, []
-    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.dist.device)  # summed on device: no per-step sync
+    update_loss = torch.zeros((), dtype=torch.float64, device=ctx.dist.device)  # over one update's micro-batches
+    seen, update_seen, logged = 0, 0, []
+    t_epoch = time.perf_counter()
+    t0 = None  # throughput clock starts at the first batch: loader start-up is not training speed
     ctx.optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         if i >= n_batches:
             break
+        if t0 is None:
+            t0 = time.perf_counter()
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if ctx.mixup is not None:
             x, y = ctx.mixup(x, y)
@@ -64,8 +69,10 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
                 loss = ctx.loss_fn(model(x), y)
             scaled = loss / steps_per_update
             (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
-        loss_sum += loss.detach().item() * x.shape[0]
+        loss_sum += loss.detach().double() * x.shape[0]
+        update_loss += loss.detach().double() * x.shape[0]
         seen += x.shape[0]
+        update_seen += x.shape[0]
         if not last_micro:
             continue
         if ctx.clip_grad is not None:
@@ -84,18 +91,21 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
         if ctx.scheduler is not None:
             ctx.scheduler.step_update(num_updates=num_updates)
         if num_updates % ctx.log_interval == 0 or i + 1 == n_batches:
-            total, count = ctx.dist.all_reduce_sum([loss.detach().item() * x.shape[0], x.shape[0]])
+            total, count = ctx.dist.all_reduce_sum([update_loss.item(), update_seen])
             lr = ctx.optimizer.param_groups[0]["lr"]
-            rate = seen * ctx.dist.world_size / (time.perf_counter() - t0)
+            rate = seen * ctx.dist.world_size / max(time.perf_counter() - t0, 1e-9)
             logged.append({"step": num_updates, "loss": total / count, "lr": lr})
             if progress is not None:
                 progress.update_step(i + 1, n_batches, total / count, lr, rate)
+        update_loss.zero_()
+        update_seen = 0
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    elapsed = time.perf_counter() - t0
-    total, count = ctx.dist.all_reduce_sum([loss_sum, seen])
+    now = time.perf_counter()
+    total, count = ctx.dist.all_reduce_sum([loss_sum.item(), seen])
+    rate = count / (now - t0) if t0 is not None and now > t0 else 0.0
     stats = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": ctx.optimizer.param_groups[0]["lr"],
-             "train_time_s": elapsed, "img_per_s": count / elapsed if elapsed > 0 else 0.0, "steps": logged}
+             "train_time_s": now - t_epoch, "img_per_s": rate, "steps": logged}
     return stats, num_updates
 
 

@@ -157,14 +157,24 @@ def dataset_dirname(image_size: int, train_per_class: int, val_per_class: int, s
     return f"shapes-v{FORMAT_VERSION}-{image_size}px-{train_per_class}x{val_per_class}-seed{seed}"
 
 
+def _write_class(out: Path, kind: str, split_index: int, class_index: int, count: int, image_size: int,
+                 seed: int) -> None:
+    """Render and save the ``count`` images of one (split, class) folder."""
+    out.mkdir(parents=True)
+    for i in range(count):
+        rng = np.random.default_rng([seed, split_index, class_index, i])
+        Image.fromarray(render_classification_image(rng, image_size, kind)).save(out / f"{kind}_{i:05d}.png")
+
+
 def write_shapes_imagefolder(cache_dir: str | os.PathLike, image_size: int = 64,
                              train_per_class: int = 500, val_per_class: int = 100,
-                             seed: int = 0) -> Path:
+                             seed: int = 0, processes: int = 1) -> Path:
     """Generate (once) the ImageFolder ``<cache_dir>/<dataset_dirname>/{train,val}/<class>/*.png``.
 
     Image ``i`` of split ``s`` and class ``c`` depends only on (seed, s, c, i), so the set is the
-    same on every machine. The folder appears atomically (built in a temp dir, then renamed), so
-    concurrent ranks or a killed run never leave a partial dataset behind.
+    same on every machine, whatever ``processes`` (folders rendered in parallel) is. The folder appears
+    atomically (built in a temp dir, then renamed), so concurrent ranks or a killed run never leave a
+    partial dataset behind.
     """
     for name, value, low in (("image_size", image_size, 8), ("train_per_class", train_per_class, 1),
                              ("val_per_class", val_per_class, 1)):
@@ -178,14 +188,16 @@ def write_shapes_imagefolder(cache_dir: str | os.PathLike, image_size: int = 64,
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
     try:
         counts = {"train": train_per_class, "val": val_per_class}
-        for s_idx, split in enumerate(SPLITS):
-            for c_idx, kind in enumerate(SHAPE_CLASSES):
-                out = tmp / split / kind
-                out.mkdir(parents=True)
-                for i in range(counts[split]):
-                    rng = np.random.default_rng([seed, s_idx, c_idx, i])
-                    Image.fromarray(render_classification_image(rng, image_size, kind)).save(
-                        out / f"{kind}_{i:05d}.png")
+        jobs = [(tmp / split / kind, kind, s_idx, c_idx, counts[split], image_size, seed)
+                for s_idx, split in enumerate(SPLITS) for c_idx, kind in enumerate(SHAPE_CLASSES)]
+        if processes > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
+                list(pool.map(_write_class, *zip(*jobs)))
+        else:
+            for job in jobs:
+                _write_class(*job)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first; its copy is identical
