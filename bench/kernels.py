@@ -3,7 +3,7 @@
 Checks correctness first (bf16 kernel vs the reference run in fp32 on the same inputs, forward and
 backward), then times forward and forward+backward with ``triton.testing.do_bench`` (median) and
 reports the achieved bandwidth of the minimal traffic (each input read once, each output written
-once) against the device's ~3 TB/s. Writes ``kernels.json`` and ``kernels.md`` under ``--out``.
+once) against the device's ~3 TB/s. Both sides run under bf16 autocast, as inside the models. Writes ``kernels.json`` and ``kernels.md`` under ``--out``.
 
     python bench/kernels.py --out $OUT
 """
@@ -134,16 +134,21 @@ def time_case(fn, acts, params, kwargs, backend):
     p = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in params.items()}
     kw = dict(kwargs, backend=backend)
 
+    def autocast():  # as inside the models: bf16 activations, fp32 parameters
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             return fn(**a, **p, **kw)
 
-    outs = _outputs(fn(**a, **p, **kw))
+    with autocast():
+        outs = _outputs(fn(**a, **p, **kw))
     cots = [torch.randn_like(o) for o in outs]
     leaves = list(a.values()) + [v for v in p.values() if v is not None]
 
     def fwd_bwd():
-        o = _outputs(fn(**a, **p, **kw))
+        with autocast():
+            o = _outputs(fn(**a, **p, **kw))
         torch.autograd.backward(o, cots, inputs=leaves)
 
     t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")

@@ -6,7 +6,7 @@ with timm's weights and its logits and gradients are compared with timm's. Write
 Markdown table under ``--out``; ``--combine`` merges JSON files of several runs into one table.
 
     python bench/models.py --impls ours_eager,timm_eager --out $OUT
-    python bench/models.py --profile --out $OUT      # torch.profiler table of timm train steps
+    python bench/models.py --profile timm_eager --out $OUT   # torch.profiler table of train steps
     python bench/models.py --combine a.json b.json --out bench/results
 """
 from __future__ import annotations
@@ -83,29 +83,37 @@ def bench_train(model, batch: int, warmup: int, iters: int) -> tuple[float, floa
     return ips, torch.cuda.max_memory_allocated() / 2 ** 30
 
 
-def check_against_timm(name: str, batch: int = 16) -> dict:
-    """Load timm's weights into ours; relative error of logits and of all parameter gradients (bf16 autocast)."""
+def check_against_timm(name: str, batch: int = 8) -> dict:
+    """Load timm's weights into ours; relative error of logits and parameter gradients, in fp32 (TF32 off:
+    tight) and under bf16 autocast (as benchmarked)."""
     ours, ref = build(name, "ours_eager"), build(name, "timm_eager")
-    missing = ours.load_state_dict(ref.state_dict(), strict=True)
+    load = ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
-    out = {}
-    for tag, m in (("ours", ours), ("timm", ref)):
-        m.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = m(x)
-        F.cross_entropy(logits.float(), y).backward()
-        out[tag] = (logits.float(), {k: p.grad.float() for k, p in m.named_parameters() if p.grad is not None})
 
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    g_ours, g_timm = out["ours"][1], out["timm"][1]
-    grad_errs = {k: rel(g_ours[k], g_timm[k]) for k in g_timm if k in g_ours and g_timm[k].norm() > 0}
-    worst = max(grad_errs, key=grad_errs.get)
-    return dict(logits_rel_err=rel(out["ours"][0], out["timm"][0]), grad_rel_err_median=sorted(grad_errs.values())[
-        len(grad_errs) // 2], grad_rel_err_max=grad_errs[worst], grad_rel_err_max_param=worst,
-        params_without_grad=sorted(set(g_timm) - set(g_ours)), load=str(missing))
+    res = dict(load=str(load))
+    defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for mode in ("fp32", "bf16"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode != "fp32"
+        out = {}
+        for tag, m in (("ours", ours), ("timm", ref)):
+            m.train()
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16"):
+                logits = m(x)
+            F.cross_entropy(logits.float(), y).backward()
+            out[tag] = (logits.float(), {k: p.grad.float() for k, p in m.named_parameters() if p.grad is not None})
+        g_ours, g_timm = out["ours"][1], out["timm"][1]
+        errs = {k: rel(g_ours[k], g_timm[k]) for k in g_timm if k in g_ours and g_timm[k].norm() > 0}
+        worst = max(errs, key=errs.get)
+        res[mode] = dict(logits_rel_err=rel(out["ours"][0], out["timm"][0]),
+                         grad_rel_err_median=sorted(errs.values())[len(errs) // 2], grad_rel_err_max=errs[worst],
+                         grad_rel_err_max_param=worst, params_without_grad=sorted(set(g_timm) - set(g_ours)))
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
+    return res
 
 
 def run_one(name: str, impl: str, args) -> dict:
@@ -123,13 +131,13 @@ def run_one(name: str, impl: str, args) -> dict:
     return row
 
 
-def profile_timm(out_dir: str, names) -> None:
-    """torch.profiler table (top CUDA-time ops) of one bf16 channels_last training step per timm model."""
+def profile(out_dir: str, names, impl: str) -> None:
+    """torch.profiler table (top CUDA-time ops) of one bf16 channels_last training step per model."""
     from torch.profiler import ProfilerActivity, profile
 
-    with open(os.path.join(out_dir, "profile_timm.txt"), "w") as f:
+    with open(os.path.join(out_dir, f"profile_{impl}.txt"), "w") as f:
         for name in names:
-            model = build(name, "timm_eager").train()
+            model = build(name, impl).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             x = torch.randn(128, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
             y = torch.randint(0, 1000, (128,), device="cuda")
@@ -147,7 +155,7 @@ def profile_timm(out_dir: str, names) -> None:
                 step()
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-            f.write(f"### {name}: one training step, batch 128, bf16 autocast, channels_last\n{table}\n\n")
+            f.write(f"### {name} ({impl}): one training step, batch 128, bf16 autocast, channels_last\n{table}\n\n")
             print(f"### {name}\n{table}", flush=True)
             del model, opt
 
@@ -168,10 +176,13 @@ def markdown(rows: list[dict], checks: dict) -> str:
             lines.append(f"| {name} | {impl} | {r['infer_img_s']:.0f} | {r['train_img_s']:.0f} | "
                          f"{r['train_peak_gib']:.2f} | {ri} | {rt} | {rm} |")
     if checks:
-        lines += ["", "| model | logits rel err vs timm | grad rel err median / max (param) |", "|---|---|---|"]
+        lines += ["", "| model | mode | logits rel err vs timm | grad rel err median / max (param) |", "|---|---|---|---|"]
         for name, c in checks.items():
-            lines.append(f"| {name} | {c['logits_rel_err']:.1e} | {c['grad_rel_err_median']:.1e} / "
-                         f"{c['grad_rel_err_max']:.1e} ({c['grad_rel_err_max_param']}) |")
+            for mode in ("fp32", "bf16"):
+                m = c.get(mode)
+                if m:
+                    lines.append(f"| {name} | {mode} | {m['logits_rel_err']:.1e} | {m['grad_rel_err_median']:.1e} / "
+                                 f"{m['grad_rel_err_max']:.1e} ({m['grad_rel_err_max_param']}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +204,7 @@ def main():
     ap.add_argument("--train-batch", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--profile", action="store_true", help="only write the torch.profiler tables of timm")
+    ap.add_argument("--profile", default="", help="only write torch.profiler tables of this impl (timm_eager, ours_eager)")
     ap.add_argument("--check", action="store_true", help="compare ours with timm (same weights) first")
     ap.add_argument("--combine", nargs="*", help="merge these JSON results into one table")
     ap.add_argument("--stem", default="models")
@@ -218,7 +229,7 @@ def main():
         return
     torch.backends.cudnn.benchmark = True
     if args.profile:
-        profile_timm(args.out, names)
+        profile(args.out, names, args.profile)
         return
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, infer_batch=args.infer_batch,
                 train_batch=args.train_batch, iters=args.iters, warmup=args.warmup, dtype="bf16 autocast",

@@ -83,14 +83,16 @@ def _load():
               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         # Partial weight gradient of one tap row ``kh`` over a chunk of image rows:
         # P[chunk, kh*K + kw, c] = sum_{rows, w} g[b,h,w,c] * act(x)[b, h+kh-PAD, w+kw-PAD, c].
+        # All K column shifts are loaded as one (KP, BLOCK_W, BLOCK_C) tile and accumulated
+        # elementwise; the only reduction happens once, at the end.
         kh = tl.program_id(0)
         chunk = tl.program_id(1)
         cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         PAD: tl.constexpr = K // 2
         kws = tl.arange(0, KP)
-        acc = tl.zeros([KP, BLOCK_C], dtype=tl.float32)
-        accb = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc = tl.zeros([KP, BLOCK_W, BLOCK_C], dtype=tl.float32)
+        accb = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
         if ACT_IN:
             s = tl.load(AS).to(tl.float32)
             sb = tl.load(AB).to(tl.float32)
@@ -104,24 +106,21 @@ def _load():
             for w0 in range(0, W, BLOCK_W):
                 ws = w0 + tl.arange(0, BLOCK_W)
                 gm = (ws < W)[:, None] & cmask[None, :]
-                g = tl.load(G + r * W * C + ws[:, None] * C + cs[None, :], mask=gm,
-                            other=0.0).to(tl.float32)
+                g = tl.load(G + r * W * C + ws[:, None] * C + cs[None, :], mask=gm, other=0.0).to(tl.float32)
                 if HAS_BIAS:
-                    accb += tl.sum(g, axis=0)
-                for kw in tl.static_range(K):
-                    ww = ws + kw - PAD
-                    m = (hval & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
-                    v = tl.load(X + b * sxb + hh * sxh + ww[:, None] * sxw + cs[None, :],
-                                mask=m, other=0.0).to(tl.float32)
-                    if ACT_IN:
-                        rr = tl.maximum(v, 0.0)
-                        v = tl.where(m, s * rr * rr + sb, 0.0)
-                    contrib = tl.sum(g * v, axis=0)
-                    acc += tl.where(kws[:, None] == kw, contrib[None, :], 0.0)
+                    accb += g
+                ww = ws[None, :, None] + kws[:, None, None] - PAD
+                m = hval & (ww >= 0) & (ww < W) & (kws < K)[:, None, None] & cmask[None, None, :]
+                v = tl.load(X + b * sxb + hh * sxh + ww * sxw + cs[None, None, :], mask=m, other=0.0).to(tl.float32)
+                if ACT_IN:
+                    rr = tl.maximum(v, 0.0)
+                    v = tl.where(m, s * rr * rr + sb, 0.0)
+                acc += g[None, :, :] * v
         pm = (kws < K)[:, None] & cmask[None, :]
-        tl.store(P + (chunk.to(tl.int64) * K * K + kh * K + kws[:, None]) * C + cs[None, :], acc, mask=pm)
+        tl.store(P + (chunk.to(tl.int64) * K * K + kh * K + kws[:, None]) * C + cs[None, :], tl.sum(acc, axis=1),
+                 mask=pm)
         if HAS_BIAS:
-            tl.store(PBIAS + chunk.to(tl.int64) * C + cs, accb, mask=cmask & (kh == 0))
+            tl.store(PBIAS + chunk.to(tl.int64) * C + cs, tl.sum(accb, axis=0), mask=cmask & (kh == 0))
 
     _kernels = (conv, wgrad)
     return _kernels
@@ -173,7 +172,7 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
         dx.stride(2), x.stride(0), x.stride(1), x.stride(2),
         K=K, FLIP=True, HAS_BIAS=False, ACT_IN=False, ACT_GRAD=act, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
     rows = B * H
-    rows_per_chunk = max(4, cdiv(rows, 512))
+    rows_per_chunk = max(1, cdiv(rows, 256))
     n_chunks = cdiv(rows, rows_per_chunk)
     bcw = min(32, next_pow2(C))
     pw = torch.empty((n_chunks, K * K, C), dtype=torch.float32, device=x.device)
@@ -181,8 +180,8 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
     wgrad[(K, n_chunks, cdiv(C, bcw))](
         g, x, act_scale if act else g, act_bias if act else g, pw, pbias if has_bias else pw,
         B, H, W, C, rows_per_chunk, x.stride(0), x.stride(1), x.stride(2),
-        K=K, KP=next_pow2(K), HAS_BIAS=has_bias, ACT_IN=act, BLOCK_W=min(32, next_pow2(W)), BLOCK_C=bcw,
-        num_warps=4)
+        K=K, KP=next_pow2(K), HAS_BIAS=has_bias, ACT_IN=act, BLOCK_W=min(16, next_pow2(W)), BLOCK_C=bcw,
+        num_warps=8)
     dweight = pw.sum(0).t().reshape(weight.shape)
     dbias = pbias.sum(0) if has_bias else None
     return dweight, dbias, (ps.sum().reshape(1) if act else None), (pb.sum().reshape(1) if act else None)

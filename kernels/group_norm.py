@@ -40,17 +40,17 @@ def _load():
         tl.store(P2 + lin, tl.sum(d * d, axis=0))
 
     @triton.jit
-    def apply(X, MEAN, RSTD, W, B, Y, N, C, total, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < total
-        s = offs // N
+    def apply(X, MEAN, RSTD, W, B, Y, N, C, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+        s = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
         c = offs % C
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        y = (x - tl.load(MEAN + s, mask=mask, other=0.0)) * tl.load(RSTD + s, mask=mask, other=0.0)
-        y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+        base = s.to(tl.int64) * N
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - tl.load(MEAN + s)) * tl.load(RSTD + s) * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
         if HAS_B:
             y += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def bwd_reduce(G, X, MEAN, RSTD, W, PS, PC, HW, C, rows_per_prog,
@@ -62,8 +62,8 @@ def _load():
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + b)
         rstd = tl.load(RSTD + b)
-        a_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
-        a_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+        a_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        a_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         r0 = tl.program_id(1) * rows_per_prog
         for r in range(r0, r0 + rows_per_prog, BLOCK_R):
             rows = r + tl.arange(0, BLOCK_R)
@@ -71,8 +71,10 @@ def _load():
             offs = b.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
             g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
             xhat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
-            a_gx += tl.sum(g * xhat, axis=0)
-            a_g += tl.sum(g, axis=0)
+            a_gx += g * xhat
+            a_g += g
+        a_gx = tl.sum(a_gx, axis=0)
+        a_g = tl.sum(a_g, axis=0)
         a_wg = a_g * w
         a_wgx = a_gx * w
         lin = b * tl.num_programs(1) + tl.program_id(1)
@@ -82,16 +84,17 @@ def _load():
         tl.store(PC + lin * 2 * C + C + cols, a_g, mask=cmask)
 
     @triton.jit
-    def bwd_apply(G, X, MEAN, RSTD, W, SA, SB, DX, N, C, total, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < total
-        s = offs // N
+    def bwd_apply(G, X, MEAN, RSTD, W, SA, SB, DX, N, C, BLOCK: tl.constexpr):
+        s = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
         c = offs % C
-        rstd = tl.load(RSTD + s, mask=mask, other=0.0)
-        xhat = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(MEAN + s, mask=mask, other=0.0)) * rstd
-        wg = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-        dx = rstd * (wg - tl.load(SA + s, mask=mask, other=0.0) - xhat * tl.load(SB + s, mask=mask, other=0.0))
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        base = s.to(tl.int64) * N
+        rstd = tl.load(RSTD + s)
+        xhat = (tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(MEAN + s)) * rstd
+        wg = tl.load(G + base + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+        dx = rstd * (wg - tl.load(SA + s) - xhat * tl.load(SB + s))
+        tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
     _kernels = (moments, apply, bwd_reduce, bwd_apply)
     return _kernels
@@ -120,9 +123,9 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean:
     rstd = torch.rsqrt(var + eps)
     y = torch.empty_like(x)
     B, C = x.shape[0], x.shape[-1]
-    apply[(cdiv(x.numel(), _FLAT),)](x, mean, rstd, weight, bias if bias is not None else weight, y,
-                                     x.numel() // B, C, x.numel(), HAS_B=bias is not None, BLOCK=_FLAT,
-                                     num_warps=8)
+    N = x.numel() // B
+    apply[(B, cdiv(N, _FLAT))](x, mean, rstd, weight, bias if bias is not None else weight, y, N, C,
+                               HAS_B=bias is not None, BLOCK=_FLAT, num_warps=8)
     return y, mean.clone(), rstd
 
 
@@ -139,7 +142,7 @@ def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) ->
     N = x.numel() // B
     HW = N // C
     bc = next_pow2(C)
-    br = max(1, 4096 // bc)
+    br = max(1, 2048 // bc)
     chunks = max(1, min(cdiv(HW, br), cdiv(512, B)))
     rows_per_prog = cdiv(cdiv(HW, chunks), br) * br
     chunks = cdiv(HW, rows_per_prog)
@@ -149,8 +152,8 @@ def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) ->
                             num_warps=4)
     sums = ps.sum(1) / N
     dx = torch.empty_like(x)
-    bwd_apply[(cdiv(x.numel(), _FLAT),)](g, x, mean, rstd, weight, sums[:, 0].contiguous(),
-                                         sums[:, 1].contiguous(), dx, N, C, x.numel(), BLOCK=_FLAT, num_warps=8)
+    bwd_apply[(B, cdiv(N, _FLAT))](g, x, mean, rstd, weight, sums[:, 0].contiguous(), sums[:, 1].contiguous(),
+                                   dx, N, C, BLOCK=_FLAT, num_warps=8)
     return dx, pc[:, :, 0].sum((0, 1)), pc[:, :, 1].sum((0, 1))
 
 

@@ -68,10 +68,11 @@ def _load():
             rs = tl.load(RS + cols, mask=cmask, other=0.0).to(tl.float32)
         if HAS_LS:
             ls = tl.load(LS + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_rs = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_ls = tl.zeros([BLOCK_C], dtype=tl.float32)
+        # parameter-gradient partials stay 2-D across the loop and are reduced once at the end
+        acc_w = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        acc_rs = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        acc_ls = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for t in range(pid, n_tiles, tl.num_programs(0)):
             rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
             rmask = rows < M
@@ -90,40 +91,41 @@ def _load():
                 c1 = tl.sum(xhat * wg, axis=1) / C
                 c2 = tl.sum(wg, axis=1) / C
                 g += tl.where(mask, (wg - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
-                acc_w += tl.sum(gn * xhat, axis=0)
+                acc_w += gn * xhat
                 if HAS_B:
-                    acc_b += tl.sum(gn, axis=0)
+                    acc_b += gn
             if HAS_Y:
                 dx = g
                 if HAS_RS:
                     dx = g * rs[None, :]
-                    acc_rs += tl.sum(g * tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), axis=0)
+                    acc_rs += g * tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
                 dy = g
                 y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_LS:
                     dy = g * ls[None, :]
-                    acc_ls += tl.sum(g * y, axis=0)
+                    acc_ls += g * y
                 tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=mask)
             else:
                 tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=mask)
         poffs = pid * C + cols
         if HAS_NORM:
-            tl.store(PW + poffs, acc_w, mask=cmask)
+            tl.store(PW + poffs, tl.sum(acc_w, axis=0), mask=cmask)
             if HAS_B:
-                tl.store(PB + poffs, acc_b, mask=cmask)
+                tl.store(PB + poffs, tl.sum(acc_b, axis=0), mask=cmask)
         if HAS_RS:
-            tl.store(PRS + poffs, acc_rs, mask=cmask)
+            tl.store(PRS + poffs, tl.sum(acc_rs, axis=0), mask=cmask)
         if HAS_LS:
-            tl.store(PLS + poffs, acc_ls, mask=cmask)
+            tl.store(PLS + poffs, tl.sum(acc_ls, axis=0), mask=cmask)
 
     _kernels = (fwd, bwd)
     return _kernels
 
 
-def _blocks(C: int):
+def _blocks(C: int, tile: int = 4096):
+    """Rows per program and padded channel block; the backward uses smaller tiles (2-D accumulators)."""
     block_c = next_pow2(C)
-    block_m = max(1, min(64, 4096 // block_c))
+    block_m = max(1, min(64, tile // block_c))
     return block_m, block_c, (8 if block_c >= 2048 else 4)
 
 
@@ -177,7 +179,7 @@ def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Tensor, y: Option
     _, bwd = _load()
     C = x.shape[-1]
     M = x.numel() // C
-    bm, bc, nw = _blocks(C)
+    bm, bc, nw = _blocks(C, 1024)
     n_tiles = cdiv(M, bm)
     grid = param_grid(n_tiles, x.device)
     has_norm = weight is not None and g_n is not None
