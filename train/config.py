@@ -140,7 +140,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch default)
     deterministic: bool = True
-    eval_only: bool = False
 
 
 def register_configs() -> None:
