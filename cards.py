@@ -183,7 +183,7 @@ def _rows_affnet(d: dict) -> list[dict]:
 def _rows_vim2(d: dict) -> list[dict]:
     """bench/vim2.py: our eager models only (ViM2-T and two other families for comparison); no anchor exists."""
     return [_row(r["model"], "ours_eager", "ours", r.get("infer_img_s"), r.get("train_img_s"), r.get("train_peak_gb"),
-                 infer_batch=r.get("infer_batch"), train_batch=r.get("train_batch"))
+                 infer_batch=r.get("infer_batch"), train_batch=r.get("train_batch"), infer_peak_gib=r.get("infer_peak_gb"))
             if "error" not in r else _row(r["model"], "ours_eager", "ours", None, None, None, note=[r["error"][:120]])
             for r in d.get("models", [])]
 
@@ -279,20 +279,22 @@ def _bench_section(fam: str, names: list[str], bench: dict) -> list[str]:
         return out + [f"Not measured yet: `bench/results/{fname}` holds no row for this family's models.", ""]
     m = entry["meta"]
     size = m.get("size") or 224
+    ipeak = any(r.get("infer_peak_gib") is not None for r in rows)
     out += [f"From `bench/results/{fname}`: device {m.get('device') or 'not recorded'}, torch {m.get('torch') or 'not recorded'}, "
             f"date {m.get('date') or 'not recorded in the file'}; {m.get('dtype')}, {size}x{size} input, inference batch "
             f"{m.get('infer_batch') or '?'}, training-step batch {m.get('train_batch') or '?'}. Role `ours` = this package "
             f"(eager with Triton kernels, or `torch.compile`); anchors: {ANCHORS.get(fname, 'not described')}."
             + (f" Code measured: commit `{m['code_commit']}`." if m.get("code_commit") else "")
             + (f" Note recorded in the file: {m['note']}." if m.get("note") else ""), "",
-            "| model | path | role | inference img/s | training img/s | training peak memory (GiB) | inference vs best anchor |",
-            "|---|---|---|---:|---:|---:|---:|"]
+            "| model | path | role | inference img/s | training img/s | training peak memory (GiB) | inference vs best anchor |"
+            + (" inference peak memory (GiB) |" if ipeak else ""), "|---|---|---|---:|---:|---:|---:|" + ("---:|" if ipeak else "")]
     for r in rows:
         a = best(entry["rows"], r["model"], "anchor")
         ratio = f"{r['infer_img_s'] / a['infer_img_s']:.2f}x" if a and r.get("infer_img_s") else "—"
         note = f" ({'; '.join(r['note'])})" if r.get("note") else ""
         out.append(f"| {r['model']} | {r['label']}{note} | {r['role']} | {_f(r.get('infer_img_s'), 0)} | "
-                   f"{_f(r.get('train_img_s'), 0)} | {_f(r.get('train_peak_gib'), 2)} | {ratio} |")
+                   f"{_f(r.get('train_img_s'), 0)} | {_f(r.get('train_peak_gib'), 2)} | {ratio} |"
+                   + (f" {_f(r.get('infer_peak_gib'), 2)} |" if ipeak else ""))
     if any(r["model"] not in names for r in rows):
         out += ["", "Rows of other families are the same run's comparison models."]
     unmeasured = [n for n in names if n not in {r["model"] for r in rows}]
