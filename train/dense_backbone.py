@@ -32,27 +32,35 @@ def _out_norm(kind: str | None, channels: int) -> nn.Module:
     return timm.layers.LayerNorm2d(channels)
 
 
-def _resolve(body: nn.Module, name: str) -> str:
-    """Name inside a timm features net of the original module ``name`` (flattened or wrapped)."""
+def _resolve(body: nn.Module, name: str) -> str | None:
+    """Name inside a timm features net of the original module ``name`` (flattened or wrapped);
+    None when timm dropped it (stages after the last requested output)."""
     for cand in (name, name.replace(".", "_", 1), f"model.{name}"):
         try:
             body.get_submodule(cand)
             return cand
         except AttributeError:
             continue
-    raise ValueError(f"feature module {name!r} not found in the features net of this model")
+    return None
+
+
+def pyramid_indices(info: Sequence[Mapping]) -> tuple[int, ...]:
+    """Default ``out_indices``: the stages of stride 4, 8, 16 and 32 (else the last four)."""
+    idx = tuple(i for i, d in enumerate(info) if d["reduction"] in (4, 8, 16, 32))
+    return idx if len(idx) == 4 else tuple(range(max(len(info) - 4, 0), len(info)))
 
 
 class MetazooBackbone(nn.Module):
     """Multi-scale NCHW features of a timm model for detection / segmentation heads.
 
+    ``out_indices`` (default: the stride 4/8/16/32 stages) picks the stages whose outputs go out.
     ``frozen_stages``: -1 freezes nothing, 0 the stem, k the stem and stages 1..k (no grad, eval
     mode). ``norm_eval`` keeps every BatchNorm in eval mode. ``init_cfg=dict(type='Pretrained',
     checkpoint=...)`` takes a file (a classification checkpoint, or a detector / adapter one with
     ``backbone.`` / ``module.`` prefixes) or a timm pretrained tag of ``model_name``.
     """
 
-    def __init__(self, model_name: str, out_indices: Sequence[int] = (0, 1, 2, 3),
+    def __init__(self, model_name: str, out_indices: Sequence[int] | None = None,
                  frozen_stages: int = -1, norm_eval: bool = False, drop_path_rate: float = 0.0,
                  out_norm: str | None = None, model_kwargs: Mapping | None = None,
                  init_cfg: Mapping | None = None):
@@ -69,7 +77,10 @@ class MetazooBackbone(nn.Module):
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs or {})
         self.drop_path_rate = drop_path_rate
-        num_stages = len(self._features(model_name, None, device="meta").feature_info.info)
+        info = self._features(model_name, None, device="meta").feature_info.info
+        num_stages = len(info)
+        if out_indices is None:
+            out_indices = pyramid_indices(info)
         self.out_indices = tuple(i % num_stages for i in validate_out_indices(out_indices, num_stages))
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(f"frozen_stages={frozen_stages!r} is out of range; accepted: integers in "
@@ -101,7 +112,8 @@ class MetazooBackbone(nn.Module):
         prefixes = [_resolve(self.body, d["module"]) for d in self.body.feature_info.info]
         groups, next_stage = {}, 0
         for name, _ in self.body.named_modules():
-            inside = next((k for k, p in enumerate(prefixes) if name == p or name.startswith(p + ".")), None)
+            inside = next((k for k, p in enumerate(prefixes)
+                           if p is not None and (name == p or name.startswith(p + "."))), None)
             if inside is not None:
                 next_stage = max(next_stage, inside + 1)
                 groups[name] = inside + 1
@@ -218,12 +230,19 @@ def _layer_decay_constructor():
 
 
 def register() -> list[str]:
-    """Register the adapter and the layer-decay constructor with mmdet's and mmseg's registries.
+    """Register the adapter with mmdet's and mmseg's model registries, the layer-decay optimizer
+    constructor with mmengine's (which both scopes search).
 
     Returns the scopes registered; packages that are not installed are skipped, so this is safe
     to call from ``import metazoo`` on a classification-only install.
     """
     done = []
+    try:  # the constructor is scope-free: mmdet's and mmseg's registries find it in mmengine's
+        from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+    except ImportError:
+        return done
+    OPTIM_WRAPPER_CONSTRUCTORS.register_module(name=CONSTRUCTOR_NAME, module=_layer_decay_constructor(),
+                                               force=True)
     for scope in ("mmdet", "mmseg"):
         try:
             registry = importlib.import_module(f"{scope}.registry")
@@ -234,7 +253,5 @@ def register() -> list[str]:
                           f"the {ADAPTER_NAME} backbone is not registered there")
             continue
         registry.MODELS.register_module(name=ADAPTER_NAME, module=MetazooBackbone, force=True)
-        registry.OPTIM_WRAPPER_CONSTRUCTORS.register_module(
-            name=CONSTRUCTOR_NAME, module=_layer_decay_constructor(), force=True)
         done.append(scope)
     return done
