@@ -24,8 +24,7 @@ import torch.nn.functional as F
 import metazoo  # noqa: F401  (registers the models)
 from metazoo.kernels import selective_scan as ss
 
-CONFIGS = [("seq", 16, 16, 1), ("seq", 8, 16, 1), ("seq", 16, 16, 2), ("seq", 32, 16, 4), ("seq", 16, 32, 1),
-           ("chunk", 4, 16, 4)]  # (impl, block_d, chunk, num_warps)
+CONFIGS = [(4, 16, 4), (4, 32, 4), (2, 32, 4), (4, 64, 4)]  # (block_d, chunk, num_warps)
 MODELS = ["mz_vim2_t", "mz_mambaout_tiny", "mz_caformer_s18"]
 
 
@@ -113,11 +112,11 @@ def bench_scan(device, bw: float) -> dict:
             torch.autograd.grad(y, xs, gy)
 
         # the whole sweep in fp32; bf16 operands with the fp32 winner only (compiles cost device time)
-        configs = CONFIGS if dtype == torch.float32 else [(ss._GPU_CFG["impl"], ss._GPU_CFG["block_d"],
-                                                           ss._GPU_CFG["chunk"], ss._GPU_CFG["num_warps"])]
+        configs = CONFIGS if dtype == torch.float32 else [(ss._GPU_CFG["block_d"], ss._GPU_CFG["chunk"],
+                                                           ss._GPU_CFG["num_warps"])]
         for cfg in configs:
-            ss._GPU_CFG.update(impl=cfg[0], block_d=cfg[1], chunk=cfg[2], num_warps=cfg[3])
-            row = dict(dtype=str(dtype).split(".")[-1], impl=cfg[0], block_d=cfg[1], chunk=cfg[2], num_warps=cfg[3])
+            ss._GPU_CFG.update(block_d=cfg[0], chunk=cfg[1], num_warps=cfg[2])
+            row = dict(dtype=str(dtype).split(".")[-1], block_d=cfg[0], chunk=cfg[1], num_warps=cfg[2])
             try:
                 row.update(fwd_ms=_time(fwd), fwd_bwd_ms=_time(fwd_bwd))
             except Exception as e:  # a config that fails to compile is reported, not fatal
@@ -133,7 +132,7 @@ def bench_scan(device, bw: float) -> dict:
                                             ratio_to_bound=best["fwd_bwd_ms"] / bound_ms,
                                             bound_fwd_ms=tb["fwd"] / bw * 1e3,
                                             fwd_ratio_to_bound=best["fwd_ms"] / (tb["fwd"] / bw * 1e3))
-        ss._GPU_CFG.update(impl=best["impl"], block_d=best["block_d"], chunk=best["chunk"], num_warps=best["num_warps"])
+        ss._GPU_CFG.update(block_d=best["block_d"], chunk=best["chunk"], num_warps=best["num_warps"])
     # the models run under bf16 autocast: they keep the bf16 winner
     ref = reference_time(device, bsz, dim, seqlen, n)
     out["reference"] = ref
@@ -211,7 +210,7 @@ def table(result: dict) -> str:
         for key in ("best_float32", "best_bfloat16"):
             if key in sc:
                 r = sc[key]
-                lines.append(f"| kernel {r['dtype']} ({r['impl']}, block_d={r['block_d']}, chunk={r['chunk']}, warps="
+                lines.append(f"| kernel {r['dtype']} (block_d={r['block_d']}, chunk={r['chunk']}, warps="
                              f"{r['num_warps']}) | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
                              f"{r['bound_fwd_bwd_ms']:.2f} | {r['ratio_to_bound']:.2f} |")
         ref = sc.get("reference", {})

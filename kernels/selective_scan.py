@@ -297,161 +297,6 @@ if triton is not None:
             tl.store(dbias_ptr + bi * DT + offs_d, dbias_acc, mask=mask_d)
 
 
-    @triton.jit
-    def _load_step(u_ptrs, dt_ptrs, bias, mask_d, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # u_t and Δ_t (after bias and softplus) of one step, for a block of channels
-        u = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-        raw = tl.load(dt_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw = raw + bias
-        dt = raw
-        if SOFTPLUS:
-            dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
-        return u, raw, tl.where(mask_d, dt, 0.0)
-
-    @triton.jit(do_not_specialize=_RUNTIME_INTS)
-    def fwd_seq_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, st_ptr,
-                       L, DG, G, N, n_chunks,
-                       s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
-                       s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_yb, s_yd, s_yl,
-                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                       SAVE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CHUNK: tl.constexpr, SERIES_BELOW: tl.constexpr):
-        # one step at a time: the (BLOCK_D x N) state stays in registers, each step reads u_t, Δ_t,
-        # B_t, C_t and writes y_t; the state is saved every CHUNK steps for the backward pass
-        pid_bg = tl.program_id(0)
-        bi = (pid_bg // G).to(tl.int64)
-        gi = pid_bg % G
-        offs_dl = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_dl < DG
-        offs_d = gi * DG + offs_dl
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an,
-                    mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        bias = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        Dv = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        u_ptrs = u_ptr + bi * s_ub + offs_d * s_ud
-        dt_ptrs = dt_ptr + bi * s_db + offs_d * s_dd
-        B_ptrs = B_ptr + bi * s_bb + gi * s_bg + offs_n * s_bn
-        C_ptrs = C_ptr + bi * s_cb + gi * s_cg + offs_n * s_cn
-        y_ptrs = y_ptr + bi * s_yb + offs_d * s_yd
-        st_ptrs = st_ptr + ((bi * G * DG + offs_d)[:, None] * n_chunks) * BLOCK_N + offs_n[None, :]
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-        for c in range(0, n_chunks):
-            if SAVE_STATES:
-                tl.store(st_ptrs + c * BLOCK_N, h, mask=mask_d[:, None])
-            for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
-                u, _, dt = _load_step(u_ptrs + t * s_ul, dt_ptrs + t * s_dl, bias, mask_d, HAS_BIAS, SOFTPLUS)
-                Bt = tl.load(B_ptrs + t * s_bl, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptrs + t * s_cl, mask=mask_n, other=0.0).to(tl.float32)
-                x = dt[:, None] * A
-                a = tl.exp(x)
-                phi, _ = _phi_psi(x, a, SERIES_BELOW)
-                h = a * h + (dt * u)[:, None] * phi * Bt[None, :]
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
-                tl.store(y_ptrs + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=mask_d)
-
-    @triton.jit(do_not_specialize=_RUNTIME_INTS)
-    def bwd_seq_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, st_ptr, hbuf_ptr,
-                       du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-                       L, DG, G, N, n_chunks,
-                       s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_ad, s_an,
-                       s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_yb, s_yd, s_yl,
-                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-                       SERIES_BELOW: tl.constexpr):
-        # chunks from the end: replay the chunk forward from its saved start state into this
-        # program's CHUNK-step buffer (stays in L2), then walk it backwards carrying the adjoint
-        # g_t = C_t dy_t + a_{t+1} g_{t+1}. Output layouts as in bwd_kernel.
-        pid_bg = tl.program_id(0)
-        bi = (pid_bg // G).to(tl.int64)
-        gi = pid_bg % G
-        DT = G * DG
-        offs_dl = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_dl < DG
-        offs_d = gi * DG + offs_dl
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0).to(tl.float32)
-        bias = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        Dv = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        u_ptrs = u_ptr + bi * s_ub + offs_d * s_ud
-        dt_ptrs = dt_ptr + bi * s_db + offs_d * s_dd
-        B_ptrs = B_ptr + bi * s_bb + gi * s_bg + offs_n * s_bn
-        C_ptrs = C_ptr + bi * s_cb + gi * s_cg + offs_n * s_cn
-        dy_ptrs = dy_ptr + bi * s_yb + offs_d * s_yd
-        st_ptrs = st_ptr + ((bi * DT + offs_d)[:, None] * n_chunks) * BLOCK_N + offs_n[None, :]
-        pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64)
-        hb_ptrs = hbuf_ptr + pid * (CHUNK * BLOCK_D * BLOCK_N) + (tl.arange(0, BLOCK_D)[:, None] * BLOCK_N
-                                                                   + offs_n[None, :])
-        dl_ptrs = (bi * DT + offs_d) * L
-        dBC_ptrs = (bi * G + gi) * N * L + offs_n * L
-        g = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-        a_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-        dD_acc = tl.zeros((BLOCK_D,), tl.float32)
-        dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-        for cc in range(0, n_chunks):
-            c = n_chunks - 1 - cc
-            t0 = c * CHUNK
-            steps = tl.minimum(CHUNK, L - t0)
-            h = tl.load(st_ptrs + c * BLOCK_N, mask=mask_d[:, None], other=0.0)
-            for i in range(0, steps):
-                t = t0 + i
-                u, _, dt = _load_step(u_ptrs + t * s_ul, dt_ptrs + t * s_dl, bias, mask_d, HAS_BIAS, SOFTPLUS)
-                Bt = tl.load(B_ptrs + t * s_bl, mask=mask_n, other=0.0).to(tl.float32)
-                x = dt[:, None] * A
-                a = tl.exp(x)
-                phi, _ = _phi_psi(x, a, SERIES_BELOW)
-                h = a * h + (dt * u)[:, None] * phi * Bt[None, :]
-                tl.store(hb_ptrs + i * (BLOCK_D * BLOCK_N), h)
-            for j in range(0, steps):
-                i = steps - 1 - j
-                t = t0 + i
-                u, raw, dt = _load_step(u_ptrs + t * s_ul, dt_ptrs + t * s_dl, bias, mask_d, HAS_BIAS, SOFTPLUS)
-                Bt = tl.load(B_ptrs + t * s_bl, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_ptrs + t * s_cl, mask=mask_n, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptrs + t * s_yl, mask=mask_d, other=0.0).to(tl.float32)
-                h = tl.load(hb_ptrs + i * (BLOCK_D * BLOCK_N))
-                x = dt[:, None] * A
-                a = tl.exp(x)
-                phi, psi = _phi_psi(x, a, SERIES_BELOW)
-                Bu = Bt[None, :] * u[:, None]
-                b = dt[:, None] * phi * Bu
-                g = Ct[None, :] * dy[:, None] + a_next * g
-                a_next = a
-                tl.atomic_add(dC_ptr + dBC_ptrs + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n)
-                gphi = g * phi
-                gdphi = gphi * dt[:, None]
-                du = tl.sum(gdphi * Bt[None, :], axis=1) + Dv * dy
-                tl.store(du_ptr + dl_ptrs + t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
-                tl.atomic_add(dB_ptr + dBC_ptrs + t, tl.sum(gdphi * u[:, None], axis=0), mask=mask_n)
-                dx = g * ((h - b) + dt[:, None] * psi * Bu)  # a h_{t-1} = h_t - b_t
-                dA_acc += dx * dt[:, None]
-                ddt = tl.sum(dx * A + gphi * Bu, axis=1)
-                if SOFTPLUS:
-                    ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
-                ddt = tl.where(mask_d, ddt, 0.0)
-                dbias_acc += ddt
-                dD_acc += dy * u
-                tl.store(ddt_ptr + dl_ptrs + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
-        tl.store(dA_ptr + (bi * DT + offs_d)[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
-        if HAS_D:
-            tl.store(dD_ptr + bi * DT + offs_d, dD_acc, mask=mask_d)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + bi * DT + offs_d, dbias_acc, mask=mask_d)
-
-
 def _launch_cfg(dim_per_group: int, n: int):
     """(BLOCK_D, BLOCK_N, CHUNK, num_warps): small tiles in the interpreter, GPU-sized otherwise."""
     block_n = max(2, 1 << (n - 1).bit_length())
@@ -462,7 +307,7 @@ def _launch_cfg(dim_per_group: int, n: int):
 
 
 # Chosen from the sweep in bench/vim2.py (H100, L=3136, D=384, N=16); override for experiments.
-_GPU_CFG = {"impl": "seq", "block_d": 16, "chunk": 16, "num_warps": 1}
+_GPU_CFG = {"block_d": 4, "chunk": 16, "num_warps": 4}
 
 
 def _bc_strides(t: torch.Tensor):
@@ -480,8 +325,7 @@ def _scan_fwd(u, delta, A, B4, C4, D, delta_bias, delta_softplus: bool, save_sta
                          dtype=torch.float32)
     dummy = A
     grid = (bsz * groups, -(-dg // block_d))
-    kernel = fwd_seq_kernel if _GPU_CFG["impl"] == "seq" else fwd_kernel
-    kernel[grid](
+    fwd_kernel[grid](
         u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
         y, states, seqlen, dg, groups, n, n_chunks,
         *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *y.stride(),
@@ -507,23 +351,13 @@ def _scan_bwd(dy, u, delta, A, B4, C4, D, delta_bias, states, delta_softplus: bo
     dbias = torch.empty((bsz, dim), device=dev, dtype=torch.float32) if delta_bias is not None else None
     dummy = A
     grid = (bsz * groups, -(-dg // block_d))
-    if _GPU_CFG["impl"] == "seq":
-        hbuf = torch.empty((grid[0] * grid[1], chunk, block_d, block_n), device=dev, dtype=torch.float32)
-        bwd_seq_kernel[grid](
-            u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
-            dy, states, hbuf, du, ddelta, dA, dB, dC, dD if dD is not None else dA, dbias if dbias is not None else dA,
-            seqlen, dg, groups, n, n_chunks,
-            *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *dy.stride(),
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SERIES_BELOW=_SERIES_BELOW, num_warps=warps)
-    else:
-        bwd_kernel[grid](
-            u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
-            dy, states, du, ddelta, dA, dB, dC, dD if dD is not None else dA, dbias if dbias is not None else dA,
-            seqlen, dg, groups, n, n_chunks,
-            *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *dy.stride(),
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SERIES_BELOW=_SERIES_BELOW, num_warps=warps)
+    bwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
+        dy, states, du, ddelta, dA, dB, dC, dD if dD is not None else dA, dbias if dbias is not None else dA,
+        seqlen, dg, groups, n, n_chunks,
+        *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *dy.stride(),
+        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SERIES_BELOW=_SERIES_BELOW, num_warps=warps)
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B4.dtype), dC.to(C4.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)

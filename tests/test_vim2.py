@@ -13,15 +13,6 @@ from metazoo.mixers.mambamixer import SelectiveChannelMixer, SelectiveTokenMixer
 TINY = dict(dims=(8, 8, 16, 16), token_mixers=(2, 1, 1, 1), channel_mixers=(1, 0, 0, 1), d_state=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny ops: one intra-op thread is far faster than two on a shared 2-core runner."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _tiny(**kw):
     return ViM2(**{**TINY, "num_classes": 3, **kw})
 
