@@ -194,8 +194,6 @@ def bench_model(name: str, infer_batch: int, train_batch: int, device) -> dict:
     res.update(train_img_s=train_batch / ms * 1e3, train_peak_gb=torch.cuda.max_memory_allocated() / 2**30,
                infer_batch=infer_batch, train_batch=train_batch)
     print("model", res, flush=True)
-    del model, opt
-    torch.cuda.empty_cache()
     return res
 
 
@@ -265,6 +263,7 @@ def main(argv=None) -> None:
         for name in MODELS:
             try:
                 result["models"].append(bench_model(name, args.infer_batch, args.train_batch, device))
+                torch.cuda.empty_cache()
             except Exception as e:  # one model failing must not lose the others' numbers
                 result["models"].append(dict(model=name, error=repr(e)[:400]))
                 print("model", name, "failed:", repr(e)[:400], flush=True)
