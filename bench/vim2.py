@@ -96,7 +96,7 @@ def traffic_bytes(bsz, dim, seqlen, n, esize) -> dict:
     return dict(fwd=(3 * bdl + 2 * bnl) * esize, bwd=(5 * bdl + 4 * bnl) * esize)
 
 
-def bench_scan(device, bw: float) -> dict:
+def bench_scan(device, bw: float, configs_fp32=CONFIGS) -> dict:
     bsz, dim, seqlen, n = 64, 384, 3136, 16
     out = dict(shape=dict(batch=bsz, D=dim, L=seqlen, N=n), copy_bandwidth_tbps=bw / 1e12, sweep=[])
     for dtype in (torch.float32, torch.bfloat16):
@@ -112,7 +112,7 @@ def bench_scan(device, bw: float) -> dict:
             torch.autograd.grad(y, xs, gy)
 
         # the whole sweep in fp32; bf16 operands with the fp32 winner only (compiles cost device time)
-        configs = CONFIGS if dtype == torch.float32 else [(ss._GPU_CFG["block_d"], ss._GPU_CFG["chunk"],
+        configs = configs_fp32 if dtype == torch.float32 else [(ss._GPU_CFG["block_d"], ss._GPU_CFG["chunk"],
                                                            ss._GPU_CFG["num_warps"])]
         for cfg in configs:
             ss._GPU_CFG.update(block_d=cfg[0], chunk=cfg[1], num_warps=cfg[2])
@@ -231,25 +231,29 @@ def main(argv=None) -> None:
     p.add_argument("--infer-batch", type=int, default=128)
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--skip", default="", help="comma list of parts to skip: check,scan,models")
+    p.add_argument("--configs", default="", help="scan launch configs to sweep, e.g. 4x16x4,4x8x4 "
+                                                 "(block_d x chunk x num_warps); default: CONFIGS")
+    p.add_argument("--name", default="vim2", help="output file stem")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     skip = set(filter(None, args.skip.split(",")))
     os.makedirs(args.out, exist_ok=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=__import__("triton").__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"))
-    path = os.path.join(args.out, "vim2.json")
+    path = os.path.join(args.out, f"{args.name}.json")
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c] or CONFIGS
 
     def save():
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, path)
-        tmp = os.path.join(args.out, "vim2.md.tmp")
+        tmp = os.path.join(args.out, f"{args.name}.md.tmp")
         with open(tmp, "w") as f:
             f.write(table(result) + "\n")
-        os.replace(tmp, os.path.join(args.out, "vim2.md"))
+        os.replace(tmp, os.path.join(args.out, f"{args.name}.md"))
 
-    for part, fn in (("check", lambda: check(device)), ("scan", lambda: bench_scan(device, copy_bandwidth(device)))):
+    for part, fn in (("check", lambda: check(device)), ("scan", lambda: bench_scan(device, copy_bandwidth(device), configs))):
         if part in skip:
             continue
         try:
