@@ -328,14 +328,16 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         tl.store(base + 2 * KKP + 1 + offs_d, dqe_acc)
         tl.store(base + 2 * KKP + 1 + DP + offs_d[:, None] * KKP + offs_j[None, :], dtok_acc)
 
-    @triton.jit(do_not_specialize=["N", "H", "W", "P", "C", "HEADS"])
+    @triton.jit(do_not_specialize=["B", "N", "H", "W", "P", "C", "HEADS", "N_PER_PROG"])
     def bwd_pool_kernel(Q, KVP, QE, T, PB, DO, LSE, DELTA, DKVP,
-                        N, H, W, P, C, sq_b, sq_n, skp_b, skp_n, sdo_b, sdo_n, eps,
+                        B, N, H, W, P, C, sq_b, sq_n, skp_b, skp_n, sdo_b, sdo_n, eps, N_PER_PROG,
                         HEADS, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Per pooled-key block: normalised-key and value grads, summed over every query block."""
+        """Per pooled-key block and query range: partial normalised-key and value grads (the
+        query ranges, a third grid axis for parallelism, are summed afterwards)."""
         pid_p = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
         b = pid_bh // HEADS
         h = pid_bh % HEADS
         R: tl.constexpr = KS // 2
@@ -350,9 +352,11 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         kp = _unit_rows(kp, eps)
         dkp = tl.zeros([BLOCK_P, DP], tl.float32)
         dvp = tl.zeros([BLOCK_P, DP], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        n_lo = pid_s * N_PER_PROG
+        n_hi = tl.minimum(n_lo + N_PER_PROG, N)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
+            mask_n = offs_n < n_hi
             _, _, _, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d, mask_d,
                                           offs_n // W, offs_n % W, H, W, P, eps, D, R)
             do = tl.load(DO + b * sdo_b + offs_n[:, None] * sdo_n + h * D + offs_d[None, :],
@@ -367,7 +371,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
             ds = a * (dp - delta[:, None])
             dkp += tl.dot(tl.trans(ds), qs, input_precision="ieee")
             dvp += tl.dot(tl.trans(a), do, input_precision="ieee")
-        out = DKVP + b * P * 2 * C + offs_p[:, None] * (2 * C) + h * D + offs_d[None, :]
+        out = DKVP + (pid_s * B + b) * P * 2 * C + offs_p[:, None] * (2 * C) + h * D + offs_d[None, :]
         tl.store(out, dkp, mask=mp2)
         tl.store(out + C, dvp, mask=mp2)
 
@@ -484,11 +488,17 @@ def _bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, H, W, head
         kv_pool.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), _EPS, b_per_prog,
         HEADS=heads, D=D, DP=DP, KS=window, KKP=KKP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         SINGLE_P=P <= BLOCK_P, num_warps=4)
-    dkvp_hat = torch.empty(B, P, 2 * C, device=q.device, dtype=torch.float32)
-    bwd_pool_kernel[(_cdiv(P, BLOCK_P), B * heads)](
-        q, kv_pool, qe, t, pb, grad, lse, delta, dkvp_hat, N, H, W, P, C, q.stride(0), q.stride(1),
-        kv_pool.stride(0), kv_pool.stride(1), grad.stride(0), grad.stride(1), _EPS,
+    # split the query axis so the pooled-key grads use the whole GPU (one program per (b, h) idled it)
+    pool_programs = _cdiv(P, BLOCK_P) * B * heads
+    n_splits = max(1, min(_cdiv(N, 64), _cdiv(target, pool_programs)))
+    n_per_prog = _cdiv(_cdiv(N, n_splits), 64) * 64
+    n_splits = _cdiv(N, n_per_prog)
+    dkvp_parts = torch.empty(n_splits, B, P, 2 * C, device=q.device, dtype=torch.float32)
+    bwd_pool_kernel[(_cdiv(P, BLOCK_P), B * heads, n_splits)](
+        q, kv_pool, qe, t, pb, grad, lse, delta, dkvp_parts, B, N, H, W, P, C, q.stride(0), q.stride(1),
+        kv_pool.stride(0), kv_pool.stride(1), grad.stride(0), grad.stride(1), _EPS, n_per_prog,
         HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=64, BLOCK_P=BLOCK_P, num_warps=4)
+    dkvp_hat = dkvp_parts.sum(0) if n_splits > 1 else dkvp_parts[0]
     dkv = torch.empty_like(kv)
     bwd_key_kernel[(n_blocks, B * heads)](
         q, kv, qe, t, grad, ds, aeff, dkv, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint
+
 from metazoo.kernels.aggregated_attention import aggregated_attention
 
 __all__ = ["AggregatedAttention", "LengthScaledAttention", "relative_position_table", "pool_size"]
@@ -90,10 +92,13 @@ class AggregatedAttention(_ScaledCosineMixin):
 
     ``pretrain_hw`` is the feature size of this stage at pre-training resolution (it scales the
     position-bias coordinates); ``sr_ratio`` sets the pooled grid (``H//sr × W//sr``).
+    ``recompute_pool`` recomputes the pooled branch (1×1 conv, GELU, pool) in the backward instead
+    of storing two full-resolution maps for it.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, pretrain_hw, window_size: int = 3,
-                 qkv_bias: bool = True, proj_drop: float = 0.0, backend: str | None = None):
+                 qkv_bias: bool = True, proj_drop: float = 0.0, backend: str | None = None,
+                 recompute_pool: bool = True):
         super().__init__()
         if window_size < 1 or window_size % 2 == 0:
             raise ValueError(f"window_size must be a positive odd integer; got {window_size}")
@@ -101,6 +106,7 @@ class AggregatedAttention(_ScaledCosineMixin):
             raise ValueError(f"sr_ratio must be >= 1; got {sr_ratio}")
         self._init_shared(dim, num_heads, pretrain_hw)
         self.sr_ratio, self.window_size, self.backend = sr_ratio, window_size, backend
+        self.recompute_pool = recompute_pool
         local_len = window_size * window_size
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
@@ -132,7 +138,11 @@ class AggregatedAttention(_ScaledCosineMixin):
 
         ``rel_pos``: precomputed :func:`relative_position_table` for this map (shared by a stage).
         """
-        kv_pool = self.kv(self.pooled_tokens(x, height, width))
+        if self.recompute_pool and torch.is_grad_enabled() and x.requires_grad:
+            pooled = checkpoint(self.pooled_tokens, x, height, width, use_reentrant=False)
+        else:
+            pooled = self.pooled_tokens(x, height, width)
+        kv_pool = self.kv(pooled)
         pool_bias = self._position_bias((height, width), self.key_grid(height, width), rel_pos, x.device)
         h = self.num_heads
         out = aggregated_attention(

@@ -28,12 +28,14 @@ def _kernel_args(B, H, W, C, heads, P, window, dtype):
 
 
 # B, H, W, C, heads, P, window: odd maps, 1-row maps (window mostly padding), pooled keys over
-# several blocks (P=70 > 64), head dim 24 (padded to 32) and a 5x5 window.
+# several blocks (P=70 > 64), head dim 24 (padded to 32), a 5x5 window, and 72 queries (two query
+# blocks: the pooled-key backward splits them over programs).
 KERNEL_CASES = [
     (2, 5, 7, 48, 2, 6, 3),
     (1, 1, 6, 24, 1, 1, 3),
     (1, 9, 4, 24, 1, 70, 3),
     (2, 6, 5, 32, 2, 3, 5),
+    (1, 9, 8, 16, 1, 5, 3),
 ]
 
 
@@ -275,13 +277,17 @@ def test_features_only_and_input_checks():
         timm.create_model("mz_transnext_micro.nonexistent")
 
 
-def test_convglu_recompute_gives_the_same_gradients():
+@pytest.mark.parametrize("which", ["convglu", "pooled_branch"])
+def test_recompute_gives_the_same_gradients(which):
     from metazoo.mixers.convglu import ConvGLU
-    mod = ConvGLU(8, 24)
+    if which == "convglu":
+        mod, flag = ConvGLU(8, 24), "recompute_gate"
+    else:
+        mod, flag = AggregatedAttention(8, 2, 2, pretrain_hw=(4, 4), backend="torch"), "recompute_pool"
     x = torch.randn(2, 15, 8, requires_grad=True)
     grads = []
     for recompute in (False, True):
-        mod.recompute_gate = recompute
+        setattr(mod, flag, recompute)
         mod.zero_grad()
         x.grad = None
         mod(x, 3, 5).square().sum().backward()
