@@ -121,9 +121,12 @@ def check(name, fn, ref, acts, params, kwargs):
     errs = {}
     for i, (a, b) in enumerate(zip(ok, orr)):
         errs[f"out{i}"] = _rel(a, b)
+    scale = max(b.norm().item() for b in gr if b is not None)
     for i, (a, b) in enumerate(zip(gk, gr)):
-        if a is not None and b is not None and b.norm() > 1e-6 * max(1.0, a.numel() ** 0.5):
-            errs[f"grad{i}"] = _rel(a, b)
+        # a gradient that is zero in exact arithmetic (PoolFormer's norm bias) is rounding noise in the
+        # reference: compare it absolutely, relative to the largest gradient
+        if a is not None and b is not None:
+            errs[f"grad{i}"] = _rel(a, b) if b.norm() > 1e-4 * scale else (a - b).norm().item() / scale
     return errs
 
 

@@ -1,6 +1,8 @@
 """Shared plumbing for the row-wise kernels: NCHW <-> channels-last views and launch sizes."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -20,10 +22,14 @@ def back_to_layout(y: torch.Tensor, channels_first: bool) -> torch.Tensor:
 
 def param_grid(n_tiles: int, device: torch.device) -> int:
     """Programs for kernels that also reduce parameter gradients: a few per SM, never more than tiles."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_tiles, 4 * sms))
-    return max(1, min(n_tiles, 4))
+    return max(1, min(n_tiles, 4 * _sm_count(device.type, device.index)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+    return 1
 
 
 def next_pow2(n: int) -> int:

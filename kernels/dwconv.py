@@ -3,6 +3,9 @@
 Optionally applies StarReLU to the input on the fly (ConvFormer's SepConv: ``dwconv(act(pw1(x)))``),
 so the activated tensor is never written nor kept for backward. The input may be a channel slice
 of a wider NHWC tensor (MambaOut's ``fc1`` output): only its last dim must be unit-stride.
+Forward and input gradient (with the activation's derivative and scalar grads) are Triton; the
+weight/bias gradient, a batch-wide reduction, goes to cuDNN's depthwise kernel on the recomputed
+activation.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ import torch
 from torch import Tensor
 
 from ._layout import cdiv, next_pow2
+from ._autograd import eager_or_op
 from .dispatch import resolve
+from .star_relu import star_relu_apply
 
 _kernels = None
 
@@ -59,7 +64,7 @@ def _load():
                 if ACT_IN:
                     r = tl.maximum(v, 0.0)
                     v = tl.where(m, s * r * r + sb, 0.0)
-                wv = tl.load(Wt + (kh * K + kw) * C + cs, mask=cmask, other=0.0).to(tl.float32)
+                wv = tl.load(Wt + cs * (K * K) + (kh * K + kw), mask=cmask, other=0.0).to(tl.float32)
                 acc += v * wv[None, :]
         if HAS_BIAS:
             acc += tl.load(Bs + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -77,52 +82,7 @@ def _load():
         tl.store(Y + b.to(tl.int64) * syb + h * syh + ws[:, None] * syw + cs[None, :],
                  acc.to(Y.dtype.element_ty), mask=om)
 
-    @triton.jit
-    def wgrad(G, X, AS, AB, P, PBIAS, B, H, W, C, rows_per_chunk, sxb, sxh, sxw,
-              K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_IN: tl.constexpr,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        # Partial weight gradient of one tap row ``kh`` over a chunk of image rows:
-        # P[chunk, kh*K + kw, c] = sum_{rows, w} g[b,h,w,c] * act(x)[b, h+kh-PAD, w+kw-PAD, c].
-        # All K column shifts are loaded as one (KP, BLOCK_W, BLOCK_C) tile and accumulated
-        # elementwise; the only reduction happens once, at the end.
-        kh = tl.program_id(0)
-        chunk = tl.program_id(1)
-        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        PAD: tl.constexpr = K // 2
-        kws = tl.arange(0, KP)
-        acc = tl.zeros([KP, BLOCK_W, BLOCK_C], dtype=tl.float32)
-        accb = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        if ACT_IN:
-            s = tl.load(AS).to(tl.float32)
-            sb = tl.load(AB).to(tl.float32)
-        r0 = chunk * rows_per_chunk
-        r1 = tl.minimum(r0 + rows_per_chunk, B * H)
-        for r in range(r0, r1):
-            b = r // H
-            h = r % H
-            hh = h + kh - PAD
-            hval = (hh >= 0) & (hh < H)
-            for w0 in range(0, W, BLOCK_W):
-                ws = w0 + tl.arange(0, BLOCK_W)
-                gm = (ws < W)[:, None] & cmask[None, :]
-                g = tl.load(G + r * W * C + ws[:, None] * C + cs[None, :], mask=gm, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    accb += g
-                ww = ws[None, :, None] + kws[:, None, None] - PAD
-                m = hval & (ww >= 0) & (ww < W) & (kws < K)[:, None, None] & cmask[None, None, :]
-                v = tl.load(X + b * sxb + hh * sxh + ww * sxw + cs[None, None, :], mask=m, other=0.0).to(tl.float32)
-                if ACT_IN:
-                    rr = tl.maximum(v, 0.0)
-                    v = tl.where(m, s * rr * rr + sb, 0.0)
-                acc += g[None, :, :] * v
-        pm = (kws < K)[:, None] & cmask[None, :]
-        tl.store(P + (chunk.to(tl.int64) * K * K + kh * K + kws[:, None]) * C + cs[None, :], tl.sum(acc, axis=1),
-                 mask=pm)
-        if HAS_BIAS:
-            tl.store(PBIAS + chunk.to(tl.int64) * C + cs, tl.sum(accb, axis=0), mask=cmask & (kh == 0))
-
-    _kernels = (conv, wgrad)
+    _kernels = conv
     return _kernels
 
 
@@ -130,22 +90,17 @@ def _tiles(W: int, C: int):
     return min(16, next_pow2(W)), min(64, next_pow2(C))
 
 
-def _taps_major(weight: Tensor) -> Tensor:
-    """(C, 1, K, K) -> (K*K, C): one tap's weights are contiguous across channels."""
-    return weight.reshape(weight.shape[0], -1).t().contiguous()
-
-
 def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
                  act_bias: Optional[Tensor]) -> Tensor:
     """Launch the forward conv on an NHWC ``x`` (last dim unit-stride); returns a contiguous NHWC map."""
-    conv, _ = _load()
+    conv = _load()
     B, H, W, C = x.shape
     K = weight.shape[-1]
     y = torch.empty((B, H, W, C), dtype=x.dtype, device=x.device)
     bw, bc = _tiles(W, C)
     act = act_scale is not None
     conv[(B * H, cdiv(W, bw), cdiv(C, bc))](
-        x, _taps_major(weight), bias if bias is not None else x, act_scale if act else x,
+        x, weight, bias if bias is not None else x, act_scale if act else x,
         act_bias if act else x, y, x, x, x, H, W, C, x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2), 0, 0, 0,
         K=K, FLIP=False, HAS_BIAS=bias is not None, ACT_IN=act, ACT_GRAD=False,
@@ -156,7 +111,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: O
 def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
                   act_bias: Optional[Tensor], dx: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Write the input gradient into ``dx`` (any NHWC strides); return (dweight, dbias, dact_scale, dact_bias)."""
-    conv, wgrad = _load()
+    conv = _load()
     B, H, W, C = x.shape
     K = weight.shape[-1]
     g = g.contiguous()
@@ -167,30 +122,26 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
     ps = torch.empty(n_prog if act else 0, dtype=torch.float32, device=x.device)
     pb = torch.empty_like(ps)
     conv[grid](
-        g, _taps_major(weight), g, act_scale if act else g, act_bias if act else g, dx, x, ps if act else g,
+        g, weight, g, act_scale if act else g, act_bias if act else g, dx, x, ps if act else g,
         pb if act else g, H, W, C, g.stride(0), g.stride(1), g.stride(2), dx.stride(0), dx.stride(1),
         dx.stride(2), x.stride(0), x.stride(1), x.stride(2),
         K=K, FLIP=True, HAS_BIAS=False, ACT_IN=False, ACT_GRAD=act, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
-    rows = B * H
-    rows_per_chunk = max(1, cdiv(rows, 256))
-    n_chunks = cdiv(rows, rows_per_chunk)
-    bcw = min(32, next_pow2(C))
-    pw = torch.empty((n_chunks, K * K, C), dtype=torch.float32, device=x.device)
-    pbias = torch.empty((n_chunks, C) if has_bias else (0,), dtype=torch.float32, device=x.device)
-    wgrad[(K, n_chunks, cdiv(C, bcw))](
-        g, x, act_scale if act else g, act_bias if act else g, pw, pbias if has_bias else pw,
-        B, H, W, C, rows_per_chunk, x.stride(0), x.stride(1), x.stride(2),
-        K=K, KP=next_pow2(K), HAS_BIAS=has_bias, ACT_IN=act, BLOCK_W=min(16, next_pow2(W)), BLOCK_C=bcw,
-        num_warps=8)
-    dweight = pw.sum(0).t().reshape(weight.shape)
-    dbias = pbias.sum(0) if has_bias else None
-    return dweight, dbias, (ps.sum().reshape(1) if act else None), (pb.sum().reshape(1) if act else None)
+    # Weight (and bias) gradient: a reduction over the whole batch, where cuDNN's depthwise kernel
+    # beats a Triton reduction; it needs the activated input, recomputed here instead of stored.
+    a = star_relu_apply(x, act_scale, act_bias) if act else x
+    _, dweight, dbias = torch.ops.aten.convolution_backward(
+        g.permute(0, 3, 1, 2), a.permute(0, 3, 1, 2), weight.to(x.dtype), [C] if has_bias else None, [1, 1],
+        [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, has_bias])
+    return (dweight.float(), dbias.float() if has_bias else None, (ps.sum().reshape(1) if act else None),
+            (pb.sum().reshape(1) if act else None))
 
 
-@torch.library.custom_op("metazoo::dwconv_fwd", mutates_args=())
-def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
+def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
             act_bias: Optional[Tensor]) -> Tensor:
     return conv_forward(x, weight, bias, act_scale, act_bias)
+
+
+_fwd_op = torch.library.custom_op("metazoo::dwconv_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
@@ -235,6 +186,7 @@ def _backward(ctx, g):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
 
 
 def _check(x: Tensor, weight: Tensor, act_scale, act_bias, channels_first: bool):
@@ -271,5 +223,5 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act_scale
     xr = x.permute(0, 2, 3, 1) if channels_first else x
     if xr.stride(-1) != 1:
         xr = xr.contiguous()
-    y = _fwd_op(xr, weight, bias, act_scale, act_bias)
+    y = _fwd(xr, weight, bias, act_scale, act_bias)
     return y.permute(0, 3, 1, 2) if channels_first else y

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import dwconv
 from ._layout import cdiv, next_pow2
+from ._autograd import eager_or_op
 from .dispatch import resolve
 
 _kernels = None
@@ -75,13 +76,15 @@ def _conv_part(u: Tensor, cc: int) -> Tensor:
     return u[..., u.shape[-1] - cc:]
 
 
-@torch.library.custom_op("metazoo::gated_dwconv_fwd", mutates_args=())
-def _fwd_op(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> Tensor:
+def _fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> Tensor:
     cc = weight.shape[0]
     cv = dwconv.conv_forward(_conv_part(u, cc), weight, bias, None, None)
     h = u.new_empty((*u.shape[:-1], hidden))
     _launch(u, cv, hidden, cc, h, None, None, None)
     return h
+
+
+_fwd_op = torch.library.custom_op("metazoo::gated_dwconv_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
@@ -121,6 +124,7 @@ def _backward(ctx, dh):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
 
 
 def _check(u: Tensor, weight: Tensor, hidden: int):
@@ -150,4 +154,4 @@ def gated_dwconv(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
     _check(u, weight, hidden)
     if resolve(backend, u) == "torch":
         return gated_dwconv_ref(u, weight, bias, hidden)
-    return _fwd_op(u.contiguous(), weight, bias, int(hidden))
+    return _fwd(u.contiguous(), weight, bias, int(hidden))

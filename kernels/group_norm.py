@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
+from ._autograd import eager_or_op
 from .dispatch import resolve
 
 _FLAT = 4096
@@ -114,8 +115,7 @@ def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return pivot + m1, (p2.sum(1) / N - m1 * m1).clamp_min(0.0)
 
 
-@torch.library.custom_op("metazoo::group_norm1_fwd", mutates_args=())
-def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean: Optional[Tensor],
+def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean: Optional[Tensor],
             var: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     apply = _load()[1]
     if mean is None or var is None:
@@ -127,6 +127,9 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean:
     apply[(B, cdiv(N, _FLAT))](x, mean, rstd, weight, bias if bias is not None else weight, y, N, C,
                                HAS_B=bias is not None, BLOCK=_FLAT, num_warps=8)
     return y, mean.clone(), rstd
+
+
+_fwd_op = torch.library.custom_op("metazoo::group_norm1_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
@@ -177,6 +180,7 @@ def _backward(ctx, g, g_mean, g_rstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
 
 
 def group_norm1_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
@@ -193,5 +197,5 @@ def group_norm1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: f
     if resolve(backend, x) == "torch":
         return group_norm1_ref(x, weight, bias, eps)
     mean, var = moments if moments is not None else (None, None)
-    y, _, _ = _fwd_op(channels_last_view(x, True), weight, bias, float(eps), mean, var)
+    y, _, _ = _fwd(channels_last_view(x, True), weight, bias, float(eps), mean, var)
     return back_to_layout(y, True)

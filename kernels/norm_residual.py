@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2, param_grid
+from ._autograd import eager_or_op
 from .dispatch import resolve
 
 _kernels = None
@@ -134,8 +135,7 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like
 
 
-@torch.library.custom_op("metazoo::norm_residual_fwd", mutates_args=())
-def _fwd_op(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
+def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
             weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fwd, _ = _load()
     C = x.shape[-1]
@@ -158,6 +158,9 @@ def _fwd_op(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[T
 def _opt_out(t: Tensor, like: Tensor) -> Tensor:
     """A stand-in pointer for an output left empty (never written: its flag is off)."""
     return t if t.numel() else like
+
+
+_fwd_op = torch.library.custom_op("metazoo::norm_residual_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
@@ -240,6 +243,7 @@ def _backward(ctx, g_out, g_n, g_mean, g_rstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
 
 
 def norm_residual_ref(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
@@ -269,7 +273,7 @@ def norm_residual(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = 
         return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first)
     xr = channels_last_view(x, channels_first)
     yr = channels_last_view(y, channels_first) if y is not None else None
-    out, n, _, _ = _fwd_op(xr, yr, rs, ls, weight, bias, float(eps))
+    out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps))
     out = back_to_layout(out, channels_first) if y is not None else x
     return out, (back_to_layout(n, channels_first) if weight is not None else None)
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
+from ._autograd import eager_or_op
 from .dispatch import resolve
 from .group_norm import sample_moments
 
@@ -152,8 +153,7 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like
 
 
-@torch.library.custom_op("metazoo::pool_mixer_fwd", mutates_args=())
-def _fwd_op(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
+def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
             rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     fwd = _load()[0]
     mean, var = sample_moments(x)
@@ -170,6 +170,9 @@ def _fwd_op(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: fl
     out_mean = mean + m[:, 0]
     out_var = (m[:, 1] - m[:, 0] * m[:, 0]).clamp_min(0.0)
     return out, mean, rstd, out_mean, out_var
+
+
+_fwd_op = torch.library.custom_op("metazoo::pool_mixer_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
@@ -230,6 +233,7 @@ def _backward(ctx, g, *_):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
 
 
 def pool_mixer_ref(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
@@ -253,6 +257,6 @@ def pool_mixer(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = Non
         raise ValueError(f"pool_mixer: pool_size must be odd, got {pool_size}")
     if resolve(backend, x) == "torch":
         return pool_mixer_ref(x, norm_weight, norm_bias, eps, ls, rs, pool_size)
-    out, _, _, out_mean, out_var = _fwd_op(channels_last_view(x, True), norm_weight, norm_bias, float(eps),
+    out, _, _, out_mean, out_var = _fwd(channels_last_view(x, True), norm_weight, norm_bias, float(eps),
                                            ls, rs, int(pool_size))
     return back_to_layout(out, True), (out_mean, out_var)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._layout import cdiv, param_grid
+from ._autograd import eager_or_op
 from .dispatch import resolve
 
 _BLOCK = 2048
@@ -61,12 +62,20 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-@torch.library.custom_op("metazoo::star_relu_fwd", mutates_args=())
-def _fwd_op(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+def star_relu_apply(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """Launch the forward kernel (no autograd) on a dense ``x``; also used to recompute activations."""
     fwd, _ = _load()
+    x = _dense(x)
     y = torch.empty_like(x)
     fwd[(cdiv(x.numel(), _BLOCK),)](x, scale, bias, y, x.numel(), BLOCK=_BLOCK, num_warps=8)
     return y
+
+
+def _fwd_impl(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    return star_relu_apply(x, scale, bias)
+
+
+_fwd_op = torch.library.custom_op("metazoo::star_relu_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
@@ -106,6 +115,7 @@ def _backward(ctx, g):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
 
 
 def star_relu_ref(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -119,4 +129,4 @@ def star_relu(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = N
         raise ValueError(f"star_relu: scale and bias must hold one element each, got {scale.numel()} and {bias.numel()}")
     if resolve(backend, x) == "torch":
         return star_relu_ref(x, scale, bias)
-    return _fwd_op(_dense(x), scale, bias)
+    return _fwd(_dense(x), scale, bias)

@@ -1,0 +1,33 @@
+"""Eager calls skip torch.library's Python dispatch: the same forward/backward run as an autograd.Function.
+
+``torch.compile`` must see the registered custom op (no graph break), so it keeps getting it; eager
+code would otherwise pay the op's dispatch cost on every call, which adds up over the hundreds of
+small memory-bound kernel calls of a training step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def eager_or_op(op, impl, setup_context, backward):
+    """Return ``call(*args)``: ``op`` while compiling, else an autograd.Function over ``impl`` with the
+    op's own ``setup_context``/``backward`` (so both paths compute exactly the same thing)."""
+
+    class _Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            ctx.set_materialize_grads(False)
+            out = impl(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return _Eager.apply(*args)
+
+    return call
