@@ -520,7 +520,7 @@ def render_chart(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 6), dpi=120)
     colors = dict(zip(FAMILIES, plt.get_cmap("tab10").colors))
     for p in points:
         c = colors[p["family"]]
@@ -544,7 +544,7 @@ def render_chart(points: list[dict], path: Path) -> None:
     handles = [Line2D([], [], marker="o", color=colors[f], linestyle="", markeredgecolor="black", label=f) for f in fams]
     handles += [Line2D([], [], marker="o", color="grey", markeredgecolor="black", linestyle="", label="ours (best of eager / compiled)"),
                 Line2D([], [], marker="s", color="grey", markerfacecolor="none", linestyle="", label="reference (best anchor)")]
-    ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, metadata={"Description": f"metazoo.cards chart data {chart_digest(points)}"})
