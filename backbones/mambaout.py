@@ -7,6 +7,7 @@ from functools import partial
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
 from timm.models import generate_default_cfgs, register_model
+from torch import nn
 
 from ..mixers.gated_cnn import GatedCNNBlock
 from ._common import build, check_in_chans, mirror_timm_cfgs, rename_keys
@@ -63,7 +64,8 @@ default_cfgs = generate_default_cfgs(mirror_timm_cfgs([f"mambaout_{s}" for s in 
 def _create(size: str, pretrained: bool, **kwargs):
     spec = dict(VARIANTS[size])
     depths, dims = spec.pop("depths"), spec.pop("dims")
-    act = get_act_layer(spec.pop("act_layer", "gelu"))
+    act_name = spec.pop("act_layer", "gelu")
+    act = nn.GELU if act_name == "gelu" else get_act_layer(act_name)  # nn.GELU: the fused gated-conv path
     stem_mid_norm = spec.pop("stem_mid_norm", True)
     norm_first = spec.pop("downsample", "conv") == "conv_nf"
     hidden_norm = spec.pop("head_fn", "default") == "default"
