@@ -186,7 +186,7 @@ class _KeepMetrics(Hook):
         self.metrics: dict = {}
 
     def after_val_epoch(self, runner, metrics=None):
-        self.metrics = dict(metrics or {})
+        self.metrics = {k: float(v) for k, v in (metrics or {}).items()}  # numpy scalars -> JSON
 
 
 def train(cfg: DictConfig, task: str) -> dict:
