@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._layout import cdiv, next_pow2
-from .dispatch import interpret_mode, resolve
+from .dispatch import interpret_mode, resolve, triton_available
 
 __all__ = ["aff_filter", "aff_filter_ref", "aff_filter_flops", "AFFFilterFunction"]
 
@@ -89,13 +89,10 @@ def aff_filter_flops(x_shape, num_blocks: int, block_size: int) -> int:
 # Triton kernels (defined only when Triton imports; compiled on first launch).
 
 
-try:  # guarded: the package (and the reference path) works without Triton
+if triton_available():  # guarded: the package (and the reference path) works without Triton
     import triton
     import triton.language as tl
-except Exception:  # ImportError, or a broken install
-    triton = None
 
-if triton is not None:
     @triton.jit
     def _load_tile(rows, R, N, C, k, BS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """Offsets/mask of a [BLOCK_R, BLOCK_D, 2] tile: rows (batch*spatial) x group channels x re/im."""

@@ -8,6 +8,7 @@ device and Triton imports; otherwise the reference). ``TRITON_INTERPRET=1`` lets
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -43,6 +44,20 @@ def triton_available() -> bool:
     if _TRITON is None:
         _TRITON = _probe_triton()
     return _TRITON
+
+
+def lazy_triton(build):
+    """Decorate a kernel module's builder ``build(triton, tl) -> kernels``: it runs once, on the first
+    launch, so importing the module never imports Triton; later calls return the same kernels."""
+
+    @functools.cache
+    def load():
+        import triton
+        import triton.language as tl
+
+        return build(triton, tl)
+
+    return load
 
 
 def interpret_mode() -> bool:

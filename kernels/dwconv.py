@@ -16,19 +16,13 @@ from torch import Tensor
 
 from ._layout import cdiv, next_pow2
 from ._autograd import eager_or_op
-from .dispatch import resolve
+from .dispatch import lazy_triton, resolve
 from .star_relu import star_relu_apply
 
-_kernels = None
 
-
-def _load():
-    """Build the Triton kernels on first use (Triton stays optional)."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import triton
-    import triton.language as tl
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
     def conv(X, Wt, Bs, AS, AB, Y, A, PS, PB, H, W, C, sxb, sxh, sxw, syb, syh, syw, sab, sah, saw,
@@ -82,8 +76,7 @@ def _load():
         tl.store(Y + b.to(tl.int64) * syb + h * syh + ws[:, None] * syw + cs[None, :],
                  acc.to(Y.dtype.element_ty), mask=om)
 
-    _kernels = conv
-    return _kernels
+    return conv
 
 
 def _tiles(W: int, C: int):

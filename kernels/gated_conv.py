@@ -15,18 +15,12 @@ from torch import Tensor
 from . import dwconv
 from ._layout import cdiv, next_pow2
 from ._autograd import eager_or_op
-from .dispatch import resolve
-
-_kernels = None
+from .dispatch import lazy_triton, resolve
 
 
-def _load():
-    """Build the Triton kernels on first use (Triton stays optional)."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import triton
-    import triton.language as tl
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
     def gate(U, CV, HOUT, DH, DU, DCV, M, hidden, n_id, cc, BACKWARD: tl.constexpr,
@@ -55,8 +49,7 @@ def _load():
         else:
             tl.store(HOUT + h_offs, (act * v).to(HOUT.dtype.element_ty), mask=mask)
 
-    _kernels = gate
-    return _kernels
+    return gate
 
 
 def _launch(u: Tensor, cv: Tensor, hidden: int, cc: int, h: Optional[Tensor], dh: Optional[Tensor],

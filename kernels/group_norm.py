@@ -13,19 +13,14 @@ from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
 from ._autograd import eager_or_op
-from .dispatch import resolve
+from .dispatch import lazy_triton, resolve
 
 _FLAT = 4096
-_kernels = None
 
 
-def _load():
-    """Build the Triton kernels on first use (Triton stays optional)."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import triton
-    import triton.language as tl
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
     def moments(X, P1, P2, N, BLOCK: tl.constexpr):
@@ -97,8 +92,7 @@ def _load():
         dx = rstd * (wg - tl.load(SA + s) - xhat * tl.load(SB + s))
         tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
-    _kernels = (moments, apply, bwd_reduce, bwd_apply)
-    return _kernels
+    return (moments, apply, bwd_reduce, bwd_apply)
 
 
 def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:

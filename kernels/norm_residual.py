@@ -13,18 +13,12 @@ from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2, param_grid
 from ._autograd import eager_or_op
-from .dispatch import resolve
-
-_kernels = None
+from .dispatch import lazy_triton, resolve
 
 
-def _load():
-    """Build the Triton kernels on first use (Triton stays optional)."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import triton
-    import triton.language as tl
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
     def fwd(X, Y, RS, LS, W, B, OUT, N, MEAN, RSTD, M, C, eps,
@@ -119,8 +113,7 @@ def _load():
         if HAS_LS:
             tl.store(PLS + poffs, tl.sum(acc_ls, axis=0), mask=cmask)
 
-    _kernels = (fwd, bwd)
-    return _kernels
+    return (fwd, bwd)
 
 
 def _blocks(C: int, tile: int = 4096):

@@ -15,19 +15,13 @@ from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
 from ._autograd import eager_or_op
-from .dispatch import resolve
+from .dispatch import lazy_triton, resolve
 from .group_norm import sample_moments
 
-_kernels = None
 
-
-def _load():
-    """Build the Triton kernels on first use (Triton stays optional)."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import triton
-    import triton.language as tl
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
     def fwd(X, MEAN, RSTD, NW, LS, RS, OUT, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
@@ -139,8 +133,7 @@ def _load():
             dx += g
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=om)
 
-    _kernels = (fwd, bwd_reduce, bwd_apply)
-    return _kernels
+    return (fwd, bwd_reduce, bwd_apply)
 
 
 def _grid(x: Tensor):

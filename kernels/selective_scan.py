@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import interpret_mode, resolve
+from .dispatch import interpret_mode, resolve, triton_available
 
 __all__ = ["selective_scan", "selective_scan_ref"]
 
@@ -93,13 +93,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
 # ----------------------------------------------------------------------------- Triton kernels
 
-try:  # Triton is optional: without it every call takes the reference path
+if triton_available():  # guarded: the package (and the reference path) works without Triton
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
-if triton is not None:
 
     @triton.jit
     def _lin_combine(a1, b1, a2, b2):

@@ -12,19 +12,14 @@ from torch import Tensor
 
 from ._layout import cdiv, param_grid
 from ._autograd import eager_or_op
-from .dispatch import resolve
+from .dispatch import lazy_triton, resolve
 
 _BLOCK = 2048
-_kernels = None
 
 
-def _load():
-    """Build the Triton kernels on first use (Triton stays optional)."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import triton
-    import triton.language as tl
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
     def fwd(X, S, B, Y, numel, BLOCK: tl.constexpr):
@@ -51,8 +46,7 @@ def _load():
         tl.store(PS + pid, tl.sum(acc_s, axis=0))
         tl.store(PB + pid, tl.sum(acc_b, axis=0))
 
-    _kernels = (fwd, bwd)
-    return _kernels
+    return (fwd, bwd)
 
 
 def _dense(x: Tensor) -> Tensor:
