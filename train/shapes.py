@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -152,6 +153,26 @@ def render_classification_image(rng: np.random.Generator, size: int, kind: str) 
     return canvas
 
 
+def publish_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp_dir)`` beside ``final`` and rename the result to ``final`` (no-op if it exists):
+    concurrent ranks or a killed run never leave a partial dataset behind."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first; its copy is identical
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def dataset_dirname(image_size: int, train_per_class: int, val_per_class: int, seed: int) -> str:
     """Cache folder name: every parameter that changes the images is part of it."""
     return f"shapes-v{FORMAT_VERSION}-{image_size}px-{train_per_class}x{val_per_class}-seed{seed}"
@@ -180,10 +201,22 @@ def write_shapes_imagefolder(cache_dir: str | os.PathLike, image_size: int = 64,
                              ("val_per_class", val_per_class, 1)):
         if int(value) < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / dataset_dirname(image_size, train_per_class, val_per_class, seed)
-    if final.is_dir():
-        return final
+    final = Path(cache_dir).expanduser() / dataset_dirname(image_size, train_per_class, val_per_class, seed)
+
+    def build(tmp: Path) -> None:
+        counts = {"train": train_per_class, "val": val_per_class}
+        jobs = [(tmp / split / kind, kind, s_idx, c_idx, counts[split], image_size, seed)
+                for s_idx, split in enumerate(SPLITS) for c_idx, kind in enumerate(SHAPE_CLASSES)]
+        if processes > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
+                list(pool.map(_write_class, *zip(*jobs)))
+        else:
+            for job in jobs:
+                _write_class(*job)
+
+    return publish_dir(final, build)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
     try:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from metazoo.train.shapes import SHAPE_CLASSES, SPLITS, draw_shape, random_background, random_shape
+from metazoo.train.shapes import (SHAPE_CLASSES, SPLITS, draw_shape, publish_dir, random_background,
+                                  random_shape)
 
 FORMAT_VERSION = 1
 COCO_SPLIT_DIRS = {"train": "train2017", "val": "val2017"}  # the real COCO tree's names
@@ -50,25 +48,6 @@ def _check_args(image_size, train_images, val_images, max_instances) -> tuple[in
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     return int(image_size[0]), int(image_size[1])
-
-
-def _publish(final: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` and rename the result to ``final`` (no-op if it exists)."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; its copy is identical
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def write_shapes_coco(cache_dir: str | os.PathLike, image_size=(128, 160), train_images: int = 800,
@@ -108,7 +87,7 @@ def write_shapes_coco(cache_dir: str | os.PathLike, image_size=(128, 160), train
                                    for k, c in enumerate(SHAPE_CLASSES)]}
             (tmp / "annotations" / f"instances_{folder}.json").write_text(json.dumps(coco))
 
-    return _publish(Path(cache_dir).expanduser() / name, build)
+    return publish_dir(Path(cache_dir).expanduser() / name, build)
 
 
 def write_shapes_ade(cache_dir: str | os.PathLike, image_size=(128, 128), train_images: int = 800,
@@ -136,4 +115,4 @@ def write_shapes_ade(cache_dir: str | os.PathLike, image_size=(128, 128), train_
                 Image.fromarray(canvas).save(img_dir / f"{i:06d}.jpg", quality=95)
                 Image.fromarray(label).save(ann_dir / f"{i:06d}.png")
 
-    return _publish(Path(cache_dir).expanduser() / name, build)
+    return publish_dir(Path(cache_dir).expanduser() / name, build)
