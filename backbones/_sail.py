@@ -60,11 +60,16 @@ def make_cfg(url: str = "", **kwargs) -> dict:
             "classifier": "head.fc", "first_conv": "stem.conv", "license": "apache-2.0", **kwargs}
 
 
-def create(variant: str, pretrained: bool, *, depths, dims, token_mixers, norm_layers, mlp_act=StarReLU,
-           mlp_bias: bool = False, downsample_norm=None, layer_scale_init_values=None,
-           res_scale_init_values=(None, None, 1.0, 1.0), mlp_head: bool = True, proj_drop_rate: float = 0.0,
-           **kwargs) -> MetaFormer:
-    """Build one variant from its spec-sheet row; ``kwargs`` are timm's (num_classes, in_chans, ...)."""
+def create(variant: str, pretrained: bool, spec: dict, **kwargs) -> MetaFormer:
+    """Build one variant from its spec-sheet row ``spec``; ``kwargs`` are timm's (num_classes, in_chans,
+    ...) and, as in timm, may override any spec entry (e.g. ``depths``/``dims`` for a custom size)."""
+    return _create(variant, pretrained, **{**spec, **kwargs})
+
+
+def _create(variant: str, pretrained: bool, *, depths, dims, token_mixers, norm_layers, mlp_act=StarReLU,
+            mlp_bias: bool = False, downsample_norm=None, layer_scale_init_values=None,
+            res_scale_init_values=(None, None, 1.0, 1.0), mlp_head: bool = True, proj_drop_rate: float = 0.0,
+            **kwargs) -> MetaFormer:
     n = len(depths)
     mixers = _per_stage(token_mixers, n, "token_mixers")
     norms = _per_stage(norm_layers, n, "norm_layers")

@@ -16,10 +16,10 @@ default_cfgs = generate_default_cfgs(mirror_timm_cfgs([f"caformer_{s}" for s in 
 
 def _create(size: str, pretrained: bool, **kwargs):
     depths, dims = VARIANTS[size]
-    return _sail.create(f"mz_caformer_{size}", pretrained, depths=depths, dims=dims,
-                        token_mixers=[SepConv, SepConv, Attention, Attention],
-                        norm_layers=[layer_norm2d_no_bias] * 2 + [layer_norm_no_bias] * 2,
-                        downsample_norm=layer_norm2d_no_bias, **kwargs)
+    spec = dict(depths=depths, dims=dims, token_mixers=[SepConv, SepConv, Attention, Attention],
+                norm_layers=[layer_norm2d_no_bias] * 2 + [layer_norm_no_bias] * 2,
+                downsample_norm=layer_norm2d_no_bias)
+    return _sail.create(f"mz_caformer_{size}", pretrained, spec, **kwargs)
 
 
 @register_model

@@ -21,8 +21,9 @@ default_cfgs = generate_default_cfgs(mirror_timm_cfgs([f"convformer_{s}" for s i
 
 def _create(size: str, pretrained: bool, **kwargs):
     depths, dims = VARIANTS[size]
-    return _sail.create(f"mz_convformer_{size}", pretrained, depths=depths, dims=dims, token_mixers=SepConv,
-                        norm_layers=layer_norm2d_no_bias, downsample_norm=layer_norm2d_no_bias, **kwargs)
+    spec = dict(depths=depths, dims=dims, token_mixers=SepConv, norm_layers=layer_norm2d_no_bias,
+                downsample_norm=layer_norm2d_no_bias)
+    return _sail.create(f"mz_convformer_{size}", pretrained, spec, **kwargs)
 
 
 @register_model

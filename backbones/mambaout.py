@@ -63,6 +63,7 @@ default_cfgs = generate_default_cfgs(mirror_timm_cfgs([f"mambaout_{s}" for s in 
 
 def _create(size: str, pretrained: bool, **kwargs):
     spec = dict(VARIANTS[size])
+    spec.update({k: kwargs.pop(k) for k in list(kwargs) if k in spec})  # timm: kwargs override the variant
     depths, dims = spec.pop("depths"), spec.pop("dims")
     act_name = spec.pop("act_layer", "gelu")
     act = nn.GELU if act_name == "gelu" else get_act_layer(act_name)  # nn.GELU: the fused gated-conv path

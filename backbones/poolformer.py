@@ -27,17 +27,17 @@ default_cfgs = generate_default_cfgs(mirror_timm_cfgs(
 def _v1(size: str, pretrained: bool, **kwargs):
     """v1: GroupNorm(1) with bias, GELU MLP with bias, layer scale, no stem/downsample norm, linear head."""
     depths, dims, ls = VARIANTS[size]
-    return _sail.create(f"mz_poolformer_{size}", pretrained, depths=depths, dims=dims, token_mixers=Pooling,
-                        norm_layers=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True, layer_scale_init_values=ls,
-                        res_scale_init_values=None, mlp_head=False, **kwargs)
+    spec = dict(depths=depths, dims=dims, token_mixers=Pooling, norm_layers=GroupNorm1, mlp_act=nn.GELU,
+                mlp_bias=True, layer_scale_init_values=ls, res_scale_init_values=None, mlp_head=False)
+    return _sail.create(f"mz_poolformer_{size}", pretrained, spec, **kwargs)
 
 
 def _v2(size: str, pretrained: bool, **kwargs):
     """v2: bias-free GroupNorm(1), StarReLU MLP, residual scale in stages 3-4, normed stem, linear head."""
     depths, dims, _ = VARIANTS[size]
-    return _sail.create(f"mz_poolformerv2_{size}", pretrained, depths=depths, dims=dims, token_mixers=Pooling,
-                        norm_layers=group_norm1_no_bias, downsample_norm=layer_norm2d_no_bias, mlp_head=False,
-                        **kwargs)
+    spec = dict(depths=depths, dims=dims, token_mixers=Pooling, norm_layers=group_norm1_no_bias,
+                downsample_norm=layer_norm2d_no_bias, mlp_head=False)
+    return _sail.create(f"mz_poolformerv2_{size}", pretrained, spec, **kwargs)
 
 
 @register_model

@@ -158,6 +158,9 @@ class ViM2(MetaFormer):
     def __init__(self, dims=(96, 192, 384, 768), token_mixers=(2, 2, 6, 2), channel_mixers=(1, 1, 3, 1),
                  widths=WIDTHS, d_state: int = 16, drop_path_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  **kwargs):
+        if "depths" in kwargs:
+            raise ValueError("ViM2 takes no depths: its stage depths are token_mixers and channel_mixers "
+                             f"(S6 token / channel mixers per stage), got depths={kwargs['depths']}")
         orders = [mixer_order(t, c) for t, c in zip(token_mixers, channel_mixers)]
         total = sum(len(o) for o in orders)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]

@@ -53,6 +53,22 @@ def test_features_only_equal_to_timm(name):
 
 
 @pytest.mark.parametrize("name", SMALL)
+@torch.no_grad()
+def test_kwargs_override_the_variant(name):
+    """create_model kwargs replace a variant's depths/dims (timm's MambaOut allows it; we do it for all)."""
+    kw = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), num_classes=3)
+    ours = timm.create_model(name, **kw).eval()
+    assert [len(s.blocks) for s in ours.stages] == [1, 1, 2, 1]
+    assert ours.feature_info[-1]["num_chs"] == 64
+    x = torch.randn(1, 3, 64, 64)
+    assert ours(x).shape == (1, 3)
+    if "mambaout" in name:
+        ref = timm.create_model(name[3:], **kw).eval()
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        assert (ours(x) - ref(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", SMALL)
 def test_timm_api(name):
     ours, ref = _pair(name)
     x = torch.randn(1, 3, 64, 64)
