@@ -275,6 +275,30 @@ def test_runner_checkpoint_resume_weights_only(tmp_path):
     assert resumed.iter == 3
 
 
+def test_checkpoint_killed_mid_save_never_replaces_previous(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous checkpoint, and last_checkpoint, intact; the
+    outdated checkpoint is removed only after the next one exists."""
+    from mmengine.runner import Runner
+
+    over = [*SEG_TINY, f"backbone.model_name={SMALL}", "schedule.iters=3", "schedule.warmup=1",
+            "mm.default_hooks.checkpoint.interval=1", "mm.default_hooks.checkpoint.max_keep_ckpts=1"]
+    runner = Runner.from_cfg(dense_runner.compose(_cfg("segment", tmp_path, over), "segment"))
+    real_save = Runner.save_checkpoint
+
+    def dying_save(self, out_dir, filename, *args, **kwargs):
+        if self.iter + 1 == 3:  # third save: write half a file, then die
+            Path(out_dir, filename).write_bytes(b"PK\x03\x04 truncated")
+            raise KeyboardInterrupt("killed mid-save")
+        return real_save(self, out_dir, filename, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train()
+    assert not (tmp_path / "iter_1.pth").exists() and not (tmp_path / "iter_3.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == str(tmp_path / "iter_2.pth")
+    assert torch.load(tmp_path / "iter_2.pth", map_location="cpu")["meta"]["iter"] == 2
+
+
 def test_import_without_openmmlab():
     """``import metazoo`` and timm models work, and register() is a no-op, when mmdet/mmseg are absent."""
     code = ("import sys\n"

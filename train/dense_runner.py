@@ -21,6 +21,7 @@ from mmengine.runner import Runner
 from omegaconf import DictConfig, OmegaConf
 
 from metazoo.train.dense_backbone import ADAPTER_NAME, MetazooBackbone, register
+from metazoo.train.dense_checkpoint import HOOK_NAME as ATOMIC_CHECKPOINT_HOOK
 from metazoo.train.shapes import SHAPE_CLASSES
 from metazoo.train.shapes_dense import ADE_CLASSES, write_shapes_ade, write_shapes_coco
 
@@ -173,6 +174,9 @@ def compose(cfg: DictConfig, task: str):
                      load_from=cfg.load_from, randomness=dict(seed=cfg.seed),
                      visualizer=_visualizer(cfg, scope))
     mm.merge_from_dict(overrides)
+    hooks = mm.get("default_hooks") or {}
+    if hooks.get("checkpoint", {}).get("type") == "CheckpointHook":
+        hooks["checkpoint"]["type"] = ATOMIC_CHECKPOINT_HOOK  # same options, atomic saves
     _fill_channels(mm.model, probe.out_channels)  # after the merge: `in_index` comes from the base
     # A base model's `pretrained=` (e.g. mmseg's ResNet URL) belongs to the backbone we replaced.
     mm.model.pop("pretrained", None)
