@@ -575,7 +575,7 @@ def render_readme(reg: dict, bench: dict, points: list[dict]) -> str:
         out.append(f"| {n} | [{m['family']}]({m['family']}.md) | {m['params_m']:.2f} | {m['gmacs']:.2f} | "
                    f"{m['input_size'][1]}x{m['input_size'][2]} | {_f(h['top1']) if h else '—'} | "
                    f"{_f(p['ours'], 0) if p else 'not measured'} | {_f(p['anchor'], 0) if p and p['anchor'] else '—'} | {ratio} |")
-    missing = sorted({BENCH_FILES[f] for f in FAMILIES} | {KERNEL_BENCH} - set(bench))
+    missing = sorted(({BENCH_FILES[f] for f in FAMILIES} | {KERNEL_BENCH}) - set(bench))
     if missing:
         out += ["", "Not in the repository yet: " + ", ".join(f"`bench/results/{f}`" for f in missing) + "."]
     return "\n".join(out) + "\n"

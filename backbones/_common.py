@@ -120,7 +120,6 @@ def mirror_timm_cfgs(archs: Iterable[str], make_cfg: Callable[..., dict]) -> dic
     out = {}
     for arch in archs:
         for full, cfg in get_arch_pretrained_cfgs(arch).items():
-            tag = full.split(".", 1)[1]
             kw = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("hf_hub_id", "tag", "architecture")}
             kw["hf_hub_id"] = f"timm/{full}"
             out[f"{PREFIX}{full}"] = make_cfg(**kw)

@@ -68,3 +68,12 @@ def test_bench_rows_roles_and_best():
                   "tiny/official_native/infer": {"skipped": "time budget"}}}
     rows = {r["label"]: r for r in cards.ADAPTERS["transnext.json"](t)}
     assert rows["ours_eager"]["train_peak_gib"] == 3.0 and rows["official_native"]["infer_img_s"] is None
+
+
+def test_readme_names_exactly_the_missing_bench_files():
+    bench = cards.load_bench()
+    text = cards.render_readme(REG, bench, cards.chart_points(REG, bench))
+    assert "Not in the repository yet" not in text  # every bench file is committed
+    partial = {k: v for k, v in bench.items() if k != "vim2.json"}
+    line = cards.render_readme(REG, partial, cards.chart_points(REG, partial)).splitlines()[-1]
+    assert line == "Not in the repository yet: `bench/results/vim2.json`."

@@ -217,26 +217,3 @@ def write_shapes_imagefolder(cache_dir: str | os.PathLike, image_size: int = 64,
                 _write_class(*job)
 
     return publish_dir(final, build)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
-    try:
-        counts = {"train": train_per_class, "val": val_per_class}
-        jobs = [(tmp / split / kind, kind, s_idx, c_idx, counts[split], image_size, seed)
-                for s_idx, split in enumerate(SPLITS) for c_idx, kind in enumerate(SHAPE_CLASSES)]
-        if processes > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
-                list(pool.map(_write_class, *zip(*jobs)))
-        else:
-            for job in jobs:
-                _write_class(*job)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; its copy is identical
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
