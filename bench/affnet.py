@@ -23,10 +23,7 @@ import metazoo  # noqa: F401  (registers the models)
 from metazoo.kernels import use_backend
 from metazoo.kernels.aff_filter import aff_filter
 from metazoo.mixers.aff import AFFMixer
-
-
-def _rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+from _timing import median_ms, rel_err
 
 
 def _filter_shapes(model_name: str, batch: int, size: int):
@@ -64,28 +61,12 @@ def check_kernel(shapes, device, fp32_shapes: int = 1) -> list[dict]:
         names = ("y", "dx", "dw1", "db1", "dw2", "db2")
         row = dict(shape=[B, C, H, W])
         for key, *_ in runs[1:]:
-            row[key] = {n: _rel(a, b) for n, a, b in zip(names, res[key], res["ref32"])}
+            row[key] = {n: rel_err(a, b) for n, a, b in zip(names, res[key], res["ref32"])}
         row["finite"] = all(bool(torch.isfinite(t).all()) for v in res.values() for t in v)
         rows.append(row)
         print(f"check {B}x{C}x{H}x{W}: max rel err vs fp32 ref: "
               + ", ".join(f"{k} {max(v.values()):.2e}" for k, v in row.items() if isinstance(v, dict)), flush=True)
     return rows
-
-
-def _time(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds per call (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def bench_filter(shape, device, warmup: int, iters: int) -> dict:
@@ -103,7 +84,7 @@ def bench_filter(shape, device, warmup: int, iters: int) -> dict:
             torch.autograd.backward(y, g)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        out[key] = dict(ms=_time(step, warmup, iters), peak_mb=(torch.cuda.max_memory_allocated() - base) / 2**20)
+        out[key] = dict(ms=median_ms(step, warmup, iters), peak_mb=(torch.cuda.max_memory_allocated() - base) / 2**20)
     print(f"filter {shape}: " + ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in out.items() if k != "shape"), flush=True)
     return out
 
@@ -131,7 +112,7 @@ def bench_model(model_name: str, mode: str, args, device) -> dict:
         infer()
         torch.cuda.synchronize()
         res["infer_first_call_s"] = time.time() - t0
-        ms = _time(infer, args.warmup, args.iters)
+        ms = median_ms(infer, args.warmup, args.iters)
         res["infer_ms"], res["infer_img_s"] = ms, args.infer_batch * 1000 / ms
 
         model.train()
@@ -150,7 +131,7 @@ def bench_model(model_name: str, mode: str, args, device) -> dict:
         torch.cuda.synchronize()
         res["train_first_call_s"] = time.time() - t0
         torch.cuda.reset_peak_memory_stats()
-        ms = _time(train, args.warmup, args.iters)
+        ms = median_ms(train, args.warmup, args.iters)
         res["train_ms"], res["train_img_s"] = ms, args.train_batch * 1000 / ms
         res["train_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(f"{model_name} {mode}: infer {res['infer_img_s']:.0f} img/s, train {res['train_img_s']:.0f} img/s, "

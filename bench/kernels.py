@@ -21,6 +21,7 @@ from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
 from metazoo.kernels.norm_residual import norm_residual, norm_residual_ref
 from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
 from metazoo.kernels.star_relu import star_relu, star_relu_ref
+from _timing import rel_err
 
 PEAK_GBS = 3000.0
 
@@ -97,11 +98,6 @@ def _outputs(res):
     return [r for r in res if torch.is_tensor(r)]
 
 
-def _rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def check(name, fn, ref, acts, params, kwargs):
     """Max relative error of the bf16 kernel vs the fp32 reference, over outputs and all gradients."""
     def leaves(dt_act):
@@ -120,13 +116,13 @@ def check(name, fn, ref, acts, params, kwargs):
     gr = torch.autograd.grad(sum((o * c.float()).sum() for o, c in zip(orr, cots)), ins_r, allow_unused=True)
     errs = {}
     for i, (a, b) in enumerate(zip(ok, orr)):
-        errs[f"out{i}"] = _rel(a, b)
+        errs[f"out{i}"] = rel_err(a, b)
     scale = max(b.norm().item() for b in gr if b is not None)
     for i, (a, b) in enumerate(zip(gk, gr)):
         # a gradient that is zero in exact arithmetic (PoolFormer's norm bias) is rounding noise in the
         # reference: compare it absolutely, relative to the largest gradient
         if a is not None and b is not None:
-            errs[f"grad{i}"] = _rel(a, b) if b.norm() > 1e-4 * scale else (a - b).norm().item() / scale
+            errs[f"grad{i}"] = rel_err(a, b) if b.norm() > 1e-4 * scale else (a - b).norm().item() / scale
     return errs
 
 

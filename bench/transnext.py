@@ -20,6 +20,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from _timing import rel_err
 
 # figures quoted in the issue for the official native path on an H100 (bf16, same batches)
 OFFICIAL_QUOTED = {"micro": dict(infer=1253.0, train=404.0, train_mem_gib=18.0),
@@ -27,10 +28,6 @@ OFFICIAL_QUOTED = {"micro": dict(infer=1253.0, train=404.0, train_mem_gib=18.0),
 
 
 T0 = time.time()
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def check_kernel(results):

@@ -23,13 +23,10 @@ import torch.nn.functional as F
 
 import metazoo  # noqa: F401  (registers the models)
 from metazoo.kernels import selective_scan as ss
+from _timing import median_ms, rel_err
 
 CONFIGS = [(4, 16, 4), (4, 32, 4), (2, 32, 4), (4, 64, 4)]  # (block_d, chunk, num_warps)
 MODELS = ["mz_vim2_t", "mz_mambaout_tiny", "mz_caformer_s18"]
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _inputs(bsz, dim, seqlen, n, groups, dtype, device, seed=0):
@@ -56,8 +53,8 @@ def check(device) -> list[dict]:
         ref_in = [t.detach().double().requires_grad_() for t in xs]
         y_ref = ss.selective_scan_ref(*ref_in, delta_softplus=True)
         ref_grads = torch.autograd.grad(y_ref, ref_in, gy.double())
-        errs = {"y": _rel(y, y_ref)}
-        errs.update({k: _rel(a, b) for k, a, b in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dbias"], grads,
+        errs = {"y": rel_err(y, y_ref)}
+        errs.update({k: rel_err(a, b) for k, a, b in zip(["du", "ddelta", "dA", "dB", "dC", "dD", "dbias"], grads,
                                                       ref_grads)})
         rows.append(dict(D=dim, groups=groups, L=3136, N=16, batch=2, dtype=str(dtype).split(".")[-1],
                          max_rel_err=max(errs.values()), rel_err=errs,
@@ -66,27 +63,11 @@ def check(device) -> list[dict]:
     return rows
 
 
-def _time(fn, warmup=2, iters=10) -> float:
-    """Median milliseconds of ``fn`` (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth(device) -> float:
     """Device memory bandwidth (bytes read + written per second) of a large copy."""
     a = torch.empty(2 * 2**30 // 4, device=device)
     b = torch.empty_like(a)
-    ms = _time(lambda: b.copy_(a), 2, 10)
+    ms = median_ms(lambda: b.copy_(a), 2, 10)
     return 2 * a.numel() * 4 / (ms * 1e-3)
 
 
@@ -118,7 +99,7 @@ def bench_scan(device, bw: float, configs_fp32=CONFIGS) -> dict:
             ss._GPU_CFG.update(block_d=cfg[0], chunk=cfg[1], num_warps=cfg[2])
             row = dict(dtype=str(dtype).split(".")[-1], block_d=cfg[0], chunk=cfg[1], num_warps=cfg[2])
             try:
-                row.update(fwd_ms=_time(fwd), fwd_bwd_ms=_time(fwd_bwd))
+                row.update(fwd_ms=median_ms(fwd), fwd_bwd_ms=median_ms(fwd_bwd))
             except Exception as e:  # a config that fails to compile is reported, not fatal
                 row.update(error=repr(e)[:300])
             out["sweep"].append(row)
@@ -153,7 +134,7 @@ def reference_time(device, bsz, dim, seqlen, n) -> dict:
                 y = ss.selective_scan_ref(*xs, delta_softplus=True)
                 torch.autograd.grad(y, xs, gy)
 
-            ms = _time(step, 1, 3)
+            ms = median_ms(step, 1, 3)
             return dict(batch=b, fwd_bwd_ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 2**30,
                         note="time scaled linearly to batch 64" if b != bsz else "")
         except torch.OutOfMemoryError:
@@ -175,7 +156,7 @@ def bench_model(name: str, infer_batch: int, train_batch: int, device) -> dict:
             model(x)
 
     torch.cuda.reset_peak_memory_stats()
-    ms = _time(infer, 3, 10)
+    ms = median_ms(infer, 3, 10)
     res.update(infer_img_s=infer_batch / ms * 1e3, infer_peak_gb=torch.cuda.max_memory_allocated() / 2**30)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -190,7 +171,7 @@ def bench_model(name: str, infer_batch: int, train_batch: int, device) -> dict:
         opt.zero_grad(set_to_none=True)
 
     torch.cuda.reset_peak_memory_stats()
-    ms = _time(train, 2, 5)
+    ms = median_ms(train, 2, 5)
     res.update(train_img_s=train_batch / ms * 1e3, train_peak_gb=torch.cuda.max_memory_allocated() / 2**30,
                infer_batch=infer_batch, train_batch=train_batch)
     print("model", res, flush=True)
