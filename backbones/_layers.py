@@ -1,4 +1,5 @@
-"""Stems, downsampling layers and classifier heads of the hierarchical families (timm key names)."""
+"""Stems, downsampling layers and classifier heads of the hierarchical families (timm key names for
+the timm families; ViM2's patchify stem, separable-conv downsampling and norm-pool head)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -165,4 +166,65 @@ class NormMlpHead(nn.Module):
         if self.pool_type == "avg":
             x = x.mean((1, 2))
         x = self.head_dropout(self.pre_logits(self.norm(x)))
+        return x if pre_logits else self.fc(x)
+
+
+class PatchifyStem(nn.Module):
+    """4x4 stride-4 conv then LayerNorm; NCHW image -> NHWC."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, 4, stride=4)
+        self.norm = LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x, TOTAL_STRIDE)
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class SepConvDownsample(nn.Module):
+    """LayerNorm, depthwise 3x3 stride-2 conv, pointwise projection to ``out_dim``; NHWC."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = LayerNorm(in_dim)
+        self.conv = nn.Conv2d(in_dim, in_dim, 3, stride=2, padding=1, groups=in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NHWC."""
+        x = self.conv(self.norm(x).permute(0, 3, 1, 2))
+        return self.proj(x.permute(0, 2, 3, 1))
+
+
+class NormPoolHead(nn.Module):
+    """LayerNorm, global average pool, dropout, linear classifier; NHWC features."""
+
+    def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0):
+        super().__init__()
+        self.in_features = self.num_features = dim
+        self.norm = LayerNorm(dim)
+        self.pool_type = self._check_pool(pool_type)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @staticmethod
+    def _check_pool(pool_type: str) -> str:
+        if pool_type not in ("", "avg"):
+            raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: 'avg', ''")
+        return pool_type
+
+    def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
+        if pool_type is not None:
+            self.pool_type = self._check_pool(pool_type)
+        if reset_other:
+            self.norm = nn.Identity()
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """x: NHWC -> logits (or pooled features with ``pre_logits``)."""
+        x = self.norm(x)
+        if self.pool_type == "avg":
+            x = x.mean((1, 2))
+        x = self.drop(x)
         return x if pre_logits else self.fc(x)
