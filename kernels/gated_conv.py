@@ -4,12 +4,17 @@
 depthwise conv reads ``c`` in place (no split/permute copies); one pass then applies exact GELU,
 the gate and the concat. Backward recomputes the small conv output instead of keeping it, and
 writes every part of ``du`` straight into one buffer (no cat/split in the graph).
+
+``gated_dwconv_linear`` also applies the block's output projection ``fc2`` and keeps only ``u``
+for backward: ``h`` (hidden channels per pixel) is recomputed there instead of being saved for
+``fc2``'s weight gradient, a quarter of the block's activation memory for one cheap extra pass.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import dwconv
@@ -148,3 +153,84 @@ def gated_dwconv(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
     if resolve(backend, u) == "torch":
         return gated_dwconv_ref(u, weight, bias, hidden)
     return _fwd(u.contiguous(), weight, bias, int(hidden))
+
+
+def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
+                  fc_bias: Optional[Tensor]) -> Tensor:
+    h = _fwd_impl(u, weight, bias, hidden)
+    # in h's dtype, as autocast runs fc2 (bf16 activations, bf16 copies of the fp32 weights)
+    with torch.autocast(u.device.type, enabled=False):
+        return F.linear(h, fc_weight.to(h.dtype), fc_bias.to(h.dtype) if fc_bias is not None else None)
+
+
+_lin_fwd_op = torch.library.custom_op("metazoo::gated_dwconv_linear_fwd", mutates_args=())(_lin_fwd_impl)
+
+
+@_lin_fwd_op.register_fake
+def _(u, weight, bias, hidden, fc_weight, fc_bias):
+    return u.new_empty((*u.shape[:-1], fc_weight.shape[0]))
+
+
+@torch.library.custom_op("metazoo::gated_dwconv_linear_bwd", mutates_args=())
+def _lin_bwd_op(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
+                has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    h = _fwd_impl(u, weight, bias, hidden).reshape(-1, hidden)  # recomputed, never saved
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(h.dtype)
+    with torch.autocast(u.device.type, enabled=False):
+        dfw = (dy2.t() @ h).float()
+        dh = (dy2 @ fc_weight.to(h.dtype)).reshape(*u.shape[:-1], hidden)
+    dfb = dy2.sum(0, dtype=torch.float32) if has_fc_bias else dy.new_empty(0, dtype=torch.float32)
+    du, dw, db = _bwd_op(dh, u, weight, bias, hidden)
+    return du, dw, db, dfw, dfb
+
+
+@_lin_bwd_op.register_fake
+def _(dy, u, weight, bias, hidden, fc_weight, has_fc_bias):
+    f32 = torch.float32
+    return (torch.empty_like(u), weight.new_empty(weight.shape, dtype=f32),
+            u.new_empty(weight.shape[0] if bias is not None else 0, dtype=f32),
+            fc_weight.new_empty(fc_weight.shape, dtype=f32), u.new_empty(fc_weight.shape[0] if has_fc_bias else 0, dtype=f32))
+
+
+def _lin_setup(ctx, inputs, output):
+    u, weight, bias, hidden, fc_weight, fc_bias = inputs
+    ctx.hidden = hidden
+    ctx.save_for_backward(u, weight, bias, fc_weight, fc_bias)
+
+
+def _lin_backward(ctx, dy):
+    u, weight, bias, fc_weight, fc_bias = ctx.saved_tensors
+    du, dw, db, dfw, dfb = _lin_bwd_op(dy, u, weight, bias, ctx.hidden, fc_weight, fc_bias is not None)
+
+    def cast(g, p):
+        return g.to(p.dtype) if p is not None else None
+
+    return du, dw.to(weight.dtype), cast(db, bias), None, dfw.to(fc_weight.dtype), cast(dfb, fc_bias)
+
+
+_lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
+_lin_fwd = eager_or_op(_lin_fwd_op, _lin_fwd_impl, _lin_setup, _lin_backward)
+
+
+def _check_linear(hidden: int, fc_weight: Tensor, fc_bias: Optional[Tensor]):
+    if fc_weight.dim() != 2 or fc_weight.shape[1] != hidden:
+        raise ValueError(f"gated_dwconv_linear: fc_weight must be (out, hidden={hidden}), got {tuple(fc_weight.shape)}")
+    if fc_bias is not None and tuple(fc_bias.shape) != (fc_weight.shape[0],):
+        raise ValueError(f"gated_dwconv_linear: fc_bias must be ({fc_weight.shape[0]},), got {tuple(fc_bias.shape)}")
+
+
+def gated_dwconv_linear_ref(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
+                            fc_bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``fc(gated_dwconv_ref(u, ...))``."""
+    _check_linear(hidden, fc_weight, fc_bias)
+    return F.linear(gated_dwconv_ref(u, weight, bias, hidden), fc_weight, fc_bias)
+
+
+def gated_dwconv_linear(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
+                        fc_bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """``linear(gated_dwconv(u, ...), fc_weight, fc_bias)`` keeping only ``u`` for backward (NHWC)."""
+    _check(u, weight, hidden)
+    _check_linear(hidden, fc_weight, fc_bias)
+    if resolve(backend, u) == "torch":
+        return gated_dwconv_linear_ref(u, weight, bias, hidden, fc_weight, fc_bias)
+    return _lin_fwd(u.contiguous(), weight, bias, int(hidden), fc_weight, fc_bias)

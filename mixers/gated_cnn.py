@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath, LayerScale
 from torch import nn
 
-from ..kernels.gated_conv import gated_dwconv
+from ..kernels.gated_conv import gated_dwconv_linear
 from .norms import LayerNorm
 
 
@@ -34,10 +34,11 @@ class GatedCNNBlock(nn.Module):
         shortcut = x
         u = self.fc1(self.norm(x))
         if type(self.act) is nn.GELU and self.act.approximate == "none":
-            # split, depthwise conv, exact GELU gate and concat in one fused op
-            h = gated_dwconv(u, self.conv.weight, self.conv.bias, self.split_indices[0])
+            # split, depthwise conv, exact GELU gate, concat and fc2 in one op that saves only u
+            y = gated_dwconv_linear(u, self.conv.weight, self.conv.bias, self.split_indices[0],
+                                    self.fc2.weight, self.fc2.bias)
         else:
             g, i, c = torch.split(u, self.split_indices, dim=-1)
             c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            h = self.act(g) * torch.cat((i, c), dim=-1)
-        return self.drop_path(self.ls(self.fc2(h))) + shortcut
+            y = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
+        return self.drop_path(self.ls(y)) + shortcut

@@ -13,7 +13,8 @@ import torch
 
 from metazoo.kernels import dispatch
 from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
-from metazoo.kernels.gated_conv import gated_dwconv, gated_dwconv_ref
+from metazoo.kernels.gated_conv import (gated_dwconv, gated_dwconv_linear, gated_dwconv_linear_ref,
+                                        gated_dwconv_ref)
 from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
 from metazoo.kernels.norm_residual import norm_residual, norm_residual_ref
 from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
@@ -135,6 +136,31 @@ def test_gated_dwconv(seed, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_gated_dwconv_linear(seed, dtype):
+    """The gate fused with fc2 (h recomputed in backward) against fc2(gated_dwconv_ref(u))."""
+    rng = random.Random(1000 + seed)
+    K = 7 if seed % 5 == 0 else 3
+    B, _, H, W = _map_shape(rng, max_hw=4 if K == 7 else 5)
+    hidden, out = rng.randint(2, 48), rng.randint(1, 40)
+    cc = rng.randint(1, hidden)
+    params = {"weight": _rand(cc, 1, K, K) / K, "bias": _rand(cc) if seed % 4 else None,
+              "fc_weight": _rand(out, hidden) / hidden ** 0.5, "fc_bias": _rand(out) if seed % 3 else None}
+    compare(gated_dwconv_linear, gated_dwconv_linear_ref, {"u": _rand(B, H, W, 2 * hidden)}, params, dtype,
+            dict(hidden=hidden))
+
+
+def test_gated_dwconv_linear_saves_only_its_input():
+    """Autograd keeps u (and the parameters), not the hidden activation h, across the fused op."""
+    u = _rand(2, 5, 5, 2 * 16).requires_grad_()
+    w, fw = _rand(8, 1, 3, 3), _rand(12, 16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        gated_dwconv_linear(u, w, None, 16, fw, None, backend="triton")
+    assert (2, 5, 5, 16) not in saved and (2, 5, 5, 32) in saved
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
 def test_group_norm1(seed, dtype):
     rng = random.Random(seed)
     B, C, H, W = _map_shape(rng, max_hw=9, max_c=90)
@@ -200,16 +226,18 @@ def test_custom_ops_trace_without_graph_breaks():
     s, b = _rand(1).requires_grad_(), _rand(1).requires_grad_()
     u = _rand(1, 3, 4, 2 * 8).requires_grad_()
     wg = (_rand(5, 1, 3, 3) / 3).requires_grad_()
+    fw = _rand(7, 8).requires_grad_()
 
-    def step(x, w, wk, s, b, u, wg):
+    def step(x, w, wk, s, b, u, wg, fw):
         out, mom = pool_mixer(x, w, None, 1e-5, w, None, backend="triton")
         n = group_norm1(out, w, None, 1e-6, moments=mom, backend="triton")
         h = dwconv2d(n, wk, None, s, b, backend="triton")
         h = star_relu(h, s, b, backend="triton")
         r, n2 = norm_residual(out, h, w, w, w, None, 1e-6, channels_first=True, backend="triton")
-        return (n2 * r).sum() + gated_dwconv(u, wg, None, 8, backend="triton").sum()
+        return ((n2 * r).sum() + gated_dwconv(u, wg, None, 8, backend="triton").sum()
+                + gated_dwconv_linear(u, wg, None, 8, fw, fw[:, 0], backend="triton").sum())
 
-    args = (x, w, wk, s, b, u, wg)
+    args = (x, w, wk, s, b, u, wg, fw)
     eager = torch.autograd.grad(step(*args), args)
     compiled_fn = torch.compile(step, fullgraph=True, backend="aot_eager")
     traced = torch.autograd.grad(compiled_fn(*args), args)
