@@ -15,8 +15,9 @@ import os
 
 import torch
 
+from metazoo.kernels.act_linear import act_linear, act_linear_ref
 from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
-from metazoo.kernels.gated_conv import gated_dwconv, gated_dwconv_ref
+from metazoo.kernels.gated_conv import gated_dwconv, gated_dwconv_linear, gated_dwconv_linear_ref, gated_dwconv_ref
 from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
 from metazoo.kernels.norm_residual import norm_residual, norm_residual_ref
 from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
@@ -82,6 +83,16 @@ def cases(batch: int):
     out.append(("gated_dwconv 56x56 h256 c96", gated_dwconv, gated_dwconv_ref, dict(u=u),
                 dict(weight=par(96, 1, 7, 7, scale=0.1), bias=par(96)), dict(hidden=256),
                 n + n // 2, n + n // 2 + (n // 2 + 2 * n)))
+    out.append(("gated_dwconv_linear 56x56 h256 c96 ->96", gated_dwconv_linear, gated_dwconv_linear_ref, dict(u=u),
+                dict(weight=par(96, 1, 7, 7, scale=0.1), bias=par(96), fc_weight=par(96, 256, scale=0.06),
+                     fc_bias=par(96)), dict(hidden=256),
+                n + 3 * n // 16, n + 3 * n // 16 + (3 * n // 16 + 2 * n)))
+    # MLP second half (act + fc2, act recomputed in backward), ConvFormer stage 1: 256 -> 64.
+    z = act(batch, 256, 56, 56)
+    n = z.numel() * 2
+    out.append(("act_linear star_relu 256->64 56x56", act_linear, act_linear_ref, dict(z=z),
+                dict(fc_weight=par(64, 256, 1, 1, scale=0.06), fc_bias=None, act_scale=par(1), act_bias=par(1)),
+                dict(act="star_relu", channels_first=True), n + n // 4, n + n // 4 + (2 * n + n // 4)))
     # PoolFormer stage 1: GroupNorm1 and the fused pooling mixer.
     x = act(batch, 64, 56, 56)
     n = x.numel() * 2

@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.act_linear import act_linear
+from .activations import StarReLU
+
 
 class Mlp(nn.Module):
     """``fc2(drop(act(fc1(x))))``; ``use_conv`` picks 1x1 convs so NCHW maps need no permute."""
@@ -22,7 +25,17 @@ class Mlp(nn.Module):
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.drop2 = nn.Dropout(drop)
+        self.use_conv = use_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW when built with ``use_conv`` else (..., C)."""
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        z = self.fc1(x)
+        if self.drop1.p > 0 and self.training:
+            return self.drop2(self.fc2(self.drop1(self.act(z))))
+        if isinstance(self.act, StarReLU):  # act + fc2 in one op that keeps only z for backward
+            y = act_linear(z, self.fc2.weight, self.fc2.bias, "star_relu", self.act.scale, self.act.bias, self.use_conv)
+        elif type(self.act) is nn.GELU and self.act.approximate == "none":
+            y = act_linear(z, self.fc2.weight, self.fc2.bias, "gelu", channels_first=self.use_conv)
+        else:
+            y = self.fc2(self.act(z))
+        return self.drop2(y)

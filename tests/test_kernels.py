@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from metazoo.kernels import dispatch
+from metazoo.kernels.act_linear import act_linear, act_linear_ref
 from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
 from metazoo.kernels.gated_conv import (gated_dwconv, gated_dwconv_linear, gated_dwconv_linear_ref,
                                         gated_dwconv_ref)
@@ -36,9 +37,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def compare(fn, ref, acts: dict, params: dict, dtype, kwargs: dict):
+def compare(fn, ref, acts: dict, params: dict, dtype, kwargs: dict, tol_override: dict | None = None):
     """Run ``fn`` (Triton) on ``acts`` cast to ``dtype`` (params stay fp32, as under autocast) and
-    ``ref`` in float64; compare every output and the gradient of every input."""
+    ``ref`` in float64; compare every output and the gradient of every input (``tol_override``:
+    per-name tolerances where the dtype's rounding is amplified, e.g. a reduction that cancels)."""
     def leaves(cast_act, cast_par):
         a = {k: v.to(dtype).to(cast_act).requires_grad_() for k, v in acts.items()}
         p = {k: (v.to(cast_par).requires_grad_() if v is not None else None) for k, v in params.items()}
@@ -57,8 +59,8 @@ def compare(fn, ref, acts: dict, params: dict, dtype, kwargs: dict):
     g_r = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs_r, cots)), ins_r, allow_unused=True)
     names = [f"out{i}" for i in range(len(outs_k))] + [f"d_{k}" for k in a_k] + \
         [f"d_{k}" for k, v in p_k.items() if v is not None]
-    tol = TOL[dtype]
     for name, k, r in zip(names, list(outs_k) + list(g_k), list(outs_r) + list(g_r)):
+        tol = (tol_override or {}).get(name, TOL[dtype])
         if r is None or r.norm() < 1e-10:  # e.g. the pooling mixer's norm bias cancels exactly
             assert k is None or k.double().norm() < 1e-4, f"{name}: expected a zero gradient"
             continue
@@ -149,6 +151,42 @@ def test_gated_dwconv_linear(seed, dtype):
             dict(hidden=hidden))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(N_SHAPES))
+def test_act_linear(seed, dtype):
+    """fc2(act(z)) with act recomputed in backward: GELU / StarReLU, Linear / 1x1 conv (NCHW, channels_last)."""
+    rng = random.Random(2000 + seed)
+    act = ("gelu", "star_relu")[seed % 2]
+    channels_first = seed % 4 >= 2
+    hidden, out = rng.randint(1, 70), rng.randint(1, 40)
+    if channels_first:
+        B, _, H, W = _map_shape(rng)
+        z = _rand(B, hidden, H, W)
+        if seed % 3 == 0:
+            z = z.to(memory_format=torch.channels_last)
+        fc_weight = _rand(out, hidden, 1, 1) / hidden ** 0.5
+    else:
+        z = _rand(*[rng.randint(1, 4) for _ in range(rng.randint(1, 3))], hidden)
+        fc_weight = _rand(out, hidden) / hidden ** 0.5
+    params = {"fc_weight": fc_weight, "fc_bias": _rand(out) if seed % 5 else None,
+              "act_scale": _rand(1) if act == "star_relu" else None,
+              "act_bias": _rand(1) if act == "star_relu" else None}
+    # StarReLU's scalar grads sum da * relu(z)^2 over every element; in bf16, da = dy @ W is rounded
+    # first (as the unfused autocast MLP rounds fc2's input grad), and the signed sum cancels.
+    loose = {"d_act_scale": 0.1, "d_act_bias": 0.1} if dtype == torch.bfloat16 else None
+    compare(act_linear, act_linear_ref, {"z": z}, params, dtype, dict(act=act, channels_first=channels_first),
+            tol_override=loose)
+
+
+def test_act_linear_saves_only_its_input():
+    z = _rand(2, 24, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    s, b = _rand(1), _rand(1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        act_linear(z, _rand(5, 24, 1, 1), None, "star_relu", s, b, channels_first=True, backend="triton")
+    assert saved.count(z.numel()) == 1  # z itself; act(z) is recomputed in backward
+
+
 def test_gated_dwconv_linear_saves_only_its_input():
     """Autograd keeps u (and the parameters), not the hidden activation h, across the fused op."""
     u = _rand(2, 5, 5, 2 * 16).requires_grad_()
@@ -216,6 +254,10 @@ def test_bad_inputs_raise_value_error():
         pool_mixer(x, _rand(4), pool_size=2, backend="torch")
     with pytest.raises(ValueError, match="backend"):
         star_relu(x, _rand(1), _rand(1), backend="cuda")
+    with pytest.raises(ValueError, match="act="):
+        act_linear(x, _rand(3, 4), act="relu", backend="torch")
+    with pytest.raises(ValueError, match="fc_weight"):
+        act_linear(x, _rand(3, 4), backend="torch")
 
 
 def test_custom_ops_trace_without_graph_breaks():
@@ -235,7 +277,8 @@ def test_custom_ops_trace_without_graph_breaks():
         h = star_relu(h, s, b, backend="triton")
         r, n2 = norm_residual(out, h, w, w, w, None, 1e-6, channels_first=True, backend="triton")
         return ((n2 * r).sum() + gated_dwconv(u, wg, None, 8, backend="triton").sum()
-                + gated_dwconv_linear(u, wg, None, 8, fw, fw[:, 0], backend="triton").sum())
+                + gated_dwconv_linear(u, wg, None, 8, fw, fw[:, 0], backend="triton").sum()
+                + act_linear(h, fw[:6, :6, None, None], None, "star_relu", s, b, True, backend="triton").sum())
 
     args = (x, w, wk, s, b, u, wg, fw)
     eager = torch.autograd.grad(step(*args), args)

@@ -1,0 +1,145 @@
+"""The MLP's second half, ``fc2(act(z))``, keeping only ``z`` for backward.
+
+Unfused, autograd keeps both ``z`` (for the activation's derivative) and ``act(z)`` (for ``fc2``'s
+weight gradient): two hidden-width tensors per block, the largest activations of a MetaFormer.
+Here ``act(z)`` is recomputed in backward (one elementwise pass: exact GELU, or StarReLU through
+its Triton kernel), which removes one of them. ``fc2`` is a Linear over the last dim, or a 1x1
+conv over NCHW (``channels_first``; channels_last storage makes that a plain matmul too).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._autograd import eager_or_op
+from .dispatch import resolve
+from .star_relu import _bwd_op as _star_relu_bwd
+from .star_relu import star_relu_apply, star_relu_ref
+
+ACTS = ("gelu", "star_relu")
+
+
+def _activate(z: Tensor, act: str, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return F.gelu(z) if act == "gelu" else star_relu_apply(z, scale, bias)
+
+
+def _rows(t: Tensor, channels_first: bool) -> Tensor:
+    """(..., C) view: NCHW -> NHWC (free for channels_last storage)."""
+    return t.permute(0, 2, 3, 1) if channels_first else t
+
+
+def _unrows(t: Tensor, channels_first: bool) -> Tensor:
+    return t.permute(0, 3, 1, 2) if channels_first else t
+
+
+def _fwd_impl(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], act: str, act_scale: Optional[Tensor],
+              act_bias: Optional[Tensor], channels_first: bool) -> Tensor:
+    a = _activate(z, act, act_scale, act_bias)
+    w = fc_weight.reshape(fc_weight.shape[0], -1).to(a.dtype)  # as autocast: bf16 copy of the fp32 weight
+    with torch.autocast(z.device.type, enabled=False):
+        y = F.linear(_rows(a, channels_first), w, fc_bias.to(a.dtype) if fc_bias is not None else None)
+    return _unrows(y.contiguous(), channels_first)
+
+
+_fwd_op = torch.library.custom_op("metazoo::act_linear_fwd", mutates_args=())(_fwd_impl)
+
+
+@_fwd_op.register_fake
+def _(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first):
+    rows = _rows(z, channels_first)
+    return _unrows(rows.new_empty((*rows.shape[:-1], fc_weight.shape[0])), channels_first)
+
+
+@torch.library.custom_op("metazoo::act_linear_bwd", mutates_args=())
+def _bwd_op(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optional[Tensor],
+            act_bias: Optional[Tensor], has_fc_bias: bool, channels_first: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a = _activate(z, act, act_scale, act_bias)  # recomputed, never saved
+    hidden, out = a.shape[1 if channels_first else -1], fc_weight.shape[0]
+    a_rows = _rows(a, channels_first).reshape(-1, hidden)
+    dy_rows = _rows(dy, channels_first).reshape(-1, out).to(a.dtype)
+    f32 = torch.float32
+    with torch.autocast(z.device.type, enabled=False):
+        dfw = (dy_rows.t() @ a_rows).to(f32).reshape(fc_weight.shape)
+        da = dy_rows @ fc_weight.reshape(out, -1).to(a.dtype)
+    dfb = dy_rows.sum(0, dtype=f32) if has_fc_bias else dy.new_empty(0, dtype=f32)
+    da = _unrows(da.reshape(*_rows(a, channels_first).shape), channels_first)
+    if act == "gelu":
+        dz = torch.ops.aten.gelu_backward(da, z)
+        ds, db = dy.new_empty(0, dtype=f32), dy.new_empty(0, dtype=f32)
+    else:
+        if da.stride() != z.stride():  # the StarReLU kernel walks both tensors in storage order
+            da = torch.empty_like(z).copy_(da)
+        dz, ds, db = _star_relu_bwd(da, z, act_scale)
+    return dz, dfw, dfb, ds, db
+
+
+@_bwd_op.register_fake
+def _(dy, z, fc_weight, act, act_scale, act_bias, has_fc_bias, channels_first):
+    f32 = torch.float32
+    star = act != "gelu"
+    return (torch.empty_like(z), fc_weight.new_empty(fc_weight.shape, dtype=f32),
+            z.new_empty(fc_weight.shape[0] if has_fc_bias else 0, dtype=f32),
+            z.new_empty(1 if star else 0, dtype=f32), z.new_empty(1 if star else 0, dtype=f32))
+
+
+def _setup(ctx, inputs, output):
+    z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first = inputs
+    ctx.act, ctx.channels_first = act, channels_first
+    ctx.save_for_backward(z, fc_weight, fc_bias, act_scale, act_bias)
+
+
+def _backward(ctx, dy):
+    z, fc_weight, fc_bias, act_scale, act_bias = ctx.saved_tensors
+    dz, dfw, dfb, ds, db = _bwd_op(dy, z, fc_weight, ctx.act, act_scale, act_bias, fc_bias is not None,
+                                   ctx.channels_first)
+
+    def cast(g, p):
+        return g.to(p.dtype) if p is not None else None
+
+    return dz, dfw.to(fc_weight.dtype), cast(dfb, fc_bias), None, cast(ds, act_scale), cast(db, act_bias), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+
+
+def _check(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], act: str, act_scale, act_bias,
+           channels_first: bool) -> None:
+    if act not in ACTS:
+        raise ValueError(f"act_linear: act={act!r} is not supported; accepted values: {ACTS}")
+    if act == "star_relu" and (act_scale is None or act_bias is None or act_scale.numel() != 1
+                               or act_bias.numel() != 1):
+        raise ValueError("act_linear: act='star_relu' needs one-element act_scale and act_bias")
+    if channels_first and z.dim() != 4:
+        raise ValueError(f"act_linear: channels_first needs an NCHW z, got shape {tuple(z.shape)}")
+    hidden = z.shape[1 if channels_first else -1]
+    w_ok = fc_weight.dim() == (4 if channels_first else 2) and fc_weight.shape[1] == hidden and \
+        all(k == 1 for k in fc_weight.shape[2:])
+    if not w_ok:
+        raise ValueError(f"act_linear: fc_weight must be (out, {hidden}{', 1, 1' if channels_first else ''}), "
+                         f"got {tuple(fc_weight.shape)}")
+    if fc_bias is not None and tuple(fc_bias.shape) != (fc_weight.shape[0],):
+        raise ValueError(f"act_linear: fc_bias must be ({fc_weight.shape[0]},), got {tuple(fc_bias.shape)}")
+
+
+def act_linear_ref(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor] = None, act: str = "gelu",
+                   act_scale: Optional[Tensor] = None, act_bias: Optional[Tensor] = None,
+                   channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``fc2(act(z))`` as the unfused MLP computes it."""
+    _check(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first)
+    a = F.gelu(z) if act == "gelu" else star_relu_ref(z, act_scale, act_bias)
+    return F.conv2d(a, fc_weight, fc_bias) if channels_first else F.linear(a, fc_weight, fc_bias)
+
+
+def act_linear(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor] = None, act: str = "gelu",
+               act_scale: Optional[Tensor] = None, act_bias: Optional[Tensor] = None,
+               channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+    """``fc2(act(z))`` (exact GELU or StarReLU) that keeps only ``z`` for backward; output dtype of ``z``."""
+    _check(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first)
+    if resolve(backend, z) == "torch":
+        return act_linear_ref(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first)
+    return _fwd(z, fc_weight, fc_bias, act, act_scale, act_bias, bool(channels_first))
