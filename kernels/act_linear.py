@@ -4,7 +4,7 @@ Unfused, autograd keeps both ``z`` (for the activation's derivative) and ``act(z
 weight gradient): two hidden-width tensors per block, the largest activations of a MetaFormer.
 Here ``act(z)`` is recomputed in backward (one elementwise pass: exact GELU, or StarReLU through
 its Triton kernel), which removes one of them. ``fc2`` is a Linear over the last dim, or a 1x1
-conv over NCHW (``channels_first``; channels_last storage makes that a plain matmul too).
+conv over NCHW (``channels_first``, in whichever memory format the input has).
 """
 from __future__ import annotations
 
@@ -26,22 +26,14 @@ def _activate(z: Tensor, act: str, scale: Optional[Tensor], bias: Optional[Tenso
     return F.gelu(z) if act == "gelu" else star_relu_apply(z, scale, bias)
 
 
-def _rows(t: Tensor, channels_first: bool) -> Tensor:
-    """(..., C) view: NCHW -> NHWC (free for channels_last storage)."""
-    return t.permute(0, 2, 3, 1) if channels_first else t
-
-
-def _unrows(t: Tensor, channels_first: bool) -> Tensor:
-    return t.permute(0, 3, 1, 2) if channels_first else t
-
-
 def _fwd_impl(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], act: str, act_scale: Optional[Tensor],
               act_bias: Optional[Tensor], channels_first: bool) -> Tensor:
     a = _activate(z, act, act_scale, act_bias)
-    w = fc_weight.reshape(fc_weight.shape[0], -1).to(a.dtype)  # as autocast: bf16 copy of the fp32 weight
+    w = fc_weight.to(a.dtype)  # as autocast: bf16 copies of the fp32 parameters
+    b = fc_bias.to(a.dtype) if fc_bias is not None else None
     with torch.autocast(z.device.type, enabled=False):
-        y = F.linear(_rows(a, channels_first), w, fc_bias.to(a.dtype) if fc_bias is not None else None)
-    return _unrows(y.contiguous(), channels_first)
+        # the 1x1 conv keeps the input's memory format (NCHW or channels_last) without copies
+        return F.conv2d(a, w, b) if channels_first else F.linear(a, w, b)
 
 
 _fwd_op = torch.library.custom_op("metazoo::act_linear_fwd", mutates_args=())(_fwd_impl)
@@ -49,8 +41,11 @@ _fwd_op = torch.library.custom_op("metazoo::act_linear_fwd", mutates_args=())(_f
 
 @_fwd_op.register_fake
 def _(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first):
-    rows = _rows(z, channels_first)
-    return _unrows(rows.new_empty((*rows.shape[:-1], fc_weight.shape[0])), channels_first)
+    if channels_first:
+        fmt = torch.channels_last if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous() \
+            else torch.contiguous_format
+        return z.new_empty((z.shape[0], fc_weight.shape[0], *z.shape[2:])).contiguous(memory_format=fmt)
+    return z.new_empty((*z.shape[:-1], fc_weight.shape[0]))
 
 
 @torch.library.custom_op("metazoo::act_linear_bwd", mutates_args=())
@@ -58,21 +53,28 @@ def _bwd_op(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optio
             act_bias: Optional[Tensor], has_fc_bias: bool, channels_first: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     a = _activate(z, act, act_scale, act_bias)  # recomputed, never saved
-    hidden, out = a.shape[1 if channels_first else -1], fc_weight.shape[0]
-    a_rows = _rows(a, channels_first).reshape(-1, hidden)
-    dy_rows = _rows(dy, channels_first).reshape(-1, out).to(a.dtype)
     f32 = torch.float32
     with torch.autocast(z.device.type, enabled=False):
-        dfw = (dy_rows.t() @ a_rows).to(f32).reshape(fc_weight.shape)
-        da = dy_rows @ fc_weight.reshape(out, -1).to(a.dtype)
-    dfb = dy_rows.sum(0, dtype=f32) if has_fc_bias else dy.new_empty(0, dtype=f32)
-    da = _unrows(da.reshape(*_rows(a, channels_first).shape), channels_first)
+        dy = dy.to(a.dtype)
+        w = fc_weight.to(a.dtype)
+        if channels_first:
+            da, dfw, dfb = torch.ops.aten.convolution_backward(
+                dy, a, w, [w.shape[0]] if has_fc_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [True, True, has_fc_bias])
+            dfw = dfw.to(f32)
+            dfb = dfb.to(f32) if has_fc_bias else dy.new_empty(0, dtype=f32)
+        else:
+            hidden, out = a.shape[-1], w.shape[0]
+            dy_rows = dy.reshape(-1, out)
+            dfw = (dy_rows.t() @ a.reshape(-1, hidden)).to(f32)
+            dfb = dy_rows.sum(0, dtype=f32) if has_fc_bias else dy.new_empty(0, dtype=f32)
+            da = (dy_rows @ w).reshape(a.shape)
+    if da.stride() != z.stride():  # dz takes z's layout (as the fake says); StarReLU's kernel needs it
+        da = torch.empty_like(z).copy_(da)
     if act == "gelu":
         dz = torch.ops.aten.gelu_backward(da, z)
         ds, db = dy.new_empty(0, dtype=f32), dy.new_empty(0, dtype=f32)
     else:
-        if da.stride() != z.stride():  # the StarReLU kernel walks both tensors in storage order
-            da = torch.empty_like(z).copy_(da)
         dz, ds, db = _star_relu_bwd(da, z, act_scale)
     return dz, dfw, dfb, ds, db
 
