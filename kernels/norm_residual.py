@@ -96,10 +96,9 @@ def _load(triton, tl):
                     acc_rs += g * tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
                 dy = g
-                y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_LS:
                     dy = g * ls[None, :]
-                    acc_ls += g * y
+                    acc_ls += g * tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=mask)
             else:
                 tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=mask)
@@ -169,31 +168,34 @@ def _(x, y, rs, ls, weight, bias, eps):
 
 
 @torch.library.custom_op("metazoo::norm_residual_bwd", mutates_args=())
-def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Tensor, y: Optional[Tensor], out: Tensor,
-            rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor], has_bias: bool,
-            mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor],
+            out: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor],
+            has_bias: bool, mean: Tensor, rstd: Tensor, has_y: bool, x_dtype: torch.dtype, y_dtype: torch.dtype
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # x / y / out arrive only where backward reads them (scale grads, the norm); shapes come from the grads
     _, bwd = _load()
-    C = x.shape[-1]
-    M = x.numel() // C
+    ref = g_out if g_out is not None else g_n
+    C = ref.shape[-1]
+    M = ref.numel() // C
     bm, bc, nw = _blocks(C, 1024)
     n_tiles = cdiv(M, bm)
-    grid = param_grid(n_tiles, x.device)
+    grid = param_grid(n_tiles, ref.device)
     has_norm = weight is not None and g_n is not None
-    dx = torch.empty_like(x)
-    dy = torch.empty_like(y) if y is not None else x.new_empty(0)
+    has_rs, has_ls = rs is not None and has_y, ls is not None and has_y
+    dx = torch.empty(ref.shape, dtype=x_dtype, device=ref.device)
+    dy = torch.empty(ref.shape, dtype=y_dtype, device=ref.device) if has_y else ref.new_empty(0)
 
     def partial(flag):
-        return torch.empty((grid, C) if flag else (0,), dtype=torch.float32, device=x.device)
+        return torch.empty((grid, C) if flag else (0,), dtype=torch.float32, device=ref.device)
 
     pw, pb = partial(has_norm), partial(has_norm and has_bias)
-    prs, pls = partial(rs is not None and y is not None), partial(ls is not None and y is not None)
+    prs, pls = partial(has_rs), partial(has_ls)
     bwd[(grid,)](
-        _opt(g_out, x), _opt(g_n, x), x, _opt(y, x), out, _opt(rs, x), _opt(ls, x), _opt(weight, x),
-        mean, rstd, dx, _opt_out(dy, x), _opt_out(pw, x), _opt_out(pb, x), _opt_out(prs, x), _opt_out(pls, x),
-        M, C, n_tiles,
-        HAS_GO=g_out is not None, HAS_Y=y is not None, HAS_RS=rs is not None and y is not None,
-        HAS_LS=ls is not None and y is not None, HAS_NORM=has_norm, HAS_B=has_norm and has_bias,
-        BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
+        _opt(g_out, ref), _opt(g_n, ref), _opt(x, ref), _opt(y, ref), _opt(out, ref), _opt(rs, ref), _opt(ls, ref),
+        _opt(weight, ref), mean, rstd, dx, _opt_out(dy, ref), _opt_out(pw, ref), _opt_out(pb, ref),
+        _opt_out(prs, ref), _opt_out(pls, ref), M, C, n_tiles,
+        HAS_GO=g_out is not None, HAS_Y=has_y, HAS_RS=has_rs, HAS_LS=has_ls, HAS_NORM=has_norm,
+        HAS_B=has_norm and has_bias, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
 
     def reduce(p):
         return p.sum(0) if p.numel() else p
@@ -202,36 +204,44 @@ def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Tensor, y: Option
 
 
 @_bwd_op.register_fake
-def _(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd):
-    C = x.shape[-1]
+def _(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y, x_dtype, y_dtype):
+    ref = g_out if g_out is not None else g_n
+    C = ref.shape[-1]
     has_norm = weight is not None and g_n is not None
 
     def vec(flag):
-        return x.new_empty((C,) if flag else (0,), dtype=torch.float32)
+        return ref.new_empty((C,) if flag else (0,), dtype=torch.float32)
 
-    return (torch.empty_like(x), torch.empty_like(y) if y is not None else x.new_empty(0),
-            vec(rs is not None and y is not None), vec(ls is not None and y is not None),
-            vec(has_norm), vec(has_norm and has_bias))
+    return (torch.empty(ref.shape, dtype=x_dtype, device=ref.device),
+            torch.empty(ref.shape, dtype=y_dtype, device=ref.device) if has_y else ref.new_empty(0),
+            vec(rs is not None and has_y), vec(ls is not None and has_y), vec(has_norm), vec(has_norm and has_bias))
 
 
 def _setup(ctx, inputs, output):
     x, y, rs, ls, weight, bias, eps = inputs
     out, n, mean, rstd = output
-    ctx.has_bias = bias is not None
-    ctx.has_y = y is not None
-    ctx.save_for_backward(x, y, out if y is not None else x, rs, ls, weight, mean, rstd)
+    ctx.has_bias, ctx.has_y = bias is not None, y is not None
+    ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if y is not None else x.dtype)
+    # Keep only what backward reads: x for rs's grad, y for ls's grad, the normalised tensor for the norm.
+    keep_x = x if y is not None and rs is not None else None
+    keep_y = y if y is not None and ls is not None else None
+    keep_out = (out if y is not None else x) if weight is not None else None
+    ctx.save_for_backward(keep_x, keep_y, keep_out, rs, ls, weight, mean, rstd)
 
 
 def _backward(ctx, g_out, g_n, g_mean, g_rstd):
     x, y, out, rs, ls, weight, mean, rstd = ctx.saved_tensors
     g_out = g_out.contiguous() if ctx.has_y and g_out is not None else None
     g_n = g_n.contiguous() if weight is not None and g_n is not None else None
-    dx, dy, drs, dls, dw, db = _bwd_op(g_out, g_n, x, y, out, rs, ls, weight, ctx.has_bias, mean, rstd)
+    if g_out is None and g_n is None:  # neither output reached the loss
+        return (None,) * 7
+    dx, dy, drs, dls, dw, db = _bwd_op(g_out, g_n, x, y, out, rs, ls, weight, ctx.has_bias, mean, rstd,
+                                       ctx.has_y, ctx.x_dtype, ctx.y_dtype)
 
     def cast(g, p):
         return g.to(p.dtype) if p is not None and g.numel() else None
 
-    return (dx, dy if y is not None else None, cast(drs, rs), cast(dls, ls), cast(dw, weight),
+    return (dx, dy if ctx.has_y else None, cast(drs, rs), cast(dls, ls), cast(dw, weight),
             cast(db, weight) if ctx.has_bias else None, None)
 
 

@@ -187,6 +187,24 @@ def test_act_linear_saves_only_its_input():
     assert saved.count(z.numel()) == 1  # z itself; act(z) is recomputed in backward
 
 
+def test_norm_residual_saves_only_what_backward_reads():
+    """x is kept only for rs's grad, y only for ls's grad, the summed stream only for the norm."""
+    x, y = _rand(2, 3, 16).requires_grad_(), _rand(2, 3, 16).to(torch.bfloat16).requires_grad_()
+
+    def saved_ptrs(**kw):
+        ptrs = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append(t.data_ptr()) or t, lambda t: t):
+            out, _ = norm_residual(x, y, backend="triton", **kw)
+        return ptrs, out
+
+    ptrs, _ = saved_ptrs()  # plain residual add: nothing
+    assert x.data_ptr() not in ptrs and y.data_ptr() not in ptrs
+    ptrs, _ = saved_ptrs(rs=_rand(16), ls=_rand(16))
+    assert x.data_ptr() in ptrs and y.data_ptr() in ptrs
+    ptrs, out = saved_ptrs(weight=_rand(16))
+    assert ptrs.count(out.data_ptr()) == 1 and x.data_ptr() not in ptrs and y.data_ptr() not in ptrs
+
+
 def test_gated_dwconv_linear_saves_only_its_input():
     """Autograd keeps u (and the parameters), not the hidden activation h, across the fused op."""
     u = _rand(2, 5, 5, 2 * 16).requires_grad_()
