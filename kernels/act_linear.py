@@ -61,7 +61,7 @@ def _bwd_op(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optio
             da, dfw, dfb = torch.ops.aten.convolution_backward(
                 dy, a, w, [w.shape[0]] if has_fc_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                 [True, True, has_fc_bias])
-            dfw = dfw.to(f32)
+            dfw = dfw.to(f32).clone(memory_format=torch.contiguous_format)  # standard strides, as the fake's
             dfb = dfb.to(f32) if has_fc_bias else dy.new_empty(0, dtype=f32)
         else:
             hidden, out = a.shape[-1], w.shape[0]
