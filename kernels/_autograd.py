@@ -31,3 +31,9 @@ def eager_or_op(op, impl, setup_context, backward):
         return _Eager.apply(*args)
 
     return call
+
+
+def grad_as(g: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:
+    """A kernel's fp32 gradient for an optional parameter ``p``, in ``p``'s dtype (None when ``p`` is
+    absent or the kernel returned its empty placeholder)."""
+    return g.to(p.dtype) if p is not None and g.numel() else None

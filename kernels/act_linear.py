@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import eager_or_op
+from ._autograd import eager_or_op, grad_as
+from ._linear import project, project_backward
 from .dispatch import resolve
 from .star_relu import _bwd_op as _star_relu_bwd
 from .star_relu import star_relu_apply, star_relu_ref
@@ -28,12 +29,7 @@ def _activate(z: Tensor, act: str, scale: Optional[Tensor], bias: Optional[Tenso
 
 def _fwd_impl(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], act: str, act_scale: Optional[Tensor],
               act_bias: Optional[Tensor], channels_first: bool) -> Tensor:
-    a = _activate(z, act, act_scale, act_bias)
-    w = fc_weight.to(a.dtype)  # as autocast: bf16 copies of the fp32 parameters
-    b = fc_bias.to(a.dtype) if fc_bias is not None else None
-    with torch.autocast(z.device.type, enabled=False):
-        # the 1x1 conv keeps the input's memory format (NCHW or channels_last) without copies
-        return F.conv2d(a, w, b) if channels_first else F.linear(a, w, b)
+    return project(_activate(z, act, act_scale, act_bias), fc_weight, fc_bias, channels_first)
 
 
 _fwd_op = torch.library.custom_op("metazoo::act_linear_fwd", mutates_args=())(_fwd_impl)
@@ -53,22 +49,8 @@ def _bwd_op(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optio
             act_bias: Optional[Tensor], has_fc_bias: bool, channels_first: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     a = _activate(z, act, act_scale, act_bias)  # recomputed, never saved
+    da, dfw, dfb = project_backward(dy, a, fc_weight, has_fc_bias, channels_first)
     f32 = torch.float32
-    with torch.autocast(z.device.type, enabled=False):
-        dy = dy.to(a.dtype)
-        w = fc_weight.to(a.dtype)
-        if channels_first:
-            da, dfw, dfb = torch.ops.aten.convolution_backward(
-                dy, a, w, [w.shape[0]] if has_fc_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                [True, True, has_fc_bias])
-            dfw = dfw.to(f32).clone(memory_format=torch.contiguous_format)  # standard strides, as the fake's
-            dfb = dfb.to(f32) if has_fc_bias else dy.new_empty(0, dtype=f32)
-        else:
-            hidden, out = a.shape[-1], w.shape[0]
-            dy_rows = dy.reshape(-1, out)
-            dfw = (dy_rows.t() @ a.reshape(-1, hidden)).to(f32)
-            dfb = dy_rows.sum(0, dtype=f32) if has_fc_bias else dy.new_empty(0, dtype=f32)
-            da = (dy_rows @ w).reshape(a.shape)
     if da.stride() != z.stride():  # dz takes z's layout (as the fake says); StarReLU's kernel needs it
         da = torch.empty_like(z).copy_(da)
     if act == "gelu":
@@ -99,10 +81,8 @@ def _backward(ctx, dy):
     dz, dfw, dfb, ds, db = _bwd_op(dy, z, fc_weight, ctx.act, act_scale, act_bias, fc_bias is not None,
                                    ctx.channels_first)
 
-    def cast(g, p):
-        return g.to(p.dtype) if p is not None else None
-
-    return dz, dfw.to(fc_weight.dtype), cast(dfb, fc_bias), None, cast(ds, act_scale), cast(db, act_bias), None
+    return (dz, dfw.to(fc_weight.dtype), grad_as(dfb, fc_bias), None, grad_as(ds, act_scale), grad_as(db, act_bias),
+            None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import dwconv
 from ._layout import cdiv, next_pow2
-from ._autograd import eager_or_op
+from ._autograd import eager_or_op, grad_as
+from ._linear import project, project_backward
 from .dispatch import lazy_triton, resolve
 
 
@@ -118,7 +119,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dh):
     u, weight, bias = ctx.saved_tensors
     du, dw, db = _bwd_op(dh, u, weight, bias, ctx.hidden)
-    return du, dw.to(weight.dtype), (db.to(bias.dtype) if bias is not None else None), None
+    return du, dw.to(weight.dtype), grad_as(db, bias), None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -157,10 +158,7 @@ def gated_dwconv(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
 
 def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                   fc_bias: Optional[Tensor]) -> Tensor:
-    h = _fwd_impl(u, weight, bias, hidden)
-    # in h's dtype, as autocast runs fc2 (bf16 activations, bf16 copies of the fp32 weights)
-    with torch.autocast(u.device.type, enabled=False):
-        return F.linear(h, fc_weight.to(h.dtype), fc_bias.to(h.dtype) if fc_bias is not None else None)
+    return project(_fwd_impl(u, weight, bias, hidden), fc_weight, fc_bias)
 
 
 _lin_fwd_op = torch.library.custom_op("metazoo::gated_dwconv_linear_fwd", mutates_args=())(_lin_fwd_impl)
@@ -174,12 +172,8 @@ def _(u, weight, bias, hidden, fc_weight, fc_bias):
 @torch.library.custom_op("metazoo::gated_dwconv_linear_bwd", mutates_args=())
 def _lin_bwd_op(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                 has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    h = _fwd_impl(u, weight, bias, hidden).reshape(-1, hidden)  # recomputed, never saved
-    dy2 = dy.reshape(-1, dy.shape[-1]).to(h.dtype)
-    with torch.autocast(u.device.type, enabled=False):
-        dfw = (dy2.t() @ h).float()
-        dh = (dy2 @ fc_weight.to(h.dtype)).reshape(*u.shape[:-1], hidden)
-    dfb = dy2.sum(0, dtype=torch.float32) if has_fc_bias else dy.new_empty(0, dtype=torch.float32)
+    h = _fwd_impl(u, weight, bias, hidden)  # recomputed, never saved
+    dh, dfw, dfb = project_backward(dy, h, fc_weight, has_fc_bias)
     du, dw, db = _bwd_op(dh, u, weight, bias, hidden)
     return du, dw, db, dfw, dfb
 
@@ -201,11 +195,7 @@ def _lin_setup(ctx, inputs, output):
 def _lin_backward(ctx, dy):
     u, weight, bias, fc_weight, fc_bias = ctx.saved_tensors
     du, dw, db, dfw, dfb = _lin_bwd_op(dy, u, weight, bias, ctx.hidden, fc_weight, fc_bias is not None)
-
-    def cast(g, p):
-        return g.to(p.dtype) if p is not None else None
-
-    return du, dw.to(weight.dtype), cast(db, bias), None, dfw.to(fc_weight.dtype), cast(dfb, fc_bias)
+    return du, dw.to(weight.dtype), grad_as(db, bias), None, dfw.to(fc_weight.dtype), grad_as(dfb, fc_bias)
 
 
 _lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)

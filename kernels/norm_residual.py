@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2, param_grid
-from ._autograd import eager_or_op
+from ._autograd import eager_or_op, grad_as
 from .dispatch import lazy_triton, resolve
 
 
@@ -238,11 +238,8 @@ def _backward(ctx, g_out, g_n, g_mean, g_rstd):
     dx, dy, drs, dls, dw, db = _bwd_op(g_out, g_n, x, y, out, rs, ls, weight, ctx.has_bias, mean, rstd,
                                        ctx.has_y, ctx.x_dtype, ctx.y_dtype)
 
-    def cast(g, p):
-        return g.to(p.dtype) if p is not None and g.numel() else None
-
-    return (dx, dy if ctx.has_y else None, cast(drs, rs), cast(dls, ls), cast(dw, weight),
-            cast(db, weight) if ctx.has_bias else None, None)
+    return (dx, dy if ctx.has_y else None, grad_as(drs, rs), grad_as(dls, ls), grad_as(dw, weight),
+            grad_as(db, weight) if ctx.has_bias else None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)

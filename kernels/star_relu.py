@@ -65,11 +65,7 @@ def star_relu_apply(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     return y
 
 
-def _fwd_impl(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-    return star_relu_apply(x, scale, bias)
-
-
-_fwd_op = torch.library.custom_op("metazoo::star_relu_fwd", mutates_args=())(_fwd_impl)
+_fwd_op = torch.library.custom_op("metazoo::star_relu_fwd", mutates_args=())(star_relu_apply)
 
 
 @_fwd_op.register_fake
@@ -109,7 +105,7 @@ def _backward(ctx, g):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+_fwd = eager_or_op(_fwd_op, star_relu_apply, _setup, _backward)
 
 
 def star_relu_ref(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = None) -> Tensor:
