@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import eager_or_op, grad_as
+from ._autograd import backward_op, eager_or_op, grad_as
 from ._linear import project, project_backward
 from .dispatch import resolve
 from .star_relu import _bwd_op as _star_relu_bwd
@@ -44,7 +44,7 @@ def _(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first):
     return z.new_empty((*z.shape[:-1], fc_weight.shape[0]))
 
 
-@torch.library.custom_op("metazoo::act_linear_bwd", mutates_args=())
+@backward_op("metazoo::act_linear_bwd")
 def _bwd_op(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optional[Tensor],
             act_bias: Optional[Tensor], has_fc_bias: bool, channels_first: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autograd import backward_op
 from .dispatch import resolve, triton_available
 
 __all__ = ["aggregated_attention", "aggregated_attention_ref"]
@@ -534,7 +535,7 @@ def _(q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, 
     return torch.empty_like(q), lse
 
 
-@torch.library.custom_op("metazoo::aggregated_attention_bwd", mutates_args=())
+@backward_op("metazoo::aggregated_attention_bwd")
 def _aa_bwd_op(grad: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, kv_pool: torch.Tensor, qe: torch.Tensor,
                t: torch.Tensor, lb: torch.Tensor, pb: torch.Tensor, tok: torch.Tensor, tb: torch.Tensor,
                out: torch.Tensor, lse: torch.Tensor, height: int, width: int, num_heads: int,

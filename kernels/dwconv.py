@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._layout import cdiv, next_pow2
-from ._autograd import eager_or_op
+from ._autograd import backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 from .star_relu import star_relu_apply
 
@@ -25,28 +25,30 @@ def _load(triton, tl):
     """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
-    def conv(X, Wt, Bs, AS, AB, Y, A, PS, PB, H, W, C, sxb, sxh, sxw, syb, syh, syw, sab, sah, saw,
+    def conv(X, Wt, Bs, AS, AB, Y, A, PS, PB, H, W, C, n_htiles, sxb, sxh, sxw, syb, syh, syw, sab, sah, saw,
              K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_IN: tl.constexpr,
-             ACT_GRAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+             ACT_GRAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # One program: BLOCK_H x BLOCK_W pixels (flattened to one tile axis) x BLOCK_C channels.
         # FLIP=False: y = conv(act(x)) (+bias). FLIP=True: the input-gradient pass (taps mirrored);
         # with ACT_GRAD it multiplies by act'(a) at the centre and reduces the activation's scalar grads.
         pid_bh = tl.program_id(0)
-        b = pid_bh // H
-        h = pid_bh % H
-        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        b = pid_bh // n_htiles
+        r = tl.arange(0, BLOCK_H * BLOCK_W)
+        hs = (pid_bh % n_htiles) * BLOCK_H + r // BLOCK_W
+        ws = tl.program_id(1) * BLOCK_W + r % BLOCK_W
         cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         PAD: tl.constexpr = K // 2
-        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
         if ACT_IN:
             s = tl.load(AS).to(tl.float32)
             sb = tl.load(AB).to(tl.float32)
         xb = X + b.to(tl.int64) * sxb
         for kh in tl.static_range(K):
             if FLIP:
-                hh = h + PAD - kh
+                hh = hs + PAD - kh
             else:
-                hh = h + kh - PAD
+                hh = hs + kh - PAD
             hval = (hh >= 0) & (hh < H)
             for kw in tl.static_range(K):
                 if FLIP:
@@ -54,71 +56,85 @@ def _load(triton, tl):
                 else:
                     ww = ws + kw - PAD
                 m = (hval & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
-                v = tl.load(xb + hh * sxh + ww[:, None] * sxw + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                v = tl.load(xb + (hh * sxh + ww * sxw)[:, None] + cs[None, :], mask=m, other=0.0).to(tl.float32)
                 if ACT_IN:
-                    r = tl.maximum(v, 0.0)
-                    v = tl.where(m, s * r * r + sb, 0.0)
+                    rl = tl.maximum(v, 0.0)
+                    v = tl.where(m, s * rl * rl + sb, 0.0)
                 wv = tl.load(Wt + cs * (K * K) + (kh * K + kw), mask=cmask, other=0.0).to(tl.float32)
                 acc += v * wv[None, :]
         if HAS_BIAS:
             acc += tl.load(Bs + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        om = (ws < W)[:, None] & cmask[None, :]
+        om = ((hs < H) & (ws < W))[:, None] & cmask[None, :]
         if ACT_GRAD:
             s2 = tl.load(AS).to(tl.float32)
-            a = tl.load(A + b.to(tl.int64) * sab + h * sah + ws[:, None] * saw + cs[None, :], mask=om,
+            a = tl.load(A + b.to(tl.int64) * sab + (hs * sah + ws * saw)[:, None] + cs[None, :], mask=om,
                         other=0.0).to(tl.float32)
-            r = tl.maximum(a, 0.0)
+            rl = tl.maximum(a, 0.0)
             lin = tl.program_id(0) * tl.num_programs(1) * tl.num_programs(2) + \
                 tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
-            tl.store(PS + lin, tl.sum(tl.sum(acc * r * r, axis=1), axis=0))
+            tl.store(PS + lin, tl.sum(tl.sum(acc * rl * rl, axis=1), axis=0))
             tl.store(PB + lin, tl.sum(tl.sum(tl.where(om, acc, 0.0), axis=1), axis=0))
-            acc = 2.0 * s2 * r * acc
-        tl.store(Y + b.to(tl.int64) * syb + h * syh + ws[:, None] * syw + cs[None, :],
+            acc = 2.0 * s2 * rl * acc
+        tl.store(Y + b.to(tl.int64) * syb + (hs * syh + ws * syw)[:, None] + cs[None, :],
                  acc.to(Y.dtype.element_ty), mask=om)
 
     return conv
 
 
-def _tiles(W: int, C: int):
-    return min(16, next_pow2(W)), min(64, next_pow2(C))
+Tiles = tuple[int, int, int, int]  # (BLOCK_H, BLOCK_W, BLOCK_C, num_warps)
+
+
+def _tiles(H: int, W: int, C: int) -> Tiles:
+    """Default launch tiles: 2 rows x 8 columns x 128 channels was the fastest of 12 tiles at ConvFormer
+    and MambaOut shapes on an H100 (``bench/dwconv_sweep.py``; 1.6x-2x the 1x16x64 tile it replaced)."""
+    return min(2, H), min(8, next_pow2(W)), min(128, next_pow2(C)), 4
+
+
+def _grid(B: int, H: int, W: int, C: int, tiles: Tiles) -> tuple[tuple[int, int, int], int]:
+    bh, bw, bc, _ = tiles
+    n_h = cdiv(H, bh)
+    return (B * n_h, cdiv(W, bw), cdiv(C, bc)), n_h
 
 
 def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
-                 act_bias: Optional[Tensor]) -> Tensor:
+                 act_bias: Optional[Tensor], tiles: Optional[Tiles] = None) -> Tensor:
     """Launch the forward conv on an NHWC ``x`` (last dim unit-stride); returns a contiguous NHWC map."""
     conv = _load()
     B, H, W, C = x.shape
     K = weight.shape[-1]
     y = torch.empty((B, H, W, C), dtype=x.dtype, device=x.device)
-    bw, bc = _tiles(W, C)
+    tiles = tiles or _tiles(H, W, C)
+    grid, n_h = _grid(B, H, W, C, tiles)
     act = act_scale is not None
-    conv[(B * H, cdiv(W, bw), cdiv(C, bc))](
+    conv[grid](
         x, weight, bias if bias is not None else x, act_scale if act else x,
-        act_bias if act else x, y, x, x, x, H, W, C, x.stride(0), x.stride(1), x.stride(2),
+        act_bias if act else x, y, x, x, x, H, W, C, n_h, x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2), 0, 0, 0,
         K=K, FLIP=False, HAS_BIAS=bias is not None, ACT_IN=act, ACT_GRAD=False,
-        BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
+        BLOCK_H=tiles[0], BLOCK_W=tiles[1], BLOCK_C=tiles[2], num_warps=tiles[3])
     return y
 
 
 def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
-                  act_bias: Optional[Tensor], dx: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                  act_bias: Optional[Tensor], dx: Tensor, tiles: Optional[Tiles] = None
+                  ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Write the input gradient into ``dx`` (any NHWC strides); return (dweight, dbias, dact_scale, dact_bias)."""
     conv = _load()
     B, H, W, C = x.shape
     K = weight.shape[-1]
     g = g.contiguous()
-    bw, bc = _tiles(W, C)
+    tiles = tiles or _tiles(H, W, C)
+    grid, n_h = _grid(B, H, W, C, tiles)
     act = act_scale is not None
-    grid = (B * H, cdiv(W, bw), cdiv(C, bc))
     n_prog = grid[0] * grid[1] * grid[2]
     ps = torch.empty(n_prog if act else 0, dtype=torch.float32, device=x.device)
     pb = torch.empty_like(ps)
     conv[grid](
         g, weight, g, act_scale if act else g, act_bias if act else g, dx, x, ps if act else g,
-        pb if act else g, H, W, C, g.stride(0), g.stride(1), g.stride(2), dx.stride(0), dx.stride(1),
+        pb if act else g, H, W, C, n_h, g.stride(0), g.stride(1), g.stride(2), dx.stride(0), dx.stride(1),
         dx.stride(2), x.stride(0), x.stride(1), x.stride(2),
-        K=K, FLIP=True, HAS_BIAS=False, ACT_IN=False, ACT_GRAD=act, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
+        K=K, FLIP=True, HAS_BIAS=False, ACT_IN=False, ACT_GRAD=act,
+        BLOCK_H=tiles[0], BLOCK_W=tiles[1], BLOCK_C=tiles[2], num_warps=tiles[3])
     # Weight (and bias) gradient: a reduction over the whole batch, where cuDNN's depthwise kernel
     # beats a Triton reduction; it needs the activated input, recomputed here instead of stored.
     a = star_relu_apply(x, act_scale, act_bias) if act else x
@@ -142,7 +158,7 @@ def _(x, weight, bias, act_scale, act_bias):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("metazoo::dwconv_bwd", mutates_args=())
+@backward_op("metazoo::dwconv_bwd")
 def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
             act_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import dwconv
 from ._layout import cdiv, next_pow2
-from ._autograd import eager_or_op, grad_as
+from ._autograd import backward_op, eager_or_op, grad_as
 from ._linear import project, project_backward
 from .dispatch import lazy_triton, resolve
 
@@ -91,7 +91,7 @@ def _(u, weight, bias, hidden):
     return u.new_empty((*u.shape[:-1], hidden))
 
 
-@torch.library.custom_op("metazoo::gated_dwconv_bwd", mutates_args=())
+@backward_op("metazoo::gated_dwconv_bwd")
 def _bwd_op(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> tuple[Tensor, Tensor, Tensor]:
     cc = weight.shape[0]
     c = _conv_part(u, cc)
@@ -169,7 +169,7 @@ def _(u, weight, bias, hidden, fc_weight, fc_bias):
     return u.new_empty((*u.shape[:-1], fc_weight.shape[0]))
 
 
-@torch.library.custom_op("metazoo::gated_dwconv_linear_bwd", mutates_args=())
+@backward_op("metazoo::gated_dwconv_linear_bwd")
 def _lin_bwd_op(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                 has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     h = _fwd_impl(u, weight, bias, hidden)  # recomputed, never saved

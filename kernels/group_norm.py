@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
-from ._autograd import eager_or_op
+from ._autograd import backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 
 _FLAT = 4096
@@ -132,7 +132,7 @@ def _(x, weight, bias, eps, mean, var):
     return torch.empty_like(x), x.new_empty(B, dtype=torch.float32), x.new_empty(B, dtype=torch.float32)
 
 
-@torch.library.custom_op("metazoo::group_norm1_bwd", mutates_args=())
+@backward_op("metazoo::group_norm1_bwd")
 def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _, _, bwd_reduce, bwd_apply = _load()
     B, C = x.shape[0], x.shape[-1]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2, param_grid
-from ._autograd import eager_or_op, grad_as
+from ._autograd import backward_op, eager_or_op, grad_as
 from .dispatch import lazy_triton, resolve
 
 
@@ -167,7 +167,7 @@ def _(x, y, rs, ls, weight, bias, eps):
     return out, n, mean, x.new_empty(M if has_norm else 0, dtype=torch.float32)
 
 
-@torch.library.custom_op("metazoo::norm_residual_bwd", mutates_args=())
+@backward_op("metazoo::norm_residual_bwd")
 def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor],
             out: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor],
             has_bias: bool, mean: Tensor, rstd: Tensor, has_y: bool, x_dtype: torch.dtype, y_dtype: torch.dtype

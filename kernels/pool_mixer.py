@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
-from ._autograd import eager_or_op
+from ._autograd import backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 from .group_norm import sample_moments
 
@@ -178,7 +178,7 @@ def _(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
     return torch.empty_like(x), vec(), vec(), vec(), vec()
 
 
-@torch.library.custom_op("metazoo::pool_mixer_bwd", mutates_args=())
+@backward_op("metazoo::pool_mixer_bwd")
 def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor, ls: Optional[Tensor],
             rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, bwd_reduce, bwd_apply = _load()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._layout import cdiv, param_grid
-from ._autograd import eager_or_op
+from ._autograd import backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 
 _BLOCK = 2048
@@ -73,7 +73,7 @@ def _(x, scale, bias):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("metazoo::star_relu_bwd", mutates_args=())
+@backward_op("metazoo::star_relu_bwd")
 def _bwd_op(g: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = _load()
     n_tiles = cdiv(x.numel(), _BLOCK)

@@ -306,6 +306,27 @@ def test_custom_ops_trace_without_graph_breaks():
         assert rel_err(t, e) < 1e-5
 
 
+def test_backward_op_is_direct_in_eager_and_registered_when_traced():
+    """Eager backward passes call a kernel's backward implementation directly (no torch.library
+    dispatch cost); fake-tensor tracing still goes through the registered op and its fake impl."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from metazoo.kernels._autograd import BackwardOp
+
+    calls = []
+
+    def impl(g: torch.Tensor, k: int) -> torch.Tensor:
+        calls.append(type(g).__name__)
+        return g * k
+
+    op = BackwardOp("metazoo_test::scale_bwd", impl)
+    op.register_fake(lambda g, k: torch.empty_like(g))
+    assert torch.equal(op(torch.ones(3), 2), torch.full((3,), 2.0)) and calls == ["Tensor"]
+    with FakeTensorMode():
+        out = op(torch.ones(3), 2)
+    assert calls == ["Tensor"] and tuple(out.shape) == (3,)
+
+
 def _blocks():
     from torch import nn
 

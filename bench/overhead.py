@@ -1,0 +1,88 @@
+"""Host-side cost of a training step (GPU): where eager time goes when the GPU is not the bottleneck.
+
+At a tiny batch the GPU finishes each kernel long before Python issues the next, so a training
+step's wall time is its host overhead. Reports, for ours and timm: ms per training step at
+``--batch`` x ``--size`` px; and a cProfile table (functions by own time) of ours, written to
+``overhead.txt`` under ``--out``.
+
+    python bench/overhead.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models import MODELS, build
+
+
+def make_step(model, batch: int, size: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def step_ms(step, iters: int) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--top", type=int, default=45)
+    args = ap.parse_args()
+    rows, report = [], io.StringIO()
+    for name in args.models.split(","):
+        row = dict(model=name)
+        for impl in ("ours_eager", "timm_eager"):
+            model = build(name, impl).train()
+            step = make_step(model, args.batch, args.size)
+            row[impl] = step_ms(step, args.iters)
+            if impl == "ours_eager":
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+                prof.disable()
+                report.write(f"### {name} ours_eager: 5 training steps, batch {args.batch}, {args.size} px\n")
+                pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(args.top)
+            del model, step
+        print(f"{name}: host ms/step ours {row['ours_eager']:.2f}, timm {row['timm_eager']:.2f}", flush=True)
+        rows.append(row)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "overhead.txt"), "w") as f:
+        f.write(report.getvalue())
+    with open(os.path.join(args.out, "overhead.json"), "w") as f:
+        json.dump(dict(batch=args.batch, size=args.size, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
