@@ -62,10 +62,10 @@ def bench_inference(model, batch: int, warmup: int, iters: int) -> float:
     return batch * iters / _sync_time(step, iters)
 
 
-def bench_train(model, batch: int, warmup: int, iters: int) -> tuple[float, float]:
-    model.train()
+def make_train_step(model, batch: int, size: int = 224):
+    """One AdamW training step (bf16 autocast, cross-entropy) on a fixed channels_last batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device="cuda")
 
     def step():
@@ -75,6 +75,12 @@ def bench_train(model, batch: int, warmup: int, iters: int) -> tuple[float, floa
         loss.backward()
         opt.step()
 
+    return step
+
+
+def bench_train(model, batch: int, warmup: int, iters: int) -> tuple[float, float]:
+    model.train()
+    step = make_train_step(model, batch)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -138,16 +144,7 @@ def profile(out_dir: str, names, impl: str) -> None:
     with open(os.path.join(out_dir, f"profile_{impl}.txt"), "w") as f:
         for name in names:
             model = build(name, impl).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            x = torch.randn(128, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-            y = torch.randint(0, 1000, (128,), device="cuda")
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    F.cross_entropy(model(x), y).backward()
-                opt.step()
-
+            step = make_train_step(model, 128)
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -157,7 +154,7 @@ def profile(out_dir: str, names, impl: str) -> None:
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
             f.write(f"### {name} ({impl}): one training step, batch 128, bf16 autocast, channels_last\n{table}\n\n")
             print(f"### {name}\n{table}", flush=True)
-            del model, opt
+            del model, step
 
 
 def markdown(rows: list[dict], checks: dict) -> str:

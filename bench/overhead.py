@@ -18,24 +18,8 @@ import pstats
 import time
 
 import torch
-import torch.nn.functional as F
 
-from models import MODELS, build
-
-
-def make_step(model, batch: int, size: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-
-    return step
+from models import MODELS, build, make_train_step
 
 
 def step_ms(step, iters: int) -> float:
@@ -63,7 +47,7 @@ def main():
         row = dict(model=name)
         for impl in ("ours_eager", "timm_eager"):
             model = build(name, impl).train()
-            step = make_step(model, args.batch, args.size)
+            step = make_train_step(model, args.batch, args.size)
             row[impl] = step_ms(step, args.iters)
             if impl == "ours_eager":
                 prof = cProfile.Profile()
