@@ -31,7 +31,7 @@ def project_backward(dy: Tensor, a: Tensor, weight: Tensor, has_bias: bool, chan
             da, dw, db = torch.ops.aten.convolution_backward(
                 dy, a, w, [w.shape[0]] if has_bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                 [True, True, has_bias])
-            dw = dw.to(f32).clone(memory_format=torch.contiguous_format)
+            dw = dw.to(f32, memory_format=torch.contiguous_format)
             db = db.to(f32) if has_bias else None
         else:
             dy_rows = dy.reshape(-1, w.shape[0])
