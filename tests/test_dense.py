@@ -359,3 +359,35 @@ def test_default_detect_command_reaches_box_ap50(tmp_path):
 def test_default_segment_command_reaches_miou(tmp_path):
     metrics = _run_app("metazoo.train.segment", tmp_path)
     assert metrics["mIoU"] >= 60.0, metrics  # mmseg reports percent
+
+
+def test_dense_bench_summarizes_mmengine_logs(tmp_path):
+    """Median iteration time without the warm-up interval, peak memory, last loss, final metrics."""
+    from metazoo.train.dense_bench import markdown, summarize
+
+    lines = [dict(loss=3.0, time=9.0, memory=900, iter=1), dict(loss=2.0, time=1.0, memory=1000, iter=2),
+             dict(loss=1.5, time=3.0, memory=950, iter=3), dict(loss=1.0, time=2.0, memory=990, iter=4),
+             {"coco/bbox_mAP_50": 0.4, "coco/segm_mAP_50": 0.3, "step": 4}]
+    f = tmp_path / "scalars.json"
+    f.write_text("\n".join(json.dumps(x) for x in lines))
+    s = summarize(f, "detect")
+    assert s["s_per_iter"] == 2.0 and s["peak_memory_mb"] == 1000 and s["last_loss"] == 1.0
+    assert s["metrics"] == {"coco/bbox_mAP_50": 0.4, "coco/segm_mAP_50": 0.3}
+    fast = dict(s, s_per_iter=1.0)
+    assert "| detect | triton | 1.000 | 2.00x | 1000 |" in markdown({"detect/torch": s, "detect/triton": fast})
+
+
+def test_dense_bench_command_runs_both_tasks(tmp_path):
+    """The kernels on/off tool drives the real Hydra apps (here the reference kernels, 4 iterations)."""
+    env = dict(os.environ, WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, "-m", "metazoo.train.dense_bench", "--out", str(tmp_path),
+                          "--backends", "torch", "--iters", "4"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads((tmp_path / "dense_bench.json").read_text())["runs"]
+    assert set(runs) == {"detect/torch", "segment/torch"}
+    assert runs["detect/torch"]["iters_logged"] == 4 and "coco/bbox_mAP_50" in runs["detect/torch"]["metrics"]
+    assert runs["segment/torch"]["s_per_iter"] > 0 and "mIoU" in runs["segment/torch"]["metrics"]
+    bad = subprocess.run([sys.executable, "-m", "metazoo.train.dense_bench", "--out", str(tmp_path),
+                          "--backends", "cuda"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "--backends='cuda'" in bad.stderr and "torch, triton" in bad.stderr
