@@ -23,17 +23,40 @@ def _load(triton, tl):
     """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
-    def moments(X, P1, P2, N, BLOCK: tl.constexpr):
+    def moments(X, P, N, BLOCK: tl.constexpr):
         # Shifted sums (pivot = the sample's first element) keep E[x^2]-E[x]^2 well conditioned.
+        # Per sample b: the n tile sums of d, then the n tile sums of d*d.
         b = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         base = X + b.to(tl.int64) * N
         pivot = tl.load(base).to(tl.float32)
         d = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - pivot, 0.0)
-        lin = b * tl.num_programs(1) + tl.program_id(1)
-        tl.store(P1 + lin, tl.sum(d, axis=0))
-        tl.store(P2 + lin, tl.sum(d * d, axis=0))
+        n = tl.num_programs(1)
+        out = P + b * 2 * n + tl.program_id(1)
+        tl.store(out, tl.sum(d, axis=0))
+        tl.store(out + n, tl.sum(d * d, axis=0))
+
+    @triton.jit
+    def finalize(P, PIV, MEAN, VAR, RSTD, n, sp, se, s2, spiv, inv_n, eps, HAS_RSTD: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        # Sample b: n partial sums of (v - pivot) at P + b*sp + i*se and of (v - pivot)^2 at + s2
+        # -> mean, biased variance (and 1/sqrt(var + eps)) of v.
+        b = tl.program_id(0)
+        base = P + b.to(tl.int64) * sp
+        a1 = tl.zeros([BLOCK], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            m = i < n
+            a1 += tl.load(base + i * se, mask=m, other=0.0)
+            a2 += tl.load(base + s2 + i * se, mask=m, other=0.0)
+        m1 = tl.sum(a1, axis=0) * inv_n
+        var = tl.maximum(tl.sum(a2, axis=0) * inv_n - m1 * m1, 0.0)
+        tl.store(MEAN + b, tl.load(PIV + b.to(tl.int64) * spiv).to(tl.float32) + m1)
+        tl.store(VAR + b, var)
+        if HAS_RSTD:
+            tl.store(RSTD + b, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
     def apply(X, MEAN, RSTD, W, B, Y, N, C, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
@@ -80,8 +103,13 @@ def _load(triton, tl):
         tl.store(PC + lin * 2 * C + C + cols, a_g, mask=cmask)
 
     @triton.jit
-    def bwd_apply(G, X, MEAN, RSTD, W, SA, SB, DX, N, C, BLOCK: tl.constexpr):
+    def bwd_apply(G, X, MEAN, RSTD, W, PS, n_chunks, inv_n, DX, N, C, BLOCK: tl.constexpr, BLOCK_CH: tl.constexpr):
+        # The sample's sums of w*g and w*g*xhat come from bwd_reduce's per-chunk partials.
         s = tl.program_id(0)
+        ch = tl.arange(0, BLOCK_CH)
+        part = PS + s * n_chunks * 2 + ch * 2
+        sa = tl.sum(tl.load(part, mask=ch < n_chunks, other=0.0), axis=0) * inv_n
+        sb = tl.sum(tl.load(part + 1, mask=ch < n_chunks, other=0.0), axis=0) * inv_n
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         c = offs % C
@@ -89,38 +117,54 @@ def _load(triton, tl):
         rstd = tl.load(RSTD + s)
         xhat = (tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(MEAN + s)) * rstd
         wg = tl.load(G + base + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-        dx = rstd * (wg - tl.load(SA + s) - xhat * tl.load(SB + s))
+        dx = rstd * (wg - sa - xhat * sb)
         tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
-    return (moments, apply, bwd_reduce, bwd_apply)
+    return (moments, apply, bwd_reduce, bwd_apply, finalize)
 
 
-def sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample (mean, biased variance) in fp32 of a contiguous (B, ...) tensor, by Triton partial sums."""
+def finish_moments(parts: Tensor, B: int, n: int, sample_stride: int, elem_stride: int, second: int,
+                   pivot: Tensor, pivot_stride: int, N: int, eps: Optional[float] = None
+                   ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Per-sample fp32 (mean, var, rstd or None) of a value from ``n`` partial sums per sample of
+    ``v - pivot`` (at ``parts + b*sample_stride + i*elem_stride``) and of its square (``+ second``),
+    over ``N`` values; one launch instead of a chain of small reductions on the host."""
+    finalize = _load()[4]
+    f32 = torch.float32
+    mean = torch.empty(B, dtype=f32, device=parts.device)
+    var = torch.empty(B, dtype=f32, device=parts.device)
+    rstd = torch.empty(B, dtype=f32, device=parts.device) if eps is not None else None
+    finalize[(B,)](parts, pivot, mean, var, rstd if rstd is not None else var, n, sample_stride, elem_stride,
+                   second, pivot_stride, 1.0 / N, float(eps or 0.0), HAS_RSTD=rstd is not None,
+                   BLOCK=min(1024, next_pow2(n)), num_warps=4)
+    return mean, var, rstd
+
+
+def sample_moments(x: Tensor, eps: Optional[float] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Per-sample fp32 (mean, biased variance, ``rsqrt(var + eps)`` when ``eps`` is given) of a
+    contiguous (B, ...) tensor: Triton tile sums, then one finishing launch."""
     moments = _load()[0]
     B = x.shape[0]
     N = x.numel() // B
     n_tiles = cdiv(N, _FLAT)
-    p1 = torch.empty((B, n_tiles), dtype=torch.float32, device=x.device)
-    p2 = torch.empty_like(p1)
-    moments[(B, n_tiles)](x, p1, p2, N, BLOCK=_FLAT, num_warps=8)
-    pivot = x.reshape(B, -1)[:, 0].float()
-    m1 = p1.sum(1) / N
-    return pivot + m1, (p2.sum(1) / N - m1 * m1).clamp_min(0.0)
+    parts = torch.empty((B, 2, n_tiles), dtype=torch.float32, device=x.device)
+    moments[(B, n_tiles)](x, parts, N, BLOCK=_FLAT, num_warps=8)
+    return finish_moments(parts, B, n_tiles, 2 * n_tiles, 1, n_tiles, x, N, N, eps)
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean: Optional[Tensor],
             var: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     apply = _load()[1]
     if mean is None or var is None:
-        mean, var = sample_moments(x)
-    rstd = torch.rsqrt(var + eps)
+        mean, _, rstd = sample_moments(x, eps)
+    else:
+        mean, rstd = mean.clone(), torch.rsqrt(var + eps)  # outputs must not alias the inputs
     y = torch.empty_like(x)
     B, C = x.shape[0], x.shape[-1]
     N = x.numel() // B
     apply[(B, cdiv(N, _FLAT))](x, mean, rstd, weight, bias if bias is not None else weight, y, N, C,
                                HAS_B=bias is not None, BLOCK=_FLAT, num_warps=8)
-    return y, mean.clone(), rstd
+    return y, mean, rstd
 
 
 _fwd_op = torch.library.custom_op("metazoo::group_norm1_fwd", mutates_args=())(_fwd_impl)
@@ -134,7 +178,7 @@ def _(x, weight, bias, eps, mean, var):
 
 @backward_op("metazoo::group_norm1_bwd")
 def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _, _, bwd_reduce, bwd_apply = _load()
+    _, _, bwd_reduce, bwd_apply, _ = _load()
     B, C = x.shape[0], x.shape[-1]
     N = x.numel() // B
     HW = N // C
@@ -147,10 +191,9 @@ def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) ->
     pc = torch.empty((B, chunks, 2, C), dtype=torch.float32, device=x.device)
     bwd_reduce[(B, chunks)](g, x, mean, rstd, weight, ps, pc, HW, C, rows_per_prog, BLOCK_R=br, BLOCK_C=bc,
                             num_warps=4)
-    sums = ps.sum(1) / N
     dx = torch.empty_like(x)
-    bwd_apply[(B, cdiv(N, _FLAT))](g, x, mean, rstd, weight, sums[:, 0].contiguous(), sums[:, 1].contiguous(),
-                                   dx, N, C, BLOCK=_FLAT, num_warps=8)
+    bwd_apply[(B, cdiv(N, _FLAT))](g, x, mean, rstd, weight, ps, chunks, 1.0 / N, dx, N, C, BLOCK=_FLAT,
+                                   BLOCK_CH=next_pow2(chunks), num_warps=8)
     return dx, pc[:, :, 0].sum((0, 1)), pc[:, :, 1].sum((0, 1))
 
 

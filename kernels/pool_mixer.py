@@ -16,7 +16,7 @@ from torch import Tensor
 from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
 from ._autograd import backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
-from .group_norm import sample_moments
+from .group_norm import finish_moments, sample_moments
 
 
 @lazy_triton
@@ -149,8 +149,7 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
 def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
             rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     fwd = _load()[0]
-    mean, var = sample_moments(x)
-    rstd = torch.rsqrt(var + eps)
+    mean, _, rstd = sample_moments(x, eps)
     grid, bw, bc = _grid(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ps = torch.empty((grid[0], grid[1] * grid[2], 2), dtype=torch.float32, device=x.device)
@@ -158,10 +157,8 @@ def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: 
               x.shape[3], P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
               num_warps=4)
     B = x.shape[0]
-    N = x.numel() // B
-    m = ps.view(B, -1, 2).sum(1) / N
-    out_mean = mean + m[:, 0]
-    out_var = (m[:, 1] - m[:, 0] * m[:, 0]).clamp_min(0.0)
+    n = ps.numel() // (2 * B)  # partials per sample, (sum, sum of squares) of out - mean interleaved
+    out_mean, out_var, _ = finish_moments(ps, B, n, 2 * n, 2, 1, mean, 1, x.numel() // B)
     return out, mean, rstd, out_mean, out_var
 
 

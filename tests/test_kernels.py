@@ -393,3 +393,22 @@ def test_model_kernels_on_equals_off():
         with dispatch.use_backend("torch"):
             y_r = model(x)
     assert rel_err(y_k, y_r) < 1e-5
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_finish_moments_reduces_many_partials(interleaved):
+    """Moments from partial sums (more partials than one block, both layouts the kernels write)
+    equal the float64 moments of the values they summarize."""
+    from metazoo.kernels.group_norm import finish_moments
+
+    B, n, per = 3, 2500, 7
+    v = torch.randn(B, n, per, dtype=torch.float64) * 2 + 5
+    pivot = v[:, 0, 0].float()
+    d = v - pivot.double()[:, None, None]
+    s1, s2 = d.sum(-1), (d * d).sum(-1)
+    parts = (torch.stack([s1, s2], -1) if interleaved else torch.stack([s1, s2], 1)).float().contiguous()
+    layout = (2 * n, 2, 1) if interleaved else (2 * n, 1, n)
+    mean, var, rstd = finish_moments(parts, B, n, *layout, pivot, 1, n * per, eps=1e-5)
+    ref_var, ref_mean = torch.var_mean(v.reshape(B, -1), dim=1, unbiased=False)
+    assert rel_err(mean, ref_mean) < 1e-6 and rel_err(var, ref_var) < 1e-5
+    assert rel_err(rstd, (ref_var + 1e-5).rsqrt()) < 1e-5
