@@ -132,7 +132,8 @@ def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional
     fwd, _ = _load()
     C = x.shape[-1]
     M = x.numel() // C
-    dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
+    # (promote_types is itself a dispatched op: skip it in the common same-dtype case)
+    dtype = x.dtype if y is None or y.dtype == x.dtype else torch.promote_types(x.dtype, y.dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device) if y is not None else x.new_empty(0)
     has_norm = weight is not None
     n = torch.empty(x.shape, dtype=dtype, device=x.device) if has_norm else x.new_empty(0)
