@@ -136,7 +136,7 @@ def finish_moments(parts: Tensor, B: int, n: int, sample_stride: int, elem_strid
     rstd = torch.empty(B, dtype=f32, device=parts.device) if eps is not None else None
     finalize[(B,)](parts, pivot, mean, var, rstd if rstd is not None else var, n, sample_stride, elem_stride,
                    second, pivot_stride, 1.0 / N, float(eps or 0.0), HAS_RSTD=rstd is not None,
-                   BLOCK=min(1024, next_pow2(n)), num_warps=4)
+                   BLOCK=max(16, min(1024, next_pow2(n))), num_warps=4)
     return mean, var, rstd
 
 
@@ -193,7 +193,7 @@ def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) ->
                             num_warps=4)
     dx = torch.empty_like(x)
     bwd_apply[(B, cdiv(N, _FLAT))](g, x, mean, rstd, weight, ps, chunks, 1.0 / N, dx, N, C, BLOCK=_FLAT,
-                                   BLOCK_CH=next_pow2(chunks), num_warps=8)
+                                   BLOCK_CH=max(16, next_pow2(chunks)), num_warps=8)
     return dx, pc[:, :, 0].sum((0, 1)), pc[:, :, 1].sum((0, 1))
 
 
