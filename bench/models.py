@@ -229,9 +229,8 @@ def main():
         profile(args.out, names, args.profile)
         return
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                infer_batch=args.infer_batch,
-                train_batch=args.train_batch, iters=args.iters, warmup=args.warmup, dtype="bf16 autocast",
-                memory_format="channels_last", kernels=os.environ.get("METAZOO_KERNELS", "auto"))
+                infer_batch=args.infer_batch, train_batch=args.train_batch, iters=args.iters, warmup=args.warmup,
+                dtype="bf16 autocast", memory_format="channels_last", kernels=os.environ.get("METAZOO_KERNELS", "auto"))
     checks = {}
     if args.check:
         for name in names:

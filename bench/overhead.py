@@ -15,22 +15,17 @@ import io
 import json
 import os
 import pstats
-import time
 
 import torch
 
-from models import MODELS, build, make_train_step
+from models import MODELS, _sync_time, build, make_train_step
 
 
 def step_ms(step, iters: int) -> float:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters * 1e3
+    return _sync_time(step, iters) / iters * 1e3
 
 
 def main():
