@@ -417,7 +417,20 @@ def _kernel_module(case: str) -> str | None:
     return None
 
 
-def _dense_configs(names: list[str]) -> list[str]:
+def _dense_gpu_run(names: list[str], bench: dict) -> list[str]:
+    """The measured dense-task GPU run (``bench/results/dense_gpu.json``) when its backbone is in this family."""
+    from metazoo.train.dense_bench import markdown
+
+    raw = (bench.get("dense_gpu.json") or {}).get("raw") or {}
+    m = raw.get("meta", {})
+    if m.get("model_name") not in names:
+        return []
+    return ["", f"Measured on {m['device']} (`bench/results/dense_gpu.json`, {m['date']}, {m['dtype']}, "
+            f"`{m['model_name']}` from scratch, `python -m metazoo.train.dense_bench`, Triton kernels on vs off): "
+            f"{m['detect']}; {m['segment']}.", "", *markdown(raw["runs"]).splitlines()]
+
+
+def _dense_configs(names: list[str], bench: dict) -> list[str]:
     import yaml
     out = []
     for task in ("detect", "segment"):
@@ -435,7 +448,8 @@ def _dense_configs(names: list[str]) -> list[str]:
                            + (f" Presets: {', '.join(f'`{p}`' for p in presets)}." if presets else ""))
     return ["## Dense-task configs", ""] + (out or ["None yet."]) + [
         "", "A backbone config combines with any head in `configs/<task>/model/`: `python -m metazoo.train.<detect|segment> "
-        "--config-name <preset> <task>/backbone=<name>`; other variants of the family by `backbone.model_name=...`.", ""]
+        "--config-name <preset> <task>/backbone=<name>`; other variants of the family by `backbone.model_name=...`."
+    ] + _dense_gpu_run(names, bench) + [""]
 
 
 def _choices(facts: dict) -> list[str]:
@@ -487,7 +501,7 @@ def render_card(fam: str, reg: dict, bench: dict) -> str:
     out += _equivalence_section(fam, names, facts, reg, bench)
     out += _kernel_section(names, reg, bench)
     out += _bench_section(fam, names, bench)
-    out += _dense_configs(names)
+    out += _dense_configs(names, bench)
     out += _choices(facts)
     return "\n".join(out).rstrip() + "\n"
 

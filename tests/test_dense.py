@@ -365,16 +365,17 @@ def test_dense_bench_summarizes_mmengine_logs(tmp_path):
     """Median iteration time without the warm-up interval, peak memory, last loss, final metrics."""
     from metazoo.train.dense_bench import markdown, summarize
 
-    lines = [dict(loss=3.0, time=9.0, memory=900, iter=1), dict(loss=2.0, time=1.0, memory=1000, iter=2),
+    lines = [dict(loss=3.0, time=9.0, memory=1200, iter=1), dict(loss=2.0, time=1.0, memory=1000, iter=2),
              dict(loss=1.5, time=3.0, memory=950, iter=3), dict(loss=1.0, time=2.0, memory=990, iter=4),
              {"coco/bbox_mAP_50": 0.4, "coco/segm_mAP_50": 0.3, "step": 4}]
     f = tmp_path / "scalars.json"
     f.write_text("\n".join(json.dumps(x) for x in lines))
     s = summarize(f, "detect")
-    assert s["s_per_iter"] == 2.0 and s["peak_memory_mb"] == 1000 and s["last_loss"] == 1.0
+    assert s["s_per_iter"] == 2.0 and s["last_loss"] == 1.0
+    assert s["peak_memory_mb"] == 1200 and s["steady_memory_mb"] == 1000  # steady: warm-up interval left out
     assert s["metrics"] == {"coco/bbox_mAP_50": 0.4, "coco/segm_mAP_50": 0.3}
     fast = dict(s, s_per_iter=1.0)
-    assert "| detect | triton | 1.000 | 2.00x | 1000 |" in markdown({"detect/torch": s, "detect/triton": fast})
+    assert "| detect | triton | 1.000 | 2.00x | 1200 | 1000 |" in markdown({"detect/torch": s, "detect/triton": fast})
 
 
 def test_dense_bench_command_runs_both_tasks(tmp_path):
@@ -391,3 +392,24 @@ def test_dense_bench_command_runs_both_tasks(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "metazoo.train.dense_bench", "--out", str(tmp_path),
                           "--backends", "cuda"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--backends='cuda'" in bad.stderr and "torch, triton" in bad.stderr
+
+
+def test_mmcv_cuda_subset_cuts_only_the_named_registrations():
+    """The GPU bench's mmcv build keeps the nms / RoIAlign CUDA blocks of cudabind.cpp, nothing else,
+    and stops with a message when the file does not have the expected blocks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mmcv_cuda_subset", Path(__file__).parents[1] / "bench" / "mmcv_cuda_subset.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    nms = ("Tensor NMSCUDAKernelLauncher(Tensor boxes, Tensor scores, float t, int o);\n"
+           "Tensor nms_cuda(Tensor b, Tensor s, float t, int o) { return NMSCUDAKernelLauncher(b, s, t, o); }\n"
+           "REGISTER_DEVICE_IMPL(nms_impl, CUDA, nms_cuda);")
+    roi = ("void ROIAlignForwardCUDAKernelLauncher(Tensor input);\nvoid roi_align_backward_impl(Tensor g);\n"
+           "REGISTER_DEVICE_IMPL(roi_align_forward_impl, CUDA, roi_align_forward_cuda);\n"
+           "REGISTER_DEVICE_IMPL(roi_align_backward_impl, CUDA,\n                     roi_align_backward_cuda);")
+    other = "void DeformConvForwardCUDAKernelLauncher(Tensor x);\nREGISTER_DEVICE_IMPL(deform_conv_impl, CUDA, dc_cuda);"
+    out = mod.subset_bindings("\n\n".join([other, nms, other, roi, other]))
+    assert nms in out and roi in out and "DeformConv" not in out
+    with pytest.raises(SystemExit, match="cudabind.cpp: no block"):
+        mod.subset_bindings(other + "\n" + nms)

@@ -5,7 +5,9 @@
 with ``METAZOO_KERNELS=<backend>`` and the same Hydra overrides (e.g. ``backbone.model_name=
 mz_convformer_s18``), reads mmengine's ``vis_data/scalars.json`` of each run, and writes
 ``DIR/dense_bench.json`` and a Markdown table: median seconds per iteration (first logged interval
-left out: warm-up), peak memory (mmengine logs it on CUDA only), last training loss, final metrics.
+left out: warm-up), peak memory over the whole run and over the intervals after the first (steady
+state, without warm-up transients such as cuDNN's algorithm search; mmengine logs memory on CUDA
+only), last training loss, final metrics.
 """
 from __future__ import annotations
 
@@ -31,20 +33,23 @@ def summarize(scalars: Path, task: str) -> dict:
         raise ValueError(f"{scalars}: no training iterations logged")
     times = [r["time"] for r in (train[1:] or train)]
     memory = [r["memory"] for r in train if "memory" in r]
+    steady = memory[1:] or memory
     metrics = {}
     for r in rows:
         metrics.update({k: r[k] for k in METRIC_KEYS[task] if k in r})
     return {"s_per_iter": statistics.median(times), "peak_memory_mb": max(memory) if memory else None,
+            "steady_memory_mb": max(steady) if steady else None,
             "last_loss": train[-1]["loss"], "iters_logged": len(train), "metrics": metrics}
 
 
 def markdown(runs: dict) -> str:
-    lines = ["| task | kernels | s/iter | vs torch | peak MB | last loss | metrics |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | kernels | s/iter | vs torch | peak MB | steady MB | last loss | metrics |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, r in runs.items():
         task, backend = key.split("/")
         base = runs.get(f"{task}/torch")
         speed = f"{base['s_per_iter'] / r['s_per_iter']:.2f}x" if base else "-"
-        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        mem = " | ".join(f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("peak_memory_mb", "steady_memory_mb"))
         met = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
         lines.append(f"| {task} | {backend} | {r['s_per_iter']:.3f} | {speed} | {mem} | {r['last_loss']:.3f} | {met} |")
     return "\n".join(lines) + "\n"
