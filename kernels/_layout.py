@@ -6,18 +6,17 @@ import functools
 import torch
 
 
-def channels_last_view(x: torch.Tensor, channels_first: bool) -> torch.Tensor:
-    """Return a contiguous (..., C) tensor: NCHW inputs are permuted (free when already channels_last)."""
-    if channels_first:
-        if x.dim() != 4:
-            raise ValueError(f"channels_first=True expects an NCHW tensor, got shape {tuple(x.shape)}")
-        x = x.permute(0, 2, 3, 1)
-    return x.contiguous()
+def dense_in_layout(x: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """``x`` with its channels innermost in memory: (..., C) rows contiguous, or an NCHW map in
+    channels_last memory. Kernels then index ``row * C + c`` on the tensor itself (no permuted view),
+    and ``torch.empty_like`` gives outputs of the same layout. A copy only when ``x`` is not so."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_first else x.contiguous()
 
 
-def back_to_layout(y: torch.Tensor, channels_first: bool) -> torch.Tensor:
-    """Inverse of :func:`channels_last_view`: an NHWC tensor becomes an NCHW view (channels_last strides)."""
-    return y.permute(0, 3, 1, 2) if channels_first else y
+def nhwc_shape(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, H, W, C) of an NCHW map (read in channels_last memory by the kernels)."""
+    B, C, H, W = x.shape
+    return B, H, W, C
 
 
 def param_grid(n_tiles: int, device: torch.device) -> int:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
+from ._layout import cdiv, dense_in_layout, next_pow2
 from ._autograd import backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 
@@ -160,7 +160,7 @@ def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mea
     else:
         mean, rstd = mean.clone(), torch.rsqrt(var + eps)  # outputs must not alias the inputs
     y = torch.empty_like(x)
-    B, C = x.shape[0], x.shape[-1]
+    B, C = x.shape[0], x.shape[1]
     N = x.numel() // B
     apply[(B, cdiv(N, _FLAT))](x, mean, rstd, weight, bias if bias is not None else weight, y, N, C,
                                HAS_B=bias is not None, BLOCK=_FLAT, num_warps=8)
@@ -179,7 +179,7 @@ def _(x, weight, bias, eps, mean, var):
 @backward_op("metazoo::group_norm1_bwd")
 def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _, _, bwd_reduce, bwd_apply, _ = _load()
-    B, C = x.shape[0], x.shape[-1]
+    B, C = x.shape[0], x.shape[1]
     N = x.numel() // B
     HW = N // C
     bc = next_pow2(C)
@@ -199,7 +199,7 @@ def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) ->
 
 @_bwd_op.register_fake
 def _(g, x, weight, mean, rstd):
-    C = x.shape[-1]
+    C = x.shape[1]
     return torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
 
 
@@ -212,7 +212,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g, g_mean, g_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _bwd_op(g.contiguous(), x, weight, mean, rstd)
+    dx, dw, db = _bwd_op(dense_in_layout(g, True), x, weight, mean, rstd)
     return dx, dw.to(weight.dtype), (db.to(weight.dtype) if ctx.has_bias else None), None, None, None
 
 
@@ -234,5 +234,5 @@ def group_norm1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: f
     if resolve(backend, x) == "torch":
         return group_norm1_ref(x, weight, bias, eps)
     mean, var = moments if moments is not None else (None, None)
-    y, _, _ = _fwd(channels_last_view(x, True), weight, bias, float(eps), mean, var)
-    return back_to_layout(y, True)
+    y, _, _ = _fwd(dense_in_layout(x, True), weight, bias, float(eps), mean, var)
+    return y

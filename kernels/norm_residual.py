@@ -2,7 +2,8 @@
 
 One pass reads the shortcut and the branch and writes both the new residual stream and its
 normalised copy, which the next mixer consumes. Without ``y`` it is a plain LayerNorm; without
-``weight`` it is only the scaled residual. Works on (..., C) rows and on NCHW (channels_last) maps.
+``weight`` it is only the scaled residual. Works on (..., C) rows and on NCHW maps, which it reads in place in channels_last memory (no
+permuted views: each view is a host-side op, and eager training is host-bound).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2, param_grid
+from ._layout import cdiv, dense_in_layout, next_pow2, param_grid
 from ._autograd import backward_op, eager_or_op, grad_as
 from .dispatch import lazy_triton, resolve
 
@@ -128,15 +129,16 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
-            weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            weight: Optional[Tensor], bias: Optional[Tensor], eps: float, channels_first: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fwd, _ = _load()
-    C = x.shape[-1]
+    C = x.shape[1] if channels_first else x.shape[-1]
     M = x.numel() // C
     # (promote_types is itself a dispatched op: skip it in the common same-dtype case)
     dtype = x.dtype if y is None or y.dtype == x.dtype else torch.promote_types(x.dtype, y.dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device) if y is not None else x.new_empty(0)
+    out = torch.empty_like(x, dtype=dtype) if y is not None else x.new_empty(0)
     has_norm = weight is not None
-    n = torch.empty(x.shape, dtype=dtype, device=x.device) if has_norm else x.new_empty(0)
+    n = torch.empty_like(x, dtype=dtype) if has_norm else x.new_empty(0)
     mean = torch.empty(M if has_norm else 0, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     bm, bc, nw = _blocks(C)
@@ -157,13 +159,13 @@ _fwd_op = torch.library.custom_op("metazoo::norm_residual_fwd", mutates_args=())
 
 
 @_fwd_op.register_fake
-def _(x, y, rs, ls, weight, bias, eps):
-    C = x.shape[-1]
+def _(x, y, rs, ls, weight, bias, eps, channels_first):
+    C = x.shape[1] if channels_first else x.shape[-1]
     M = x.numel() // C
     dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
-    out = x.new_empty(x.shape, dtype=dtype) if y is not None else x.new_empty(0)
+    out = torch.empty_like(x, dtype=dtype) if y is not None else x.new_empty(0)
     has_norm = weight is not None
-    n = x.new_empty(x.shape, dtype=dtype) if has_norm else x.new_empty(0)
+    n = torch.empty_like(x, dtype=dtype) if has_norm else x.new_empty(0)
     mean = x.new_empty(M if has_norm else 0, dtype=torch.float32)
     return out, n, mean, x.new_empty(M if has_norm else 0, dtype=torch.float32)
 
@@ -171,20 +173,20 @@ def _(x, y, rs, ls, weight, bias, eps):
 @backward_op("metazoo::norm_residual_bwd")
 def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor],
             out: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor],
-            has_bias: bool, mean: Tensor, rstd: Tensor, has_y: bool, x_dtype: torch.dtype, y_dtype: torch.dtype
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            has_bias: bool, mean: Tensor, rstd: Tensor, has_y: bool, x_dtype: torch.dtype, y_dtype: torch.dtype,
+            channels_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # x / y / out arrive only where backward reads them (scale grads, the norm); shapes come from the grads
     _, bwd = _load()
     ref = g_out if g_out is not None else g_n
-    C = ref.shape[-1]
+    C = ref.shape[1] if channels_first else ref.shape[-1]
     M = ref.numel() // C
     bm, bc, nw = _blocks(C, 1024)
     n_tiles = cdiv(M, bm)
     grid = param_grid(n_tiles, ref.device)
     has_norm = weight is not None and g_n is not None
     has_rs, has_ls = rs is not None and has_y, ls is not None and has_y
-    dx = torch.empty(ref.shape, dtype=x_dtype, device=ref.device)
-    dy = torch.empty(ref.shape, dtype=y_dtype, device=ref.device) if has_y else ref.new_empty(0)
+    dx = torch.empty_like(ref, dtype=x_dtype)
+    dy = torch.empty_like(ref, dtype=y_dtype) if has_y else ref.new_empty(0)
 
     def partial(flag):
         return torch.empty((grid, C) if flag else (0,), dtype=torch.float32, device=ref.device)
@@ -205,23 +207,23 @@ def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor],
 
 
 @_bwd_op.register_fake
-def _(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y, x_dtype, y_dtype):
+def _(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y, x_dtype, y_dtype, channels_first):
     ref = g_out if g_out is not None else g_n
-    C = ref.shape[-1]
+    C = ref.shape[1] if channels_first else ref.shape[-1]
     has_norm = weight is not None and g_n is not None
 
     def vec(flag):
         return ref.new_empty((C,) if flag else (0,), dtype=torch.float32)
 
-    return (torch.empty(ref.shape, dtype=x_dtype, device=ref.device),
-            torch.empty(ref.shape, dtype=y_dtype, device=ref.device) if has_y else ref.new_empty(0),
+    return (torch.empty_like(ref, dtype=x_dtype),
+            torch.empty_like(ref, dtype=y_dtype) if has_y else ref.new_empty(0),
             vec(rs is not None and has_y), vec(ls is not None and has_y), vec(has_norm), vec(has_norm and has_bias))
 
 
 def _setup(ctx, inputs, output):
-    x, y, rs, ls, weight, bias, eps = inputs
+    x, y, rs, ls, weight, bias, eps, channels_first = inputs
     out, n, mean, rstd = output
-    ctx.has_bias, ctx.has_y = bias is not None, y is not None
+    ctx.has_bias, ctx.has_y, ctx.channels_first = bias is not None, y is not None, channels_first
     ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if y is not None else x.dtype)
     # Keep only what backward reads: x for rs's grad, y for ls's grad, the normalised tensor for the norm.
     keep_x = x if y is not None and rs is not None else None
@@ -232,15 +234,16 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_out, g_n, g_mean, g_rstd):
     x, y, out, rs, ls, weight, mean, rstd = ctx.saved_tensors
-    g_out = g_out.contiguous() if ctx.has_y and g_out is not None else None
-    g_n = g_n.contiguous() if weight is not None and g_n is not None else None
+    cf = ctx.channels_first
+    g_out = dense_in_layout(g_out, cf) if ctx.has_y and g_out is not None else None
+    g_n = dense_in_layout(g_n, cf) if weight is not None and g_n is not None else None
     if g_out is None and g_n is None:  # neither output reached the loss
-        return (None,) * 7
+        return (None,) * 8
     dx, dy, drs, dls, dw, db = _bwd_op(g_out, g_n, x, y, out, rs, ls, weight, ctx.has_bias, mean, rstd,
-                                       ctx.has_y, ctx.x_dtype, ctx.y_dtype)
+                                       ctx.has_y, ctx.x_dtype, ctx.y_dtype, cf)
 
     return (dx, dy if ctx.has_y else None, grad_as(drs, rs), grad_as(dls, ls), grad_as(dw, weight),
-            grad_as(db, weight) if ctx.has_bias else None, None)
+            grad_as(db, weight) if ctx.has_bias else None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -272,11 +275,12 @@ def norm_residual(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = 
         raise ValueError("norm_residual needs y (a residual branch) or weight (a norm); got neither")
     if resolve(backend, x) == "torch":
         return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first)
-    xr = channels_last_view(x, channels_first)
-    yr = channels_last_view(y, channels_first) if y is not None else None
-    out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps))
-    out = back_to_layout(out, channels_first) if y is not None else x
-    return out, (back_to_layout(n, channels_first) if weight is not None else None)
+    if channels_first and x.dim() != 4:
+        raise ValueError(f"norm_residual: channels_first=True expects an NCHW tensor, got shape {tuple(x.shape)}")
+    xr = dense_in_layout(x, channels_first)
+    yr = dense_in_layout(y, channels_first) if y is not None else None
+    out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps), bool(channels_first))
+    return (out if y is not None else x), (n if weight is not None else None)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,

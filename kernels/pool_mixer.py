@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import back_to_layout, cdiv, channels_last_view, next_pow2
+from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape
 from ._autograd import backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 from .group_norm import finish_moments, sample_moments
@@ -137,7 +137,7 @@ def _load(triton, tl):
 
 
 def _grid(x: Tensor):
-    B, H, W, C = x.shape
+    B, H, W, C = nhwc_shape(x)
     bw, bc = min(16, next_pow2(W)), min(64, next_pow2(C))
     return (B * H, cdiv(W, bw), cdiv(C, bc)), bw, bc
 
@@ -151,10 +151,10 @@ def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: 
     fwd = _load()[0]
     mean, _, rstd = sample_moments(x, eps)
     grid, bw, bc = _grid(x)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
     ps = torch.empty((grid[0], grid[1] * grid[2], 2), dtype=torch.float32, device=x.device)
-    fwd[grid](x, mean, rstd, norm_weight, _opt(ls, x), _opt(rs, x), out, ps, x.shape[1], x.shape[2],
-              x.shape[3], P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
+    fwd[grid](x, mean, rstd, norm_weight, _opt(ls, x), _opt(rs, x), out, ps, *nhwc_shape(x)[1:],
+              P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
               num_warps=4)
     B = x.shape[0]
     n = ps.numel() // (2 * B)  # partials per sample, (sum, sum of squares) of out - mean interleaved
@@ -179,7 +179,7 @@ def _(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
 def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor, ls: Optional[Tensor],
             rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, bwd_reduce, bwd_apply = _load()
-    B, H, W, C = x.shape
+    B, H, W, C = nhwc_shape(x)
     grid, bw, bc = _grid(x)
     pc = torch.empty((grid[0] * grid[1], 2, C), dtype=torch.float32, device=x.device)
     ps = torch.empty((B, H * grid[1] * grid[2]), dtype=torch.float32, device=x.device)
@@ -197,7 +197,7 @@ def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tenso
 
 @_bwd_op.register_fake
 def _(g, x, mean, rstd, norm_weight, ls, rs, pool_size):
-    C = x.shape[-1]
+    C = x.shape[1]
 
     def vec(flag):
         return x.new_empty(C if flag else 0, dtype=torch.float32)
@@ -216,7 +216,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g, *_):
     x, mean, rstd, norm_weight, ls, rs = ctx.saved_tensors
-    dx, dw, dls, drs = _bwd_op(g.contiguous(), x, mean, rstd, norm_weight, ls, rs, ctx.pool_size)
+    dx, dw, dls, drs = _bwd_op(dense_in_layout(g, True), x, mean, rstd, norm_weight, ls, rs, ctx.pool_size)
     db = torch.zeros_like(norm_weight) if ctx.has_bias else None
     return (dx, dw.to(norm_weight.dtype), db, None, dls.to(ls.dtype) if ls is not None else None,
             drs.to(rs.dtype) if rs is not None else None, None)
@@ -247,6 +247,6 @@ def pool_mixer(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = Non
         raise ValueError(f"pool_mixer: pool_size must be odd, got {pool_size}")
     if resolve(backend, x) == "torch":
         return pool_mixer_ref(x, norm_weight, norm_bias, eps, ls, rs, pool_size)
-    out, _, _, out_mean, out_var = _fwd(channels_last_view(x, True), norm_weight, norm_bias, float(eps),
+    out, _, _, out_mean, out_var = _fwd(dense_in_layout(x, True), norm_weight, norm_bias, float(eps),
                                            ls, rs, int(pool_size))
-    return back_to_layout(out, True), (out_mean, out_var)
+    return out, (out_mean, out_var)

@@ -247,6 +247,44 @@ def test_pool_mixer_moments_feed_group_norm(dtype):
     assert rel_err(n_hint, n_ref) < TOL[dtype]
 
 
+def test_channels_last_maps_are_read_in_place():
+    """NCHW maps in channels_last memory go through the row kernels with no permute or copy, forward
+    and backward (each such view is a host-side op), and come out channels_last, equal to the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    cl = torch.channels_last
+    x = _rand(2, 12, 5, 6, scale=2.0, shift=1.0).to(memory_format=cl).requires_grad_()
+    y = _rand(2, 12, 5, 6).to(memory_format=cl)
+    w, b, ls = _rand(12), _rand(12), _rand(12)
+    calls = {"norm_residual": lambda v: norm_residual(v, y, None, ls, w, b, channels_first=True, backend="triton"),
+             "group_norm1": lambda v: (group_norm1(v, w, b, backend="triton"),),
+             "pool_mixer": lambda v: (pool_mixer(v, w, b, 1e-5, ls, None, backend="triton")[0],)}
+    refs = {"norm_residual": lambda v: norm_residual_ref(v, y, None, ls, w, b, channels_first=True),
+            "group_norm1": lambda v: (group_norm1_ref(v, w, b),),
+            "pool_mixer": lambda v: (pool_mixer_ref(v, w, b, 1e-5, ls, None)[0],)}
+    for name, call in calls.items():
+        with Ops() as ops:
+            outs = call(x)
+            g = [torch.ones_like(o).to(memory_format=cl) for o in outs]
+            torch.autograd.backward(outs, g)
+        # (copy_ is left out: Triton's CPU interpreter copies every launch's buffers back with it)
+        moved = [n for n in ops.names if n in ("aten.permute", "aten.clone", "aten.contiguous")]
+        assert not moved, f"{name}: layout ops {moved}"
+        assert all(o.is_contiguous(memory_format=cl) for o in outs), name
+        for o, r in zip(outs, refs[name](x.detach())):
+            assert rel_err(o, r) < TOL[torch.float32], name
+        x.grad = None
+
+
 def test_backend_torch_is_the_reference():
     x = _rand(2, 5, 7)
     w = _rand(7)
