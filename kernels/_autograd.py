@@ -7,7 +7,32 @@ of small memory-bound kernel calls of a training step.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
+
+_mode = threading.local()
+
+
+def _run_eager(fn, args):
+    """``fn(*args)`` with :func:`absent` giving None (restored after, also on error and when nested)."""
+    prev = getattr(_mode, "eager", False)
+    _mode.eager = True
+    try:
+        return fn(*args)
+    finally:
+        _mode.eager = prev
+
+
+def absent(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Stand-in for an output a call does not produce. A registered custom op cannot return None, so
+    there it is a 0-size tensor; eager calls get None and skip the allocation (a host-side op)."""
+    return None if getattr(_mode, "eager", False) else like.new_empty(0, dtype=dtype)
+
+
+def or_absent(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``t``, or :func:`absent` when it is None (results of nested eager calls inside an op)."""
+    return t if t is not None else absent(like, dtype)
 
 
 def eager_or_op(op, impl, setup_context, backward):
@@ -18,7 +43,7 @@ def eager_or_op(op, impl, setup_context, backward):
         @staticmethod
         def forward(ctx, *args):
             ctx.set_materialize_grads(False)
-            out = impl(*args)
+            out = _run_eager(impl, args)
             setup_context(ctx, args, out)
             return out
 
@@ -51,7 +76,7 @@ class BackwardOp:
         self.register_fake = self.op.register_fake
 
     def __call__(self, *args):
-        return self.op(*args) if _traced(args) else self.fn(*args)
+        return self.op(*args) if _traced(args) else _run_eager(self.fn, args)
 
 
 def backward_op(name: str):
@@ -61,5 +86,5 @@ def backward_op(name: str):
 
 def grad_as(g: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:
     """A kernel's fp32 gradient for an optional parameter ``p``, in ``p``'s dtype (None when ``p`` is
-    absent or the kernel returned its empty placeholder)."""
-    return g.to(p.dtype) if p is not None and g.numel() else None
+    absent or the kernel returned None or its empty placeholder)."""
+    return g.to(p.dtype) if p is not None and g is not None and g.numel() else None

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._autograd import or_absent
+
 
 def project(a: Tensor, weight: Tensor, bias: Optional[Tensor], channels_first: bool = False) -> Tensor:
     """``linear(a)`` (weight ``(out, in)``) or, with ``channels_first``, ``conv1x1(a)`` (``(out, in, 1, 1)``)."""
@@ -22,7 +24,7 @@ def project(a: Tensor, weight: Tensor, bias: Optional[Tensor], channels_first: b
 def project_backward(dy: Tensor, a: Tensor, weight: Tensor, has_bias: bool, channels_first: bool = False
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`project`: ``(da, dweight, dbias)``; the parameter grads in fp32 with standard
-    strides (as the custom ops' fake implementations say), ``dbias`` empty without a bias."""
+    strides (as the custom ops' fake implementations say), ``dbias`` absent without a bias."""
     f32 = torch.float32
     w = weight.to(a.dtype)
     with torch.autocast(a.device.type, enabled=False):
@@ -38,4 +40,4 @@ def project_backward(dy: Tensor, a: Tensor, weight: Tensor, has_bias: bool, chan
             dw = (dy_rows.t() @ a.reshape(-1, w.shape[1])).to(f32)
             db = dy_rows.sum(0, dtype=f32) if has_bias else None
             da = (dy_rows @ w).reshape(a.shape)
-    return da, dw, (db if db is not None else dy.new_empty(0, dtype=f32))
+    return da, dw, or_absent(db, dy, f32)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._layout import cdiv, next_pow2
-from ._autograd import backward_op, eager_or_op
+from ._autograd import backward_op, eager_or_op, or_absent
 from .dispatch import lazy_triton, resolve
 from .star_relu import star_relu_apply
 
@@ -127,8 +127,8 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
     grid, n_h = _grid(B, H, W, C, tiles)
     act = act_scale is not None
     n_prog = grid[0] * grid[1] * grid[2]
-    ps = torch.empty(n_prog if act else 0, dtype=torch.float32, device=x.device)
-    pb = torch.empty_like(ps)
+    ps = torch.empty(n_prog, dtype=torch.float32, device=x.device) if act else None
+    pb = torch.empty_like(ps) if act else None
     conv[grid](
         g, weight, g, act_scale if act else g, act_bias if act else g, dx, x, ps if act else g,
         pb if act else g, H, W, C, n_h, g.stride(0), g.stride(1), g.stride(2), dx.stride(0), dx.stride(1),
@@ -164,10 +164,8 @@ def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Opt
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw, db, ds, dab = conv_backward(g, x, weight, has_bias, act_scale, act_bias, dx)
 
-    def or_empty(t):
-        return t if t is not None else x.new_empty(0, dtype=torch.float32)
-
-    return dx, dw, or_empty(db), or_empty(ds), or_empty(dab)
+    f32 = torch.float32
+    return dx, dw, or_absent(db, x, f32), or_absent(ds, x, f32), or_absent(dab, x, f32)
 
 
 @_bwd_op.register_fake

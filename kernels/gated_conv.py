@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import dwconv
 from ._layout import cdiv, next_pow2
-from ._autograd import backward_op, eager_or_op, grad_as
+from ._autograd import backward_op, eager_or_op, grad_as, or_absent
 from ._linear import project, project_backward
 from .dispatch import lazy_triton, resolve
 
@@ -100,7 +100,7 @@ def _bwd_op(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidde
     dcv = torch.empty_like(cv)
     _launch(u, cv, hidden, cc, None, dh.contiguous(), du, dcv)
     dw, db, _, _ = dwconv.conv_backward(dcv, c, weight, bias is not None, None, None, _conv_part(du, cc))
-    return du, dw, db if db is not None else u.new_empty(0, dtype=torch.float32)
+    return du, dw, or_absent(db, u, torch.float32)
 
 
 @_bwd_op.register_fake
@@ -174,8 +174,8 @@ def _lin_bwd_op(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], h
                 has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     h = _fwd_impl(u, weight, bias, hidden)  # recomputed, never saved
     dh, dfw, dfb = project_backward(dy, h, fc_weight, has_fc_bias)
-    du, dw, db = _bwd_op(dh, u, weight, bias, hidden)
-    return du, dw, db, dfw, dfb
+    du, dw, db = _bwd_op(dh, u, weight, bias, hidden)  # an eager call: db is None without a bias
+    return du, dw, or_absent(db, u, torch.float32), dfw, dfb
 
 
 @_lin_bwd_op.register_fake

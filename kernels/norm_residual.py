@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._layout import cdiv, dense_in_layout, next_pow2, param_grid
-from ._autograd import backward_op, eager_or_op, grad_as
+from ._autograd import absent, backward_op, eager_or_op, grad_as
 from .dispatch import lazy_triton, resolve
 
 
@@ -124,8 +124,8 @@ def _blocks(C: int, tile: int = 4096):
 
 
 def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """A stand-in pointer for an absent optional tensor (never read: its flag is off)."""
-    return t if t is not None else like
+    """A stand-in pointer for an absent optional tensor or output (never read or written: its flag is off)."""
+    return t if t is not None and t.numel() else like
 
 
 def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
@@ -136,23 +136,19 @@ def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional
     M = x.numel() // C
     # (promote_types is itself a dispatched op: skip it in the common same-dtype case)
     dtype = x.dtype if y is None or y.dtype == x.dtype else torch.promote_types(x.dtype, y.dtype)
-    out = torch.empty_like(x, dtype=dtype) if y is not None else x.new_empty(0)
+    out = torch.empty_like(x, dtype=dtype) if y is not None else absent(x)
     has_norm = weight is not None
-    n = torch.empty_like(x, dtype=dtype) if has_norm else x.new_empty(0)
-    mean = torch.empty(M if has_norm else 0, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    n = torch.empty_like(x, dtype=dtype) if has_norm else absent(x)
+    f32 = torch.float32
+    mean = torch.empty(M, dtype=f32, device=x.device) if has_norm else absent(x, f32)
+    rstd = torch.empty(M, dtype=f32, device=x.device) if has_norm else absent(x, f32)
     bm, bc, nw = _blocks(C)
     fwd[(cdiv(M, bm),)](
-        x, _opt(y, x), _opt(rs, x), _opt(ls, x), _opt(weight, x), _opt(bias, x), _opt_out(out, x),
-        _opt_out(n, x), _opt_out(mean, x), _opt_out(rstd, x), M, C, eps,
+        x, _opt(y, x), _opt(rs, x), _opt(ls, x), _opt(weight, x), _opt(bias, x), _opt(out, x),
+        _opt(n, x), _opt(mean, x), _opt(rstd, x), M, C, eps,
         HAS_Y=y is not None, HAS_RS=rs is not None, HAS_LS=ls is not None, HAS_NORM=has_norm,
         HAS_B=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
     return out, n, mean, rstd
-
-
-def _opt_out(t: Tensor, like: Tensor) -> Tensor:
-    """A stand-in pointer for an output left empty (never written: its flag is off)."""
-    return t if t.numel() else like
 
 
 _fwd_op = torch.library.custom_op("metazoo::norm_residual_fwd", mutates_args=())(_fwd_impl)
@@ -186,22 +182,22 @@ def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor],
     has_norm = weight is not None and g_n is not None
     has_rs, has_ls = rs is not None and has_y, ls is not None and has_y
     dx = torch.empty_like(ref, dtype=x_dtype)
-    dy = torch.empty_like(ref, dtype=y_dtype) if has_y else ref.new_empty(0)
+    dy = torch.empty_like(ref, dtype=y_dtype) if has_y else absent(ref)
 
     def partial(flag):
-        return torch.empty((grid, C) if flag else (0,), dtype=torch.float32, device=ref.device)
+        return torch.empty((grid, C), dtype=torch.float32, device=ref.device) if flag else absent(ref, torch.float32)
 
     pw, pb = partial(has_norm), partial(has_norm and has_bias)
     prs, pls = partial(has_rs), partial(has_ls)
     bwd[(grid,)](
         _opt(g_out, ref), _opt(g_n, ref), _opt(x, ref), _opt(y, ref), _opt(out, ref), _opt(rs, ref), _opt(ls, ref),
-        _opt(weight, ref), mean, rstd, dx, _opt_out(dy, ref), _opt_out(pw, ref), _opt_out(pb, ref),
-        _opt_out(prs, ref), _opt_out(pls, ref), M, C, n_tiles,
+        _opt(weight, ref), _opt(mean, ref), _opt(rstd, ref), dx, _opt(dy, ref), _opt(pw, ref), _opt(pb, ref),
+        _opt(prs, ref), _opt(pls, ref), M, C, n_tiles,
         HAS_GO=g_out is not None, HAS_Y=has_y, HAS_RS=has_rs, HAS_LS=has_ls, HAS_NORM=has_norm,
         HAS_B=has_norm and has_bias, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
 
     def reduce(p):
-        return p.sum(0) if p.numel() else p
+        return p.sum(0) if p is not None else p
 
     return dx, dy, reduce(prs), reduce(pls), reduce(pw), reduce(pb)
 

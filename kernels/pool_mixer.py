@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape
-from ._autograd import backward_op, eager_or_op
+from ._autograd import absent, backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 from .group_norm import finish_moments, sample_moments
 
@@ -190,8 +190,8 @@ def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tenso
     bwd_apply[grid](g, x, mean, rstd, coef, norm_weight, _opt(ls, x), _opt(rs, x), dx, H, W, C, **flags)
     s = pc[:, 0].sum(0)
     dw = s * ls.float() if ls is not None else s
-    dls = s * norm_weight.float() if ls is not None else x.new_empty(0, dtype=torch.float32)
-    drs = pc[:, 1].sum(0) if rs is not None else x.new_empty(0, dtype=torch.float32)
+    dls = s * norm_weight.float() if ls is not None else absent(x, torch.float32)
+    drs = pc[:, 1].sum(0) if rs is not None else absent(x, torch.float32)
     return dx, dw, dls, drs
 
 
