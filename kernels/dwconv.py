@@ -2,7 +2,8 @@
 
 Optionally applies StarReLU to the input on the fly (ConvFormer's SepConv: ``dwconv(act(pw1(x)))``),
 so the activated tensor is never written nor kept for backward. The input may be a channel slice
-of a wider NHWC tensor (MambaOut's ``fc1`` output): only its last dim must be unit-stride.
+of a wider NHWC tensor (MambaOut's ``fc1`` output), or an NCHW map read in place in channels_last
+memory (no permuted views): only the channel dim must be unit-stride.
 Forward and input gradient (with the activation's derivative and scalar grads) are Triton; the
 weight/bias gradient, a batch-wide reduction, goes to cuDNN's depthwise kernel on the recomputed
 activation.
@@ -96,33 +97,50 @@ def _grid(B: int, H: int, W: int, C: int, tiles: Tiles) -> tuple[tuple[int, int,
     return (B * n_h, cdiv(W, bw), cdiv(C, bc)), n_h
 
 
+def _nhwc(t: Tensor, channels_first: bool) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
+    """(B, H, W, C) and the (batch, row, column) strides of a map whose channel dim is unit-stride."""
+    if channels_first:
+        B, C, H, W = t.shape
+        return (B, H, W, C), (t.stride(0), t.stride(2), t.stride(3))
+    return tuple(t.shape), (t.stride(0), t.stride(1), t.stride(2))
+
+
+def new_map(x: Tensor, channels_first: bool) -> Tensor:
+    """An uninitialised map shaped like ``x``: NCHW in channels_last memory, or contiguous NHWC."""
+    if channels_first:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
-                 act_bias: Optional[Tensor], tiles: Optional[Tiles] = None) -> Tensor:
-    """Launch the forward conv on an NHWC ``x`` (last dim unit-stride); returns a contiguous NHWC map."""
+                 act_bias: Optional[Tensor], tiles: Optional[Tiles] = None, channels_first: bool = False) -> Tensor:
+    """Launch the forward conv on ``x`` (NHWC, or NCHW with ``channels_first``; channel dim
+    unit-stride); returns a map of the same shape (contiguous NHWC, or NCHW channels_last)."""
     conv = _load()
-    B, H, W, C = x.shape
+    (B, H, W, C), sx = _nhwc(x, channels_first)
     K = weight.shape[-1]
-    y = torch.empty((B, H, W, C), dtype=x.dtype, device=x.device)
+    y = new_map(x, channels_first)
+    _, sy = _nhwc(y, channels_first)
     tiles = tiles or _tiles(H, W, C)
     grid, n_h = _grid(B, H, W, C, tiles)
     act = act_scale is not None
     conv[grid](
         x, weight, bias if bias is not None else x, act_scale if act else x,
-        act_bias if act else x, y, x, x, x, H, W, C, n_h, x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2), 0, 0, 0,
+        act_bias if act else x, y, x, x, x, H, W, C, n_h, *sx, *sy, 0, 0, 0,
         K=K, FLIP=False, HAS_BIAS=bias is not None, ACT_IN=act, ACT_GRAD=False,
         BLOCK_H=tiles[0], BLOCK_W=tiles[1], BLOCK_C=tiles[2], num_warps=tiles[3])
     return y
 
 
 def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
-                  act_bias: Optional[Tensor], dx: Tensor, tiles: Optional[Tiles] = None
+                  act_bias: Optional[Tensor], dx: Tensor, tiles: Optional[Tiles] = None, channels_first: bool = False
                   ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Write the input gradient into ``dx`` (any NHWC strides); return (dweight, dbias, dact_scale, dact_bias)."""
+    """Write the input gradient into ``dx`` (any strides with a unit-stride channel dim, layout as
+    :func:`conv_forward`); return (dweight, dbias, dact_scale, dact_bias)."""
     conv = _load()
-    B, H, W, C = x.shape
+    (B, H, W, C), sx = _nhwc(x, channels_first)
     K = weight.shape[-1]
-    g = g.contiguous()
+    g = g.contiguous(memory_format=torch.channels_last) if channels_first else g.contiguous()
     tiles = tiles or _tiles(H, W, C)
     grid, n_h = _grid(B, H, W, C, tiles)
     act = act_scale is not None
@@ -131,65 +149,65 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
     pb = torch.empty_like(ps) if act else None
     conv[grid](
         g, weight, g, act_scale if act else g, act_bias if act else g, dx, x, ps if act else g,
-        pb if act else g, H, W, C, n_h, g.stride(0), g.stride(1), g.stride(2), dx.stride(0), dx.stride(1),
-        dx.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        pb if act else g, H, W, C, n_h, *_nhwc(g, channels_first)[1], *_nhwc(dx, channels_first)[1], *sx,
         K=K, FLIP=True, HAS_BIAS=False, ACT_IN=False, ACT_GRAD=act,
         BLOCK_H=tiles[0], BLOCK_W=tiles[1], BLOCK_C=tiles[2], num_warps=tiles[3])
     # Weight (and bias) gradient: a reduction over the whole batch, where cuDNN's depthwise kernel
     # beats a Triton reduction; it needs the activated input, recomputed here instead of stored.
     a = star_relu_apply(x, act_scale, act_bias) if act else x
+    if not channels_first:
+        g, a = g.permute(0, 3, 1, 2), a.permute(0, 3, 1, 2)
     _, dweight, dbias = torch.ops.aten.convolution_backward(
-        g.permute(0, 3, 1, 2), a.permute(0, 3, 1, 2), weight.to(x.dtype), [C] if has_bias else None, [1, 1],
+        g, a, weight.to(x.dtype), [C] if has_bias else None, [1, 1],
         [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, has_bias])
     return (dweight.float(), dbias.float() if has_bias else None, (ps.sum().reshape(1) if act else None),
             (pb.sum().reshape(1) if act else None))
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
-            act_bias: Optional[Tensor]) -> Tensor:
-    return conv_forward(x, weight, bias, act_scale, act_bias)
+            act_bias: Optional[Tensor], channels_first: bool) -> Tensor:
+    return conv_forward(x, weight, bias, act_scale, act_bias, channels_first=channels_first)
 
 
 _fwd_op = torch.library.custom_op("metazoo::dwconv_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, act_scale, act_bias):
-    return x.new_empty(x.shape)
+def _(x, weight, bias, act_scale, act_bias, channels_first):
+    return new_map(x, channels_first)
 
 
 @backward_op("metazoo::dwconv_bwd")
 def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
-            act_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw, db, ds, dab = conv_backward(g, x, weight, has_bias, act_scale, act_bias, dx)
-
+            act_bias: Optional[Tensor], channels_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx = new_map(x, channels_first)
+    dw, db, ds, dab = conv_backward(g, x, weight, has_bias, act_scale, act_bias, dx, channels_first=channels_first)
     f32 = torch.float32
     return dx, dw, or_absent(db, x, f32), or_absent(ds, x, f32), or_absent(dab, x, f32)
 
 
 @_bwd_op.register_fake
-def _(g, x, weight, has_bias, act_scale, act_bias):
-    C = x.shape[-1]
+def _(g, x, weight, has_bias, act_scale, act_bias, channels_first):
+    C = x.shape[1] if channels_first else x.shape[-1]
     act = act_scale is not None
     f32 = torch.float32
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=f32),
+    return (new_map(x, channels_first), weight.new_empty(weight.shape, dtype=f32),
             x.new_empty(C if has_bias else 0, dtype=f32), x.new_empty(1 if act else 0, dtype=f32),
             x.new_empty(1 if act else 0, dtype=f32))
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, act_scale, act_bias = inputs
-    ctx.has_bias = bias is not None
+    x, weight, bias, act_scale, act_bias, channels_first = inputs
+    ctx.has_bias, ctx.channels_first = bias is not None, channels_first
     ctx.save_for_backward(x, weight, act_scale, act_bias)
 
 
 def _backward(ctx, g):
     x, weight, act_scale, act_bias = ctx.saved_tensors
-    dx, dw, db, ds, dab = _bwd_op(g, x, weight, ctx.has_bias, act_scale, act_bias)
+    dx, dw, db, ds, dab = _bwd_op(g, x, weight, ctx.has_bias, act_scale, act_bias, ctx.channels_first)
     act = act_scale is not None
     return (dx, dw.to(weight.dtype), db.to(weight.dtype) if ctx.has_bias else None,
-            ds.to(act_scale.dtype) if act else None, dab.to(act_bias.dtype) if act else None)
+            ds.to(act_scale.dtype) if act else None, dab.to(act_bias.dtype) if act else None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -227,8 +245,8 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act_scale
     _check(x, weight, act_scale, act_bias, channels_first)
     if resolve(backend, x) == "torch":
         return dwconv2d_ref(x, weight, bias, act_scale, act_bias, channels_first)
-    xr = x.permute(0, 2, 3, 1) if channels_first else x
-    if xr.stride(-1) != 1:
-        xr = xr.contiguous()
-    y = _fwd(xr, weight, bias, act_scale, act_bias)
-    return y.permute(0, 3, 1, 2) if channels_first else y
+    if channels_first:  # read in place when channels are unit-stride (channels_last memory)
+        xr = x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
+    else:
+        xr = x if x.stride(-1) == 1 else x.contiguous()
+    return _fwd(xr, weight, bias, act_scale, act_bias, bool(channels_first))

@@ -265,12 +265,15 @@ def test_channels_last_maps_are_read_in_place():
     x = _rand(2, 12, 5, 6, scale=2.0, shift=1.0).to(memory_format=cl).requires_grad_()
     y = _rand(2, 12, 5, 6).to(memory_format=cl)
     w, b, ls = _rand(12), _rand(12), _rand(12)
+    wk, s1, b1 = _rand(12, 1, 3, 3) / 3, _rand(1), _rand(1)
     calls = {"norm_residual": lambda v: norm_residual(v, y, None, ls, w, b, channels_first=True, backend="triton"),
              "group_norm1": lambda v: (group_norm1(v, w, b, backend="triton"),),
-             "pool_mixer": lambda v: (pool_mixer(v, w, b, 1e-5, ls, None, backend="triton")[0],)}
+             "pool_mixer": lambda v: (pool_mixer(v, w, b, 1e-5, ls, None, backend="triton")[0],),
+             "dwconv2d": lambda v: (dwconv2d(v, wk, b, s1, b1, backend="triton"),)}
     refs = {"norm_residual": lambda v: norm_residual_ref(v, y, None, ls, w, b, channels_first=True),
             "group_norm1": lambda v: (group_norm1_ref(v, w, b),),
-            "pool_mixer": lambda v: (pool_mixer_ref(v, w, b, 1e-5, ls, None)[0],)}
+            "pool_mixer": lambda v: (pool_mixer_ref(v, w, b, 1e-5, ls, None)[0],),
+            "dwconv2d": lambda v: (dwconv2d_ref(v, wk, b, s1, b1),)}
     for name, call in calls.items():
         with Ops() as ops:
             outs = call(x)
