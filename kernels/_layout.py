@@ -1,4 +1,4 @@
-"""Shared plumbing for the kernels: channels-innermost layouts (NCHW maps read in channels_last memory) and launch sizes."""
+"""Shared plumbing for the kernels: channels-innermost layouts and launch sizes."""
 from __future__ import annotations
 
 import functools
