@@ -98,9 +98,10 @@ def _load(triton, tl):
         tl.store(PS + lin, tl.sum(tl.sum(gd * a[None, :], axis=1), axis=0))
 
     @triton.jit
-    def bwd_apply(G, X, MEAN, RSTD, COEF, NW, LS, RS, DX, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
+    def bwd_apply(G, X, MEAN, RSTD, PSUM, inv_n, NW, LS, RS, DX, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
                   HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        # dx = rs*g + a*rstd*(P^T g - g) + coef_b*(x - mean_b), P^T g summing g/count over the window.
+        # dx = rs*g + a*rstd*(P^T g - g) + coef_b*(x - mean_b), P^T g summing g/count over the window,
+        # coef_b = -rstd_b^3 * PSUM_b / n from the sample's reduced partials (no host-side math).
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
@@ -126,7 +127,9 @@ def _load(triton, tl):
         a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
         if HAS_LS:
             a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
-        dx = (acc - g) * (a * tl.load(RSTD + b))[None, :] + tl.load(COEF + b) * (x - tl.load(MEAN + b))
+        rstd = tl.load(RSTD + b)
+        coef = -tl.load(PSUM + b) * rstd * rstd * rstd * inv_n
+        dx = (acc - g) * (a * rstd)[None, :] + coef * (x - tl.load(MEAN + b))
         if HAS_RS:
             dx += g * tl.load(RS + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
         else:
@@ -185,9 +188,8 @@ def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tenso
     ps = torch.empty((B, H * grid[1] * grid[2]), dtype=torch.float32, device=x.device)
     flags = dict(P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
     bwd_reduce[grid](g, x, rstd, norm_weight, _opt(ls, x), pc, ps, H, W, C, **flags)
-    coef = -ps.sum(1) * rstd ** 3 / (x.numel() // B)
     dx = torch.empty_like(x)
-    bwd_apply[grid](g, x, mean, rstd, coef, norm_weight, _opt(ls, x), _opt(rs, x), dx, H, W, C, **flags)
+    bwd_apply[grid](g, x, mean, rstd, ps.sum(1), 1.0 / (x.numel() // B), norm_weight, _opt(ls, x), _opt(rs, x), dx, H, W, C, **flags)
     s = pc[:, 0].sum(0)
     dw = s * ls.float() if ls is not None else s
     dls = s * norm_weight.float() if ls is not None else absent(x, torch.float32)
