@@ -19,6 +19,12 @@ def nhwc_shape(x: torch.Tensor) -> tuple[int, int, int, int]:
     return B, H, W, C
 
 
+def stand_in(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's pointer for an absent optional tensor or output (None or 0-size): ``like``, never
+    read or written because the kernel's flag for it is off."""
+    return t if t is not None and t.numel() else like
+
+
 def param_grid(n_tiles: int, device: torch.device) -> int:
     """Programs for kernels that also reduce parameter gradients: a few per SM, never more than tiles."""
     return max(1, min(n_tiles, 4 * _sm_count(device.type, device.index)))

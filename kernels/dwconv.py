@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import cdiv, next_pow2
+from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape
 from ._autograd import backward_op, eager_or_op, or_absent
 from .dispatch import lazy_triton, resolve
 from .star_relu import star_relu_apply
@@ -100,8 +100,7 @@ def _grid(B: int, H: int, W: int, C: int, tiles: Tiles) -> tuple[tuple[int, int,
 def _nhwc(t: Tensor, channels_first: bool) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
     """(B, H, W, C) and the (batch, row, column) strides of a map whose channel dim is unit-stride."""
     if channels_first:
-        B, C, H, W = t.shape
-        return (B, H, W, C), (t.stride(0), t.stride(2), t.stride(3))
+        return nhwc_shape(t), (t.stride(0), t.stride(2), t.stride(3))
     return tuple(t.shape), (t.stride(0), t.stride(1), t.stride(2))
 
 
@@ -140,7 +139,7 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
     conv = _load()
     (B, H, W, C), sx = _nhwc(x, channels_first)
     K = weight.shape[-1]
-    g = g.contiguous(memory_format=torch.channels_last) if channels_first else g.contiguous()
+    g = dense_in_layout(g, channels_first)
     tiles = tiles or _tiles(H, W, C)
     grid, n_h = _grid(B, H, W, C, tiles)
     act = act_scale is not None

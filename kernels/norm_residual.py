@@ -2,8 +2,9 @@
 
 One pass reads the shortcut and the branch and writes both the new residual stream and its
 normalised copy, which the next mixer consumes. Without ``y`` it is a plain LayerNorm; without
-``weight`` it is only the scaled residual. Works on (..., C) rows and on NCHW maps, which it reads in place in channels_last memory (no
-permuted views: each view is a host-side op, and eager training is host-bound).
+``weight`` it is only the scaled residual. Works on (..., C) rows and on NCHW maps, which it reads
+in place in channels_last memory (no permuted views: each view is a host-side op, and eager
+training is host-bound).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import cdiv, dense_in_layout, next_pow2, param_grid
+from ._layout import cdiv, dense_in_layout, next_pow2, param_grid, stand_in
 from ._autograd import absent, backward_op, eager_or_op, grad_as
 from .dispatch import lazy_triton, resolve
 
@@ -123,11 +124,6 @@ def _blocks(C: int, tile: int = 4096):
     return block_m, block_c, (8 if block_c >= 2048 else 4)
 
 
-def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """A stand-in pointer for an absent optional tensor or output (never read or written: its flag is off)."""
-    return t if t is not None and t.numel() else like
-
-
 def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
             weight: Optional[Tensor], bias: Optional[Tensor], eps: float, channels_first: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -144,8 +140,7 @@ def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional
     rstd = torch.empty(M, dtype=f32, device=x.device) if has_norm else absent(x, f32)
     bm, bc, nw = _blocks(C)
     fwd[(cdiv(M, bm),)](
-        x, _opt(y, x), _opt(rs, x), _opt(ls, x), _opt(weight, x), _opt(bias, x), _opt(out, x),
-        _opt(n, x), _opt(mean, x), _opt(rstd, x), M, C, eps,
+        x, *(stand_in(t, x) for t in (y, rs, ls, weight, bias, out, n, mean, rstd)), M, C, eps,
         HAS_Y=y is not None, HAS_RS=rs is not None, HAS_LS=ls is not None, HAS_NORM=has_norm,
         HAS_B=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
     return out, n, mean, rstd
@@ -190,9 +185,8 @@ def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor],
     pw, pb = partial(has_norm), partial(has_norm and has_bias)
     prs, pls = partial(has_rs), partial(has_ls)
     bwd[(grid,)](
-        _opt(g_out, ref), _opt(g_n, ref), _opt(x, ref), _opt(y, ref), _opt(out, ref), _opt(rs, ref), _opt(ls, ref),
-        _opt(weight, ref), _opt(mean, ref), _opt(rstd, ref), dx, _opt(dy, ref), _opt(pw, ref), _opt(pb, ref),
-        _opt(prs, ref), _opt(pls, ref), M, C, n_tiles,
+        *(stand_in(t, ref) for t in (g_out, g_n, x, y, out, rs, ls, weight, mean, rstd)), dx,
+        *(stand_in(t, ref) for t in (dy, pw, pb, prs, pls)), M, C, n_tiles,
         HAS_GO=g_out is not None, HAS_Y=has_y, HAS_RS=has_rs, HAS_LS=has_ls, HAS_NORM=has_norm,
         HAS_B=has_norm and has_bias, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
 

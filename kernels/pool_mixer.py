@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape
+from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape, stand_in
 from ._autograd import absent, backward_op, eager_or_op
 from .dispatch import lazy_triton, resolve
 from .group_norm import finish_moments, sample_moments
@@ -145,10 +145,6 @@ def _grid(x: Tensor):
     return (B * H, cdiv(W, bw), cdiv(C, bc)), bw, bc
 
 
-def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return t if t is not None else like
-
-
 def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
             rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     fwd = _load()[0]
@@ -156,7 +152,7 @@ def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: 
     grid, bw, bc = _grid(x)
     out = torch.empty_like(x)
     ps = torch.empty((grid[0], grid[1] * grid[2], 2), dtype=torch.float32, device=x.device)
-    fwd[grid](x, mean, rstd, norm_weight, _opt(ls, x), _opt(rs, x), out, ps, *nhwc_shape(x)[1:],
+    fwd[grid](x, mean, rstd, norm_weight, stand_in(ls, x), stand_in(rs, x), out, ps, *nhwc_shape(x)[1:],
               P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
               num_warps=4)
     B = x.shape[0]
@@ -187,9 +183,10 @@ def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tenso
     pc = torch.empty((grid[0] * grid[1], 2, C), dtype=torch.float32, device=x.device)
     ps = torch.empty((B, H * grid[1] * grid[2]), dtype=torch.float32, device=x.device)
     flags = dict(P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
-    bwd_reduce[grid](g, x, rstd, norm_weight, _opt(ls, x), pc, ps, H, W, C, **flags)
+    bwd_reduce[grid](g, x, rstd, norm_weight, stand_in(ls, x), pc, ps, H, W, C, **flags)
     dx = torch.empty_like(x)
-    bwd_apply[grid](g, x, mean, rstd, ps.sum(1), 1.0 / (x.numel() // B), norm_weight, _opt(ls, x), _opt(rs, x), dx, H, W, C, **flags)
+    bwd_apply[grid](g, x, mean, rstd, ps.sum(1), 1.0 / (x.numel() // B), norm_weight, stand_in(ls, x),
+                    stand_in(rs, x), dx, H, W, C, **flags)
     s = pc[:, 0].sum(0)
     dw = s * ls.float() if ls is not None else s
     dls = s * norm_weight.float() if ls is not None else absent(x, torch.float32)

@@ -7,9 +7,11 @@ float64 on upcast copies of the same inputs; errors are relative (||a - b|| / ||
 from __future__ import annotations
 
 import random
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metazoo.kernels import dispatch
 from metazoo.kernels.act_linear import act_linear, act_linear_ref
@@ -247,20 +249,25 @@ def test_pool_mixer_moments_feed_group_norm(dtype):
     assert rel_err(n_hint, n_ref) < TOL[dtype]
 
 
+class _OpLog(TorchDispatchMode):
+    """Records the aten ops run under it: their names, and how many made a 0-size tensor outside
+    Triton's CPU interpreter (which allocates its own scratch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.zero_size = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.names.append(str(func.overloadpacket))
+        if isinstance(out, torch.Tensor) and out.numel() == 0:
+            self.zero_size += not any("triton" in f.filename for f in traceback.extract_stack())
+        return out
+
+
 def test_channels_last_maps_are_read_in_place():
     """NCHW maps in channels_last memory go through the row kernels with no permute or copy, forward
     and backward (each such view is a host-side op), and come out channels_last, equal to the reference."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     cl = torch.channels_last
     x = _rand(2, 12, 5, 6, scale=2.0, shift=1.0).to(memory_format=cl).requires_grad_()
     y = _rand(2, 12, 5, 6).to(memory_format=cl)
@@ -275,7 +282,7 @@ def test_channels_last_maps_are_read_in_place():
             "pool_mixer": lambda v: (pool_mixer_ref(v, w, b, 1e-5, ls, None)[0],),
             "dwconv2d": lambda v: (dwconv2d_ref(v, wk, b, s1, b1),)}
     for name, call in calls.items():
-        with Ops() as ops:
+        with _OpLog() as ops:
             outs = call(x)
             g = [torch.ones_like(o).to(memory_format=cl) for o in outs]
             torch.autograd.backward(outs, g)
@@ -291,33 +298,16 @@ def test_channels_last_maps_are_read_in_place():
 def test_absent_outputs_are_none_in_eager_and_empty_in_the_op(monkeypatch):
     """Outputs a call does not produce cost no allocation in eager calls (host time), while the
     registered op, which cannot return None, still returns 0-size tensors."""
-    import traceback
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from metazoo.kernels import _autograd
 
     # The counting mode below is a dispatch mode, which routes backward to the registered op; count
     # what plain eager runs instead (as bench/op_count.py does).
     monkeypatch.setattr(_autograd, "_traced", lambda args: False)
-
-    class ZeroSize(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.numel() == 0:
-                # (Triton's CPU interpreter allocates its own scratch; only ours counts)
-                self.count += not any("triton" in f.filename for f in traceback.extract_stack())
-            return out
-
     x, w = _rand(3, 5, 16).requires_grad_(), _rand(16).requires_grad_()
-    with ZeroSize() as zs:
+    with _OpLog() as zs:
         _, n = norm_residual(x, weight=w, backend="triton")  # no residual, no bias: 3 absent outputs
         n.sum().backward()
-    assert zs.count == 0
+    assert zs.zero_size == 0
     ref_n = norm_residual_ref(x.detach(), weight=w.detach())[1]
     assert rel_err(n, ref_n) < TOL[torch.float32] and x.grad is not None and w.grad is not None
     out, n_op, mean, rstd = torch.ops.metazoo.norm_residual_fwd(x.detach(), None, None, None, w.detach(), None,
