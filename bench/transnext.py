@@ -134,14 +134,17 @@ def bench(model, mode, batch, steps, warmup, compiled):
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
         step()
-    end.record()
+        events[i + 1].record()
     torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
-    return dict(img_s=batch * 1000.0 / ms, ms_per_step=ms, peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    # median step: a late Triton specialisation compiled inside the loop must not skew the figure
+    per_step = sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))
+    ms = per_step[len(per_step) // 2]
+    return dict(img_s=batch * 1000.0 / ms, ms_per_step=ms, max_step_ms=per_step[-1],
+                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
 
 
 def profile_train_step(results, batch):
@@ -176,6 +179,10 @@ def main():
     ap.add_argument("--official-dir", default=None)
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip remaining runs after this many seconds")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--paths", nargs="+", choices=["ours_eager", "official_native", "ours_compiled", "reference_eager"],
+                    help="measure only these paths (default: all)")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the kernel checks, keeping those already in --out (throughput re-runs)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one training step")
     args = ap.parse_args()
     t0 = T0
@@ -191,9 +198,12 @@ def main():
             json.dump(results, f, indent=1)
         os.replace(tmp, args.out)
 
-    check_kernel(results)
     import metazoo  # noqa: F401
     import timm
+    if args.no_check:
+        results.update({k: v for k, v in json.load(open(args.out)).items() if k not in ("runs", "device", "torch")})
+    else:
+        check_kernel(results)
     with torch.no_grad():
         model = timm.create_model("mz_transnext_micro").cuda().eval()
         x = torch.randn(4, 3, 224, 224, device="cuda")
@@ -226,6 +236,8 @@ def main():
     plan += [(name, "reference_eager", "torch", False) for name in args.models]
     if not args.no_compile:
         plan += [(name, "ours_compiled", "triton", True) for name in args.models[1:]]
+    if args.paths:
+        plan = [entry for entry in plan if entry[1] in args.paths]
     for name, label, backend, compiled in plan:
         for mode, batch in (("infer", args.infer_batch), ("train", args.train_batch)):
             key = f"{name}/{label}/{mode}"
@@ -236,7 +248,7 @@ def main():
             model = make_model(name, official=label == "official_native")
             try:
                 with use_backend(backend or "torch"):
-                    r = bench(model, mode, batch, args.steps, 2, compiled)
+                    r = bench(model, mode, batch, args.steps, 3, compiled)
             except torch.cuda.OutOfMemoryError as e:
                 r = dict(error=f"OOM: {str(e)[:120]}")
             del model
