@@ -15,26 +15,28 @@ from torch import Tensor
 
 from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape, stand_in
 from ._autograd import absent, backward_op, eager_or_op
-from .dispatch import lazy_triton, resolve
+from .dispatch import resolve, triton_available
 from .group_norm import finish_moments, sample_moments
 
 
-@lazy_triton
-def _load(triton, tl):
-    """Build this module's Triton kernels (run once, on first use)."""
+if triton_available():  # guarded: the package (and the reference path) works without Triton
+    import triton
+    import triton.language as tl
 
     @triton.jit
-    def fwd(X, MEAN, RSTD, NW, LS, RS, OUT, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
-            HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _tile(H, W, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile: (pid, sample, row, columns, channels, channel mask, tile mask)."""
         pid = tl.program_id(0)
-        b = pid // H
-        h = pid % H
         ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
-        om = (ws < W)[:, None] & cmask[None, :]
+        return pid, pid // H, pid % H, ws, cs, cmask, (ws < W)[:, None] & cmask[None, :]
+
+    @triton.jit
+    def _window_mean(base, h, ws, cs, cmask, H, W, C, P: tl.constexpr, BLOCK_W: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+        """avg-pool PxP (stride 1, count_include_pad=False) of the map at ``base``, on this tile, fp32."""
         PAD: tl.constexpr = P // 2
-        base = X + b.to(tl.int64) * H * W * C
         acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
         for i in tl.static_range(P):
             hh = h + i - PAD
@@ -44,13 +46,21 @@ def _load(triton, tl):
                 acc += tl.load(base + hh * W * C + ww[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
         cnt = tl.maximum((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
                          * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1), 1).to(tl.float32)
+        return acc / cnt[:, None]
+
+    @triton.jit
+    def fwd(X, MEAN, RSTD, NW, LS, RS, OUT, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
+            HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid, b, h, ws, cs, cmask, om = _tile(H, W, C, BLOCK_W, BLOCK_C)
+        base = X + b.to(tl.int64) * H * W * C
+        pooled = _window_mean(base, h, ws, cs, cmask, H, W, C, P, BLOCK_W, BLOCK_C)
         offs = h * W * C + ws[:, None] * C + cs[None, :]
         x = tl.load(base + offs, mask=om, other=0.0).to(tl.float32)
         a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
         if HAS_LS:
             a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
         mu = tl.load(MEAN + b)
-        out = (acc / cnt[:, None] - x) * (a * tl.load(RSTD + b))[None, :]
+        out = (pooled - x) * (a * tl.load(RSTD + b))[None, :]
         if HAS_RS:
             out += x * tl.load(RS + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
         else:
@@ -65,28 +75,13 @@ def _load(triton, tl):
     def bwd_reduce(G, X, RSTD, NW, LS, PC, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
                    HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         # Per program: channel sums of rstd*g*d and g*x; the sample sum of g*a*d (d = pool(x) - x).
-        pid = tl.program_id(0)
-        b = pid // H
-        h = pid % H
-        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        om = (ws < W)[:, None] & cmask[None, :]
-        PAD: tl.constexpr = P // 2
+        pid, b, h, ws, cs, cmask, om = _tile(H, W, C, BLOCK_W, BLOCK_C)
         base = b.to(tl.int64) * H * W * C
-        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        for i in tl.static_range(P):
-            hh = h + i - PAD
-            for j in tl.static_range(P):
-                ww = ws + j - PAD
-                m = ((hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
-                acc += tl.load(X + base + hh * W * C + ww[:, None] * C + cs[None, :], mask=m, other=0.0).to(tl.float32)
-        cnt = tl.maximum((tl.minimum(h + PAD, H - 1) - tl.maximum(h - PAD, 0) + 1)
-                         * (tl.minimum(ws + PAD, W - 1) - tl.maximum(ws - PAD, 0) + 1), 1).to(tl.float32)
+        pooled = _window_mean(X + base, h, ws, cs, cmask, H, W, C, P, BLOCK_W, BLOCK_C)
         offs = base + h * W * C + ws[:, None] * C + cs[None, :]
         x = tl.load(X + offs, mask=om, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=om, other=0.0).to(tl.float32)
-        gd = tl.where(om, g * (acc / cnt[:, None] - x), 0.0)
+        gd = tl.where(om, g * (pooled - x), 0.0)
         a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
         if HAS_LS:
             a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
@@ -102,13 +97,7 @@ def _load(triton, tl):
                   HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         # dx = rs*g + a*rstd*(P^T g - g) + coef_b*(x - mean_b), P^T g summing g/count over the window,
         # coef_b = -rstd_b^3 * PSUM_b / n from the sample's reduced partials (no host-side math).
-        pid = tl.program_id(0)
-        b = pid // H
-        h = pid % H
-        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        om = (ws < W)[:, None] & cmask[None, :]
+        pid, b, h, ws, cs, cmask, om = _tile(H, W, C, BLOCK_W, BLOCK_C)
         PAD: tl.constexpr = P // 2
         base = b.to(tl.int64) * H * W * C
         acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
@@ -136,8 +125,6 @@ def _load(triton, tl):
             dx += g
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=om)
 
-    return (fwd, bwd_reduce, bwd_apply)
-
 
 def _grid(x: Tensor):
     B, H, W, C = nhwc_shape(x)
@@ -147,7 +134,6 @@ def _grid(x: Tensor):
 
 def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
             rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    fwd = _load()[0]
     mean, _, rstd = sample_moments(x, eps)
     grid, bw, bc = _grid(x)
     out = torch.empty_like(x)
@@ -177,7 +163,6 @@ def _(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
 @backward_op("metazoo::pool_mixer_bwd")
 def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor, ls: Optional[Tensor],
             rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, bwd_reduce, bwd_apply = _load()
     B, H, W, C = nhwc_shape(x)
     grid, bw, bc = _grid(x)
     pc = torch.empty((grid[0] * grid[1], 2, C), dtype=torch.float32, device=x.device)
