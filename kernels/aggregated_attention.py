@@ -121,6 +121,14 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         return x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)[:, None]
 
     @triton.jit
+    def _token_block(N, W, HEADS, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Grid (token blocks, batch*heads): (b*heads+h, b, h, tokens, dims, their masks, row, col)."""
+        pid_bh = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, DP)
+        return pid_bh, pid_bh // HEADS, pid_bh % HEADS, offs, offs_d, offs < N, offs_d < D, offs // W, offs % W
+
+    @triton.jit
     def _query_terms(Q, QE, T, q_row, h, offs_n, mask_n, offs_d, mask_d, yy, xx, H, W, P, eps,
                      D: tl.constexpr, R: tl.constexpr):
         """Loads a query block; returns (q̂, |q|, scale, q_scaled)."""
@@ -142,18 +150,9 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                    HEADS, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, STORE_LSE: tl.constexpr,
                    PREC: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // HEADS
-        h = pid_bh % HEADS
         KK: tl.constexpr = KS * KS
         R: tl.constexpr = KS // 2
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, DP)
-        mask_n = offs_n < N
-        mask_d = offs_d < D
-        yy = offs_n // W
-        xx = offs_n % W
+        pid_bh, b, h, offs_n, offs_d, mask_n, mask_d, yy, xx = _token_block(N, W, HEADS, D, DP, BLOCK_N)
         qn, _, _, qs = _query_terms(Q, QE, T, b * sq_b + offs_n * sq_n, h, offs_n, mask_n, offs_d, mask_d,
                                        yy, xx, H, W, P, eps, D, R)
         m_i = tl.full([BLOCK_N], -1.0e30, tl.float32)
@@ -383,19 +382,10 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                        HEADS, D: tl.constexpr, DP: tl.constexpr, KS: tl.constexpr,
                        BLOCK_N: tl.constexpr):
         """Per key block: gathers dk, dv from the queries whose window holds each key."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // HEADS
-        h = pid_bh % HEADS
         KK: tl.constexpr = KS * KS
         R: tl.constexpr = KS // 2
-        offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, DP)
-        mask_m = offs_m < N
-        mask_d = offs_d < D
+        _, b, h, offs_m, offs_d, mask_m, mask_d, my, mx = _token_block(N, W, HEADS, D, DP, BLOCK_N)
         m2 = mask_m[:, None] & mask_d[None, :]
-        my = offs_m // W
-        mx = offs_m % W
         kv_ptr = KV + b * skv_b + offs_m[:, None] * skv_n + h * D + offs_d[None, :]
         k = tl.load(kv_ptr, mask=m2, other=0.0).to(tl.float32)
         kn, knrm = _normalize_rows(k, eps)
