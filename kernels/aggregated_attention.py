@@ -129,6 +129,20 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         return pid_bh, pid_bh // HEADS, pid_bh % HEADS, offs, offs_d, offs < N, offs_d < D, offs // W, offs % W
 
     @triton.jit
+    def _window_tap(kv_base, qs, LB_H, j: tl.constexpr, yy, xx, mask_n, offs_d, mask_d, H, W, C, skv_n, eps,
+                    KS: tl.constexpr):
+        """Window neighbour ``j`` of each query: (in-map mask, unit key, value, logit with local bias)."""
+        R: tl.constexpr = KS // 2
+        ny = yy + (j // KS - R)
+        nx = xx + (j % KS - R)
+        ok = mask_n & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+        m2 = ok[:, None] & mask_d[None, :]
+        row = (ny * W + nx) * skv_n
+        kj = _unit_rows(tl.load(kv_base + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32), eps)
+        vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        return ok, kj, vj, tl.sum(qs * kj, axis=1) + tl.load(LB_H + j).to(tl.float32)
+
+    @triton.jit
     def _query_terms(Q, QE, T, q_row, h, offs_n, mask_n, offs_d, mask_d, yy, xx, H, W, P, eps,
                      D: tl.constexpr, R: tl.constexpr):
         """Loads a query block; returns (q̂, |q|, scale, q_scaled)."""
@@ -161,15 +175,8 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         acc_dyn = tl.zeros([BLOCK_N, DP], tl.float32)
         kv_base = KV + b * skv_b + h * D
         for j in tl.static_range(KK):
-            ny = yy + (j // KS - R)
-            nx = xx + (j % KS - R)
-            ok = mask_n & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
-            m2 = ok[:, None] & mask_d[None, :]
-            row = (ny * W + nx) * skv_n
-            kj = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-            vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-            kj = _unit_rows(kj, eps)
-            s = tl.sum(qs * kj, axis=1) + tl.load(LB + h * KK + j).to(tl.float32)
+            ok, kj, vj, s = _window_tap(kv_base, qs, LB + h * KK, j, yy, xx, mask_n, offs_d, mask_d, H, W, C,
+                                         skv_n, eps, KS)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, s)
             alpha = tl.exp(m_i - m_new)
@@ -263,15 +270,8 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
             dqn = tl.zeros([BLOCK_N, DP], tl.float32)
             ds_base = ((b * HEADS + h) * KK) * N
             for j in tl.static_range(KK):
-                ny = yy + (j // KS - R)
-                nx = xx + (j % KS - R)
-                ok = mask_n & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
-                m2 = ok[:, None] & mask_d[None, :]
-                row = (ny * W + nx) * skv_n
-                kj = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-                vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-                kj = _unit_rows(kj, eps)
-                s = tl.sum(qs * kj, axis=1) + tl.load(LB + h * KK + j).to(tl.float32)
+                ok, kj, vj, s = _window_tap(kv_base, qs, LB + h * KK, j, yy, xx, mask_n, offs_d, mask_d, H, W, C,
+                                             skv_n, eps, KS)
                 a = tl.where(ok, tl.exp(s - lse), 0.0)
                 dp = tl.sum(do * vj, axis=1)
                 ds = a * (dp - delta)
