@@ -201,6 +201,8 @@ def main():
     import metazoo  # noqa: F401
     import timm
     if args.no_check:
+        if not os.path.exists(args.out):
+            raise ValueError(f"--no-check keeps the checks of an earlier run: --out {args.out} does not exist")
         results.update({k: v for k, v in json.load(open(args.out)).items() if k not in ("runs", "device", "torch")})
     else:
         check_kernel(results)
