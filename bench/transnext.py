@@ -203,7 +203,9 @@ def main():
     if args.no_check:
         if not os.path.exists(args.out):
             raise ValueError(f"--no-check keeps the checks of an earlier run: --out {args.out} does not exist")
-        results.update({k: v for k, v in json.load(open(args.out)).items() if k not in ("runs", "device", "torch")})
+        with open(args.out) as f:
+            earlier = json.load(f)
+        results.update({k: v for k, v in earlier.items() if k not in ("runs", "device", "torch")})
     else:
         check_kernel(results)
     with torch.no_grad():

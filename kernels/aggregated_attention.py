@@ -433,6 +433,7 @@ def _dot_precision(q) -> str:
 
 
 _QUERY_LAUNCH = (32, 4)  # (queries per program, warps) of the query-side backward
+_KEY_BLOCK_N = 32  # keys per program of the key-side backward
 
 
 def _pool_block_n(prec: str) -> int:
@@ -509,9 +510,10 @@ def _bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, H, W, head
         num_warps=4)
     dkvp_hat = dkvp_parts.sum(0) if n_splits > 1 else dkvp_parts[0]
     dkv = torch.empty_like(kv)
-    bwd_key_kernel[(_cdiv(N, 32), B * heads)](
+    bwd_key_kernel[(_cdiv(N, _KEY_BLOCK_N), B * heads)](
         q, kv, qe, t, grad, ds, aeff, dkv, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
-        grad.stride(0), grad.stride(1), _EPS, HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=32, num_warps=4)
+        grad.stride(0), grad.stride(1), _EPS, HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=_KEY_BLOCK_N,
+        num_warps=4)
     part = part.view(n_blocks * b_chunks, heads, width).sum(0)
     dlb = part[:, :KK]
     dtb = part[:, KKP:KKP + KK]
