@@ -375,10 +375,11 @@ def _kernel_section(names: list[str], reg: dict, bench: dict) -> list[str]:
         out += ["", "The selective scan alone at B = 64, D = 384, L = 3136, N = 16 on the GPU (`scan` in "
                 "`bench/results/vim2.json`; bound = minimal memory traffic over the measured copy bandwidth):", "",
                 "| path | fwd ms | fwd+bwd ms | bound fwd+bwd ms | x bound |", "|---|---:|---:|---:|---:|"]
-        for key in ("best_float32", "best_bfloat16"):
+        for key in ("default_float32", "default_bfloat16", "best_float32", "best_bfloat16"):
             if key in scan:
                 r = scan[key]
-                out.append(f"| kernel {r.get('dtype')} (block_d={r.get('block_d')}, chunk={r.get('chunk')}, "
+                out.append(f"| kernel {r.get('dtype')}, {key.split('_')[0]} config (block_d={r.get('block_d')}, "
+                           f"chunk={r.get('chunk')}, "
                            f"warps={r.get('num_warps')}) | {_f(r.get('fwd_ms'), 2)} | {_f(r.get('fwd_bwd_ms'), 2)} | "
                            f"{_f(r.get('bound_fwd_bwd_ms'), 2)} | {_f(r.get('ratio_to_bound'), 2)} |")
         ref = scan.get("reference") or {}

@@ -12,6 +12,10 @@ four cross-scan directions share one launch); ``D, delta_bias`` (D,). The kernel
 sequence in chunks, keep the (channels x N) state in registers, scan each chunk with
 ``tl.associative_scan`` and only write the state at chunk starts (1/CHUNK of the full state)
 for the backward pass, which replays each chunk and runs the adjoint scan in reverse.
+Tiles are (CHUNK, channels, N) with time outermost, so each thread holds its steps of a chunk
+and both scans run in registers (the reverse one on ``tl.flip``-ped tiles, which Triton lowers
+to register renaming; ``reverse=True`` went through warp shuffles). Δφ(ΔA) = (e^{ΔA} - 1)/A
+and its derivatives use a per-program 1/A, so the loop body has no divisions.
 """
 from __future__ import annotations
 
@@ -112,30 +116,56 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         return p1 * k, l2, w2 + k * w1
 
     @triton.jit
-    def _phi_psi(x, a, SERIES_BELOW: tl.constexpr):
-        # φ(x) = (e^x-1)/x and ψ(x) = φ'(x) = (e^x - φ)/x; Taylor series near 0 avoid cancellation
+    def _dt_phi(x, a, dt, inv_A, SERIES_BELOW: tl.constexpr):
+        # Δ φ(ΔA) = (e^{ΔA} - 1) / A; Taylor series of φ near 0 avoids the cancellation in e^x - 1
         small = tl.abs(x) < SERIES_BELOW
-        xs = tl.where(small, 1.0, x)
-        phi_big = (a - 1.0) / xs
-        phi = tl.where(small, 1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120)))), phi_big)
-        psi = tl.where(small, 0.5 + x * (1.0 / 3 + x * (0.125 + x * (1.0 / 30 + x * (1.0 / 144)))),
-                       (a - phi_big) / xs)
-        return phi, psi
+        series = dt * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120)))))
+        return tl.where(small, series, (a - 1.0) * inv_A)
+
+    @triton.jit
+    def _dt2_psi(x, a, dt, dt_phi, inv_A, SERIES_BELOW: tl.constexpr):
+        # Δ² φ'(ΔA) = (Δ e^{ΔA} - Δ φ) / A, the A-derivative of Δ φ(ΔA); series near 0 as above
+        small = tl.abs(x) < SERIES_BELOW
+        series = dt * dt * (0.5 + x * (1.0 / 3 + x * (0.125 + x * (1.0 / 30 + x * (1.0 / 144)))))
+        return tl.where(small, series, (dt * a - dt_phi) * inv_A)
 
     @triton.jit
     def _load_chunk(u_ptr, dt_ptr, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        # u and Δ (after bias and softplus) for one chunk, zero outside the sequence
-        m2 = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_ptr + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        raw = tl.load(dt_ptr + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m2, other=0.0).to(tl.float32)
+        # u and Δ (after bias and softplus) for one chunk as (CHUNK, BLOCK_D), zero outside the sequence
+        m2 = mask_t[:, None] & mask_d[None, :]
+        u = _load_t(u_ptr, offs_d, mask_d, t, mask_t, s_ud, s_ul)
+        raw = _load_t(dt_ptr, offs_d, mask_d, t, mask_t, s_dd, s_dl)
         if HAS_BIAS:
-            raw = raw + bias[:, None]
+            raw = raw + bias[None, :]
         dt = raw
         if SOFTPLUS:
             dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
         dt = tl.where(m2, dt, 0.0)
         return u, raw, dt
+
+    @triton.jit
+    def _load_t(base, offs_r, mask_r, t, mask_t, s_r, s_l):
+        # a (rows, L) operand's chunk as fp32 (CHUNK, rows), zero outside. Loaded as (rows, CHUNK)
+        # and transposed: Triton then keeps lanes along the contiguous time axis for the load
+        # (coalesced) and moves the tile to the compute layout through shared memory.
+        x = tl.load(base + offs_r[:, None] * s_r + t[None, :] * s_l, mask=mask_r[:, None] & mask_t[None, :],
+                    other=0.0)
+        return tl.trans(x).to(tl.float32)
+
+    @triton.jit
+    def _store_t(base, val, offs_r, mask_r, t, mask_t, s_r, s_l):
+        # store a (CHUNK, rows) tile into a (rows, L) operand, transposed first like _load_t
+        tl.store(base + offs_r[:, None] * s_r + t[None, :] * s_l, tl.trans(val).to(base.dtype.element_ty),
+                 mask=mask_r[:, None] & mask_t[None, :])
+
+    @triton.jit
+    def _put_bc(ptrs, val, mask, ATOMIC: tl.constexpr):
+        # one channel block's share of dB or dC: added atomically, or stored if it is the only one
+        if ATOMIC:
+            tl.atomic_add(ptrs, val, mask=mask)
+        else:
+            tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
 
     # sizes and outer strides vary per layer: one compiled kernel serves them all (inner strides,
     # usually 1, stay specialised for vector loads)
@@ -160,7 +190,8 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         mask_n = offs_n < N
         offs_c = tl.arange(0, CHUNK)
         A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an,
-                    mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+                    mask=mask_d[:, None] & mask_n[None, :], other=-1.0).to(tl.float32)
+        inv_A = 1.0 / A
         bias = tl.zeros((BLOCK_D,), tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -178,23 +209,20 @@ if triton_available():  # guarded: the package (and the reference path) works wi
             mask_t = t < L
             u, raw, dt = _load_chunk(u_base, dt_base, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl,
                                      HAS_BIAS, SOFTPLUS)
-            mnt = mask_n[:, None] & mask_t[None, :]
-            Bt = tl.load(B_base + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mnt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_base + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mnt, other=0.0).to(tl.float32)
+            Bt = _load_t(B_base, offs_n, mask_n, t, mask_t, s_bn, s_bl)
+            Ct = _load_t(C_base, offs_n, mask_n, t, mask_t, s_cn, s_cl)
             if SAVE_STATES:
                 tl.store(st_base + c * BLOCK_N, h, mask=mask_d[:, None])
-            x = dt[:, None, :] * A[:, :, None]
+            x = dt[:, :, None] * A[None, :, :]
             a = tl.exp(x)
-            phi, _ = _phi_psi(x, a, SERIES_BELOW)
-            b = (dt * u)[:, None, :] * phi * Bt[None, :, :]
-            acum, hloc = tl.associative_scan((a, b), axis=2, combine_fn=_lin_combine)
-            hs = hloc + acum * h[:, :, None]
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            b = _dt_phi(x, a, dt[:, :, None], inv_A[None, :, :], SERIES_BELOW) * (u[:, :, None] * Bt[:, None, :])
+            acum, hloc = tl.associative_scan((a, b), axis=0, combine_fn=_lin_combine)
+            hs = hloc + acum * h[None, :, :]
+            y = tl.sum(hs * Ct[:, None, :], axis=2)
             if HAS_D:
-                y = y + Dv[:, None] * u
-            tl.store(y_base + offs_d[:, None] * s_yd + t[None, :] * s_yl, y.to(y_ptr.dtype.element_ty),
-                     mask=mask_d[:, None] & mask_t[None, :])
-            h = tl.sum(tl.where((offs_c == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
+                y = y + Dv[None, :] * u
+            _store_t(y_base, y, offs_d, mask_d, t, mask_t, s_yd, s_yl)
+            h = tl.sum(tl.where((offs_c == CHUNK - 1)[:, None, None], hs, 0.0), axis=0)
 
     @triton.jit(do_not_specialize=_RUNTIME_INTS)
     def bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, st_ptr,
@@ -204,10 +232,11 @@ if triton_available():  # guarded: the package (and the reference path) works wi
                    s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_yb, s_yd, s_yl,
                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-                   SERIES_BELOW: tl.constexpr):
+                   SERIES_BELOW: tl.constexpr, ATOMIC_BC: tl.constexpr):
         # du/ddt are written with u's/Δ's strides made contiguous (batch, D, L); dA/dD/dbias are
-        # per-batch partials (batch, D, N)/(batch, D); dB/dC (batch, G, N, L) fp32 accumulated
-        # atomically over the channel blocks of a group.
+        # per-batch partials (batch, D, N)/(batch, D); dB/dC (batch, G, N, L) are accumulated in
+        # fp32 with atomics over the channel blocks of a group (ATOMIC_BC), or stored when one
+        # block holds the whole group.
         pid_bg = tl.program_id(0)
         bi = (pid_bg // G).to(tl.int64)  # int64: batch offsets exceed 2**31 for token-batched scans
         gi = pid_bg % G
@@ -219,7 +248,8 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         mask_n = offs_n < N
         mask_dn = mask_d[:, None] & mask_n[None, :]
         offs_c = tl.arange(0, CHUNK)
-        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=-1.0).to(tl.float32)
+        inv_A = 1.0 / A
         bias = tl.zeros((BLOCK_D,), tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -231,8 +261,8 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         C_base = C_ptr + bi * s_cb + gi * s_cg
         dy_base = dy_ptr + bi * s_yb
         st_base = st_ptr + ((bi * DT + offs_d)[:, None] * n_chunks) * BLOCK_N + offs_n[None, :]
-        dBC_off = (bi * G + gi) * N * L + offs_n[:, None] * L
-        dl_base = (bi * DT + offs_d)[:, None] * L
+        dBC_off = (bi * G + gi) * N * L + offs_n[None, :] * L
+        dl_base = bi * DT * L
         g_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # adjoint at the first step of the next chunk
         a_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # a at that step
         dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -242,51 +272,53 @@ if triton_available():  # guarded: the package (and the reference path) works wi
             c = n_chunks - 1 - cc
             t = c * CHUNK + offs_c
             mask_t = t < L
-            m2 = mask_d[:, None] & mask_t[None, :]
+            m2 = mask_t[:, None] & mask_d[None, :]
+            mnt = mask_t[:, None] & mask_n[None, :]
             u, raw, dt = _load_chunk(u_base, dt_base, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl,
                                      HAS_BIAS, SOFTPLUS)
-            mnt = mask_n[:, None] & mask_t[None, :]
-            Bt = tl.load(B_base + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mnt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_base + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mnt, other=0.0).to(tl.float32)
-            dy = tl.load(dy_base + offs_d[:, None] * s_yd + t[None, :] * s_yl, mask=m2, other=0.0).to(tl.float32)
+            Bt = _load_t(B_base, offs_n, mask_n, t, mask_t, s_bn, s_bl)
+            Ct = _load_t(C_base, offs_n, mask_n, t, mask_t, s_cn, s_cl)
+            dy = _load_t(dy_base, offs_d, mask_d, t, mask_t, s_yd, s_yl)
             h0 = tl.load(st_base + c * BLOCK_N, mask=mask_d[:, None], other=0.0)
             # replay the chunk's forward scan
-            x = dt[:, None, :] * A[:, :, None]
+            dt3 = dt[:, :, None]
+            x = dt3 * A[None, :, :]
             a = tl.exp(x)
-            phi, psi = _phi_psi(x, a, SERIES_BELOW)
-            Bu = Bt[None, :, :] * u[:, None, :]
-            b = dt[:, None, :] * phi * Bu
-            acum, hloc = tl.associative_scan((a, b), axis=2, combine_fn=_lin_combine)
-            hs = hloc + acum * h0[:, :, None]
+            dt_phi = _dt_phi(x, a, dt3, inv_A[None, :, :], SERIES_BELOW)
+            Bu = u[:, :, None] * Bt[:, None, :]
+            b = dt_phi * Bu
+            acum, hloc = tl.associative_scan((a, b), axis=0, combine_fn=_lin_combine)
+            hs = hloc + acum * h0[None, :, :]
             # adjoint g_s = C_s dy_s + a_{s+1} g_{s+1}, scanned from the chunk's end
-            w = Ct[None, :, :] * dy[:, None, :]
-            p, _, gloc = tl.associative_scan((tl.full(a.shape, 1.0, tl.float32), a, w), axis=2,
-                                             combine_fn=_adj_combine, reverse=True)
-            g = gloc + p * (a_next * g_next)[:, :, None]
-            first = (offs_c == 0)[None, None, :]
-            g_next = tl.sum(tl.where(first, g, 0.0), axis=2)
-            a_next = tl.sum(tl.where(first, a, 0.0), axis=2)
-            # gradients
-            dC = tl.sum(hs * dy[:, None, :], axis=0)
-            tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mnt)
-            gphi = g * phi
-            gdphi = gphi * dt[:, None, :]
-            du = tl.sum(gdphi * Bt[None, :, :], axis=1)
+            w = Ct[:, None, :] * dy[:, :, None]
+            p, _, gloc = tl.associative_scan((tl.full(a.shape, 1.0, tl.float32), tl.flip(a, 0), tl.flip(w, 0)),
+                                             axis=0, combine_fn=_adj_combine)
+            p, gloc = tl.flip(p, 0), tl.flip(gloc, 0)
+            g = gloc + p * (a_next * g_next)[None, :, :]
+            first = (offs_c == 0)[:, None, None]
+            g_next = tl.sum(tl.where(first, g, 0.0), axis=0)
+            a_next = tl.sum(tl.where(first, a, 0.0), axis=0)
+            # gradients; a h_{s-1} = h_s - b_s
+            ah_prev = hs - b
+            dC = tl.sum(hs * dy[:, :, None], axis=1)
+            _put_bc(dC_ptr + dBC_off + t[:, None], dC, mnt, ATOMIC_BC)
+            g_dt_phi = g * dt_phi
+            du = tl.sum(g_dt_phi * Bt[:, None, :], axis=2)
             if HAS_D:
-                du += Dv[:, None] * dy
-                dD_acc += tl.sum(dy * u, axis=1)
-            tl.store(du_ptr + dl_base + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
-            dB = tl.sum(gdphi * u[:, None, :], axis=0)
-            tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mnt)
-            dx = g * ((hs - b) + dt[:, None, :] * psi * Bu)  # a h_{s-1} = h_s - b_s
-            dA_acc += tl.sum(dx * dt[:, None, :], axis=2)
-            ddt = tl.sum(dx * A[:, :, None] + gphi * Bu, axis=1)
+                du += Dv[None, :] * dy
+                dD_acc += tl.sum(dy * u, axis=0)
+            _store_t(du_ptr + dl_base, du, offs_d, mask_d, t, mask_t, L, 1)
+            dB = tl.sum(g_dt_phi * u[:, :, None], axis=1)
+            _put_bc(dB_ptr + dBC_off + t[:, None], dB, mnt, ATOMIC_BC)
+            dt2_psi = _dt2_psi(x, a, dt3, dt_phi, inv_A[None, :, :], SERIES_BELOW)
+            dA_acc += tl.sum(g * (dt3 * ah_prev + dt2_psi * Bu), axis=0)
+            ddt = tl.sum(g * (A[None, :, :] * ah_prev + a * Bu), axis=2)
             if SOFTPLUS:
                 ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
             ddt = tl.where(m2, ddt, 0.0)
             if HAS_BIAS:
-                dbias_acc += tl.sum(ddt, axis=1)
-            tl.store(ddt_ptr + dl_base + t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+                dbias_acc += tl.sum(ddt, axis=0)
+            _store_t(ddt_ptr + dl_base, ddt, offs_d, mask_d, t, mask_t, L, 1)
         tl.store(dA_ptr + (bi * DT + offs_d)[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
         if HAS_D:
             tl.store(dD_ptr + bi * DT + offs_d, dD_acc, mask=mask_d)
@@ -295,16 +327,24 @@ if triton_available():  # guarded: the package (and the reference path) works wi
 
 
 def _launch_cfg(dim_per_group: int, n: int):
-    """(BLOCK_D, BLOCK_N, CHUNK, num_warps): small tiles in the interpreter, GPU-sized otherwise."""
+    """(BLOCK_D, BLOCK_N, CHUNK, num_warps): small tiles in the interpreter, GPU-sized otherwise.
+
+    Narrow groups (the channel mixer's 4 streams) get fewer warps, so that each thread keeps
+    ``_GPU_CFG``'s share of the tile (the steps of a chunk for a few (channel, state) pairs).
+    """
     block_n = max(2, 1 << (n - 1).bit_length())
     if interpret_mode():
         return 4, block_n, 16, 1
     block_d = min(_GPU_CFG["block_d"], 1 << (dim_per_group - 1).bit_length())
-    return block_d, block_n, _GPU_CFG["chunk"], _GPU_CFG["num_warps"]
+    full = _GPU_CFG["block_d"] * 16 * _GPU_CFG["chunk"]  # the tile the warp count was tuned for (N = 16)
+    warps = max(1, _GPU_CFG["num_warps"] * block_d * block_n * _GPU_CFG["chunk"] // full)
+    return block_d, block_n, _GPU_CFG["chunk"], min(warps, _GPU_CFG["num_warps"])
 
 
-# Chosen from the sweep in bench/vim2.py (H100, L=3136, D=384, N=16); override for experiments.
-_GPU_CFG = {"block_d": 4, "chunk": 16, "num_warps": 4}
+# From the H100 sweeps in bench/vim2.py and bench/results/vim2.json: at L=3136, D=384, N=16 a
+# 4-step chunk was 2-4% faster, but the channel mixer's narrow scans (4 channels per group) ran 26%
+# faster with 8-step chunks; one config serves both. Override for experiments.
+_GPU_CFG = {"block_d": 32, "chunk": 8, "num_warps": 4}
 
 
 def _bc_strides(t: torch.Tensor):
@@ -342,8 +382,10 @@ def _scan_bwd(dy, u, delta, A, B4, C4, D, delta_bias, states, delta_softplus: bo
     du = torch.empty((bsz, dim, seqlen), device=dev, dtype=u.dtype)
     ddelta = torch.empty((bsz, dim, seqlen), device=dev, dtype=delta.dtype)
     dA = torch.empty((bsz, dim, n), device=dev, dtype=torch.float32)
-    dB = torch.zeros((bsz, groups, n, seqlen), device=dev, dtype=torch.float32)
-    dC = torch.zeros((bsz, groups, n, seqlen), device=dev, dtype=torch.float32)
+    atomic = dg > block_d  # several channel blocks add into one group's dB/dC
+    alloc = torch.zeros if atomic else torch.empty
+    dB = alloc((bsz, groups, n, seqlen), device=dev, dtype=torch.float32 if atomic else B4.dtype)
+    dC = alloc((bsz, groups, n, seqlen), device=dev, dtype=torch.float32 if atomic else C4.dtype)
     dD = torch.empty((bsz, dim), device=dev, dtype=torch.float32) if D is not None else None
     dbias = torch.empty((bsz, dim), device=dev, dtype=torch.float32) if delta_bias is not None else None
     dummy = A
@@ -354,7 +396,8 @@ def _scan_bwd(dy, u, delta, A, B4, C4, D, delta_bias, states, delta_softplus: bo
         seqlen, dg, groups, n, n_chunks,
         *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *dy.stride(),
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SERIES_BELOW=_SERIES_BELOW, num_warps=warps)
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SERIES_BELOW=_SERIES_BELOW, ATOMIC_BC=atomic,
+        num_warps=warps)
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B4.dtype), dC.to(C4.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)

@@ -17,7 +17,7 @@ def _shapes(count=20, seed=1234):
     out = []
     for i in range(count):
         groups = rng.choice([1, 1, 2, 4])
-        dim = groups * rng.randint(1, 3)
+        dim = groups * rng.choice([1, 2, 3, 6, 9])  # 6, 9: several channel blocks per group (atomic dB/dC)
         seqlen = CHUNK * rng.randint(1, 2) if i % 5 == 4 else rng.randint(2, 2 * CHUNK + 9)
         if i % 5 != 4 and seqlen % CHUNK == 0:
             seqlen += 1
