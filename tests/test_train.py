@@ -117,6 +117,20 @@ def test_bad_config_values_name_the_key(override, key):
         check_config(compose(*overrides))
 
 
+def test_fused_optimizer_step():
+    """optim.fused reaches torch's optimizer; an optimizer without a fused step is refused by key."""
+    from metazoo.train.config import check_config
+
+    from metazoo.train.app import build_optimizer
+
+    cfg = compose("optim.fused=true")
+    check_config(cfg)
+    assert build_optimizer(cfg, torch.nn.Linear(3, 3), 1e-3).defaults["fused"] is True
+    assert not build_optimizer(compose(), torch.nn.Linear(3, 3), 1e-3).defaults.get("fused")
+    with pytest.raises(ValueError, match="'optim.fused'"):
+        check_config(compose("optim=lamb", "optim.fused=true"))
+
+
 def test_default_and_recipe_configs_pass_checks(tmp_path):
     from metazoo.train.app import batch_plan
     from metazoo.train.config import check_config

@@ -98,8 +98,19 @@ def train(cfg: DictConfig) -> dict:
         shutdown_distributed()
 
 
-def _train(cfg: DictConfig, dist: DistEnv) -> dict:
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """timm optimizer from the ``optim`` group; betas, eps and fused are passed only when set."""
     from timm.optim import create_optimizer_v2
+
+    opt_kwargs = {k: v for k, v in (("betas", cfg.optim.betas), ("eps", cfg.optim.eps), ("fused", cfg.optim.fused))
+                  if v is not None}
+    if "betas" in opt_kwargs:
+        opt_kwargs["betas"] = tuple(opt_kwargs["betas"])
+    return create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
+                               momentum=cfg.optim.momentum, layer_decay=cfg.optim.layer_decay, **opt_kwargs)
+
+
+def _train(cfg: DictConfig, dist: DistEnv) -> dict:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
@@ -116,11 +127,7 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
     loaders = build_loaders(cfg, dist, cfg.seed)
     model = build_model(cfg, loaders.num_classes, dist)
     accum, global_batch, lr = batch_plan(cfg, dist.world_size)
-    opt_kwargs = {k: v for k, v in (("betas", cfg.optim.betas), ("eps", cfg.optim.eps)) if v is not None}
-    if "betas" in opt_kwargs:
-        opt_kwargs["betas"] = tuple(opt_kwargs["betas"])
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
-                                    momentum=cfg.optim.momentum, layer_decay=cfg.optim.layer_decay, **opt_kwargs)
+    optimizer = build_optimizer(cfg, model, lr)
     updates_per_epoch = len(loaders.train) // accum
     if updates_per_epoch < 1:
         raise ValueError(f"config key 'optim.global_batch': {global_batch} is larger than one epoch of data")

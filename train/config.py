@@ -60,6 +60,7 @@ class OptimConfig:
     eps: Optional[float] = None
     clip_grad: Optional[float] = None
     layer_decay: Optional[float] = None
+    fused: Optional[bool] = None  # true: torch's fused step (adam, adamw, sgd); null: the optimizer's default
 
 
 @dataclass
@@ -158,6 +159,7 @@ _CHOICES = {
 
 
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")  # timm names that build torch optimizers with a fused step
 
 
 def _optimizers() -> list[str]:
@@ -233,6 +235,9 @@ def check_config(cfg: Any) -> None:
             raise _bad(f"per_model.{name}", f"unknown keys {sorted(unknown)}; accepted: drop_rate, drop_path_rate")
     if cfg.optim.name not in _optimizers():
         raise _bad("optim.name", f"unknown optimizer {cfg.optim.name!r}; timm offers e.g. adamw, lamb, sgd, lion")
+    if cfg.optim.fused is not None and cfg.optim.name not in FUSED_OPTIMIZERS:
+        raise _bad("optim.fused", f"optimizer {cfg.optim.name!r} has no fused step; set it only with "
+                                  f"{', '.join(FUSED_OPTIMIZERS)}, or leave it null")
     if cfg.sched.name not in SCHEDULERS:
         raise _bad("sched.name", f"got {cfg.sched.name!r}, accepted values: {', '.join(SCHEDULERS)}")
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:
