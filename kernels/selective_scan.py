@@ -160,6 +160,29 @@ if triton_available():  # guarded: the package (and the reference path) works wi
                  mask=mask_r[:, None] & mask_t[None, :])
 
     @triton.jit
+    def _channel_block(A_ptr, D_ptr, bias_ptr, G, DG, N, s_ad, s_an, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # this program's (batch, group, channel block) and its per-channel parameters: A and 1/A (padded
+        # entries -1, so 1/A stays finite), Δ bias and D (zeros when absent)
+        pid_bg = tl.program_id(0)
+        bi = (pid_bg // G).to(tl.int64)  # int64: batch offsets exceed 2**31 for token-batched scans
+        gi = pid_bg % G
+        offs_dl = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_dl < DG
+        offs_d = gi * DG + offs_dl
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an,
+                    mask=mask_d[:, None] & mask_n[None, :], other=-1.0).to(tl.float32)
+        bias = tl.zeros((BLOCK_D,), tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        Dv = tl.zeros((BLOCK_D,), tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        return bi, gi, offs_d, mask_d, offs_n, mask_n, A, 1.0 / A, bias, Dv
+
+    @triton.jit
     def _put_bc(ptrs, val, mask, ATOMIC: tl.constexpr):
         # one channel block's share of dB or dC: added atomically, or stored if it is the only one
         if ATOMIC:
@@ -180,23 +203,9 @@ if triton_available():  # guarded: the package (and the reference path) works wi
                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                    SAVE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    CHUNK: tl.constexpr, SERIES_BELOW: tl.constexpr):
-        pid_bg = tl.program_id(0)
-        bi = (pid_bg // G).to(tl.int64)  # int64: batch offsets exceed 2**31 for token-batched scans
-        gi = pid_bg % G
-        offs_dl = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_dl < DG
-        offs_d = gi * DG + offs_dl
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        bi, gi, offs_d, mask_d, offs_n, mask_n, A, inv_A, bias, Dv = _channel_block(
+            A_ptr, D_ptr, bias_ptr, G, DG, N, s_ad, s_an, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
         offs_c = tl.arange(0, CHUNK)
-        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an,
-                    mask=mask_d[:, None] & mask_n[None, :], other=-1.0).to(tl.float32)
-        inv_A = 1.0 / A
-        bias = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         u_base = u_ptr + bi * s_ub
         dt_base = dt_ptr + bi * s_db
         B_base = B_ptr + bi * s_bb + gi * s_bg
@@ -237,24 +246,11 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         # per-batch partials (batch, D, N)/(batch, D); dB/dC (batch, G, N, L) are accumulated in
         # fp32 with atomics over the channel blocks of a group (ATOMIC_BC), or stored when one
         # block holds the whole group.
-        pid_bg = tl.program_id(0)
-        bi = (pid_bg // G).to(tl.int64)  # int64: batch offsets exceed 2**31 for token-batched scans
-        gi = pid_bg % G
+        bi, gi, offs_d, mask_d, offs_n, mask_n, A, inv_A, bias, Dv = _channel_block(
+            A_ptr, D_ptr, bias_ptr, G, DG, N, s_ad, s_an, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
         DT = G * DG
-        offs_dl = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_dl < DG
-        offs_d = gi * DG + offs_dl
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
         mask_dn = mask_d[:, None] & mask_n[None, :]
         offs_c = tl.arange(0, CHUNK)
-        A = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn, other=-1.0).to(tl.float32)
-        inv_A = 1.0 / A
-        bias = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         u_base = u_ptr + bi * s_ub
         dt_base = dt_ptr + bi * s_db
         B_base = B_ptr + bi * s_bb + gi * s_bg
