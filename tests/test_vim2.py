@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import metazoo  # noqa: F401  (registers mz_* models)
 from metazoo.backbones.vim2 import ViM2, WeightedAverageStack, mixer_order
 from metazoo.kernels import use_backend
-from metazoo.mixers.mambamixer import SelectiveChannelMixer, SelectiveTokenMixer, cross_merge, cross_scan
+from metazoo.mixers.mambamixer import (SelectiveChannelMixer, SelectiveTokenMixer, cross_merge, cross_scan,
+                                       grouped_conv1d)
 
 # dims, token mixers, channel mixers, widths, state size: small enough for Triton's interpreter
 TINY = dict(dims=(8, 8, 16, 16), token_mixers=(2, 1, 1, 1), channel_mixers=(1, 0, 0, 1), d_state=2)
@@ -63,6 +64,21 @@ def test_cross_scan_roundtrip():
     assert xs.shape == (2, 4, 3, 20)
     torch.testing.assert_close(xs[:, 1, :, 7], x[:, :, 7 % 4, 7 // 4])  # column-major order
     torch.testing.assert_close(cross_merge(xs, 4, 5), 4 * x)
+
+
+@pytest.mark.parametrize("groups,per_group,k", [(2, 4, 3), (3, 1, 5)])
+def test_grouped_conv1d_matches_conv1d(groups, per_group, k):
+    """The shifted multiply-add form equals F.conv1d (same padding, one input channel per group)."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(5, groups, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(groups * per_group, 1, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(groups * per_group, generator=gen, dtype=torch.float64, requires_grad=True)
+    want = F.conv1d(x, w, b, padding=k // 2, groups=groups)
+    got = grouped_conv1d(x, w, b)
+    torch.testing.assert_close(got, want)
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)):
+        torch.testing.assert_close(a, r)
 
 
 def test_channel_mixer_is_token_count_free():
