@@ -130,6 +130,19 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         return tl.where(small, series, (dt * a - dt_phi) * inv_A)
 
     @triton.jit
+    def _chunk_scan(u, dt, Bt, A, inv_A, h0, SERIES_BELOW: tl.constexpr):
+        # one chunk's forward recurrence from state h0 over (CHUNK, BLOCK_D, BLOCK_N) tiles:
+        # (x = ΔA, a = e^x, Δφ(x), B u, b = Δφ B u, the state after every step)
+        dt3 = dt[:, :, None]
+        x = dt3 * A[None, :, :]
+        a = tl.exp(x)
+        dt_phi = _dt_phi(x, a, dt3, inv_A[None, :, :], SERIES_BELOW)
+        Bu = u[:, :, None] * Bt[:, None, :]
+        b = dt_phi * Bu
+        acum, hloc = tl.associative_scan((a, b), axis=0, combine_fn=_lin_combine)
+        return x, a, dt_phi, Bu, b, hloc + acum * h0[None, :, :]
+
+    @triton.jit
     def _load_chunk(u_ptr, dt_ptr, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         # u and Δ (after bias and softplus) for one chunk as (CHUNK, BLOCK_D), zero outside the sequence
@@ -222,11 +235,7 @@ if triton_available():  # guarded: the package (and the reference path) works wi
             Ct = _load_t(C_base, offs_n, mask_n, t, mask_t, s_cn, s_cl)
             if SAVE_STATES:
                 tl.store(st_base + c * BLOCK_N, h, mask=mask_d[:, None])
-            x = dt[:, :, None] * A[None, :, :]
-            a = tl.exp(x)
-            b = _dt_phi(x, a, dt[:, :, None], inv_A[None, :, :], SERIES_BELOW) * (u[:, :, None] * Bt[:, None, :])
-            acum, hloc = tl.associative_scan((a, b), axis=0, combine_fn=_lin_combine)
-            hs = hloc + acum * h[None, :, :]
+            _, _, _, _, _, hs = _chunk_scan(u, dt, Bt, A, inv_A, h, SERIES_BELOW)
             y = tl.sum(hs * Ct[:, None, :], axis=2)
             if HAS_D:
                 y = y + Dv[None, :] * u
@@ -277,14 +286,8 @@ if triton_available():  # guarded: the package (and the reference path) works wi
             dy = _load_t(dy_base, offs_d, mask_d, t, mask_t, s_yd, s_yl)
             h0 = tl.load(st_base + c * BLOCK_N, mask=mask_d[:, None], other=0.0)
             # replay the chunk's forward scan
+            x, a, dt_phi, Bu, b, hs = _chunk_scan(u, dt, Bt, A, inv_A, h0, SERIES_BELOW)
             dt3 = dt[:, :, None]
-            x = dt3 * A[None, :, :]
-            a = tl.exp(x)
-            dt_phi = _dt_phi(x, a, dt3, inv_A[None, :, :], SERIES_BELOW)
-            Bu = u[:, :, None] * Bt[:, None, :]
-            b = dt_phi * Bu
-            acum, hloc = tl.associative_scan((a, b), axis=0, combine_fn=_lin_combine)
-            hs = hloc + acum * h0[None, :, :]
             # adjoint g_s = C_s dy_s + a_{s+1} g_{s+1}, scanned from the chunk's end
             w = Ct[:, None, :] * dy[:, :, None]
             p, _, gloc = tl.associative_scan((tl.full(a.shape, 1.0, tl.float32), tl.flip(a, 0), tl.flip(w, 0)),

@@ -119,9 +119,8 @@ def test_bad_config_values_name_the_key(override, key):
 
 def test_fused_optimizer_step():
     """optim.fused reaches torch's optimizer; an optimizer without a fused step is refused by key."""
-    from metazoo.train.config import check_config
-
     from metazoo.train.app import build_optimizer
+    from metazoo.train.config import check_config
 
     cfg = compose("optim.fused=true")
     check_config(cfg)
