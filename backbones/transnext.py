@@ -52,20 +52,34 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), H, W
 
 
+RECOMPUTE_PARTS = ("gate", "pool")
+
+
+def recompute_parts(recompute) -> frozenset:
+    """``recompute`` (True, False, or a subset of RECOMPUTE_PARTS) -> the set of branches to recompute."""
+    if isinstance(recompute, bool):
+        return frozenset(RECOMPUTE_PARTS if recompute else ())
+    parts = (recompute,) if isinstance(recompute, str) or not hasattr(recompute, "__iter__") else tuple(recompute)
+    if any(p not in RECOMPUTE_PARTS for p in parts):
+        raise ValueError(f"recompute must be True, False or a subset of {RECOMPUTE_PARTS}; got {recompute!r}")
+    return frozenset(parts)
+
+
 class TransNeXtBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))``, then ``x + ConvGLU(norm2(x))``."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, window_size, pretrain_hw,
-                 drop_path: float = 0.0, proj_drop: float = 0.0, backend: str | None = None, recompute: bool = True):
+                 drop_path: float = 0.0, proj_drop: float = 0.0, backend: str | None = None, recompute=True):
         super().__init__()
+        recompute = recompute_parts(recompute)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if sr_ratio == 1:
             self.attn = LengthScaledAttention(dim, num_heads, pretrain_hw, proj_drop=proj_drop)
         else:
             self.attn = AggregatedAttention(dim, num_heads, sr_ratio, pretrain_hw, window_size=window_size or 3,
-                                            proj_drop=proj_drop, backend=backend, recompute_pool=recompute)
+                                            proj_drop=proj_drop, backend=backend, recompute_pool="pool" in recompute)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = ConvGLU(dim, int(dim * mlp_ratio), drop=proj_drop, recompute_gate=recompute)
+        self.mlp = ConvGLU(dim, int(dim * mlp_ratio), drop=proj_drop, recompute_gate="gate" in recompute)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, height: int, width: int, rel_pos) -> torch.Tensor:
@@ -80,8 +94,9 @@ class TransNeXt(nn.Module):
     ``img_size`` only seeds the cached position tables; any input >= 32 px runs. ``pretrain_size``
     (default ``img_size``) is the pre-training resolution that scales the position-bias
     coordinates: keep 224 when running 224-pretrained weights at another size. ``recompute``
-    (training only) recomputes the cheap ConvGLU gate and pooled-key branches in the backward
-    instead of storing their full-resolution intermediates (about 35% less activation memory).
+    (training only; True, False, or a subset of ``("gate", "pool")``) recomputes the cheap ConvGLU
+    gate and/or pooled-key branches in the backward instead of storing their full-resolution
+    intermediates (both: about 35% less activation memory).
     """
 
     def __init__(self, img_size: int = 224, pretrain_size: int | None = None, in_chans: int = 3,
@@ -89,8 +104,9 @@ class TransNeXt(nn.Module):
                  num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2), sr_ratios=(8, 4, 2, 1),
                  window_sizes=(3, 3, 3, None), mlp_ratios=(8, 8, 4, 4), drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0, backend: str | None = None,
-                 recompute: bool = True):
+                 recompute=True):
         super().__init__()
+        recompute_parts(recompute)  # validate at construction
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool={global_pool!r} is not supported; accepted: 'avg', ''")
         self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans

@@ -113,12 +113,19 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
 
     @triton.jit
     def _normalize_rows(x, eps):
+        """(x / max(|x|, eps), |x|) per row; one reciprocal per row, not a division per element."""
         nrm = tl.sqrt(tl.sum(x * x, axis=1))
-        return x / tl.maximum(nrm, eps)[:, None], nrm
+        return x * (1.0 / tl.maximum(nrm, eps))[:, None], nrm
 
     @triton.jit
     def _unit_rows(x, eps):
-        return x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)[:, None]
+        return x * (1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps))[:, None]
+
+    @triton.jit
+    def _normalize_rows_grad(xn, nrm, g, eps):
+        """Gradient w.r.t. x of x / max(|x|, eps) per row, given xn (that value), |x| and the output grad g."""
+        dx = (g - xn * tl.sum(xn * g, axis=1)[:, None]) * (1.0 / tl.maximum(nrm, eps))[:, None]
+        return tl.where((nrm > eps)[:, None], dx, g * (1.0 / eps))
 
     @triton.jit
     def _token_block(N, W, HEADS, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -205,7 +212,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
             l_i = l_i * alpha_p + tl.sum(pp, axis=1)
             acc = acc * alpha_p[:, None] + tl.dot(pp, vp, input_precision=PREC)
             m_i = mp_new
-        out = acc / l_i[:, None] + acc_dyn
+        out = acc * (1.0 / l_i)[:, None] + acc_dyn
         o_ptr = O + b * so_b + offs_n[:, None] * so_n + h * D + offs_d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
         if STORE_LSE:
@@ -220,7 +227,11 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                          KKP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                          SINGLE_P: tl.constexpr, PREC: tl.constexpr):
         """Per query block: dq, window softmax grads (DS) and weights (AEFF), the softmax row term
-        (DELTA), pool-bias grads and per-program partial sums of the per-head parameter grads."""
+        (DELTA), pool-bias grads and per-program partial sums of the per-head parameter grads.
+
+        One pass over the window: the taps' probabilities and ``do·v`` are kept as (queries, k²)
+        tiles, so the softmax row term and every per-tap grad follow once per batch element, and
+        the sums over queries (bias and token grads) run once per program, not once per tap."""
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         pid_b = tl.program_id(2)
@@ -231,17 +242,22 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         offs_j = tl.arange(0, KKP)
         mask_n = offs_n < N
         mask_d = offs_d < D
+        mask_j = offs_j < KK
         m2n = mask_n[:, None] & mask_d[None, :]
+        mnj = mask_n[:, None] & mask_j[None, :]
         yy = offs_n // W
         xx = offs_n % W
         t = tl.load(T + h).to(tl.float32)
         qe = tl.load(QE + h * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        tb = tl.load(TB + h * KK + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+        tok = tl.load(TOK + h * D * KK + offs_d[:, None] * KK + offs_j[None, :],  # (DP, KKP)
+                      mask=mask_d[:, None] & mask_j[None, :], other=0.0).to(tl.float32)
         offs_p0 = tl.arange(0, BLOCK_P)
         dpb_acc = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-        dlb_acc = tl.zeros([KKP], tl.float32)
-        dtb_acc = tl.zeros([KKP], tl.float32)
+        dlb_acc = tl.zeros([BLOCK_N, KKP], tl.float32)
+        dtb_acc = tl.zeros([BLOCK_N, KKP], tl.float32)
         dtok_acc = tl.zeros([DP, KKP], tl.float32)
-        dqe_acc = tl.zeros([DP], tl.float32)
+        dqe_acc = tl.zeros([BLOCK_N, DP], tl.float32)
         dt_acc = tl.zeros([BLOCK_N], tl.float32)
         b_lo = pid_b * B_PER_PROG
         b_hi = tl.minimum(b_lo + B_PER_PROG, B)
@@ -254,37 +270,32 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                         other=0.0).to(tl.float32)
             lse = tl.load(LSE + (b * HEADS + h) * N + offs_n, mask=mask_n, other=0.0)
             kv_base = KV + b * skv_b + h * D
-            # delta = do·(softmax part of o) = do·o − Σ_j dynamic_j (do·v_j)
-            delta = tl.sum(do * o, axis=1)
-            for j in tl.static_range(KK):
-                ny = yy + (j // KS - R)
-                nx = xx + (j % KS - R)
-                ok = mask_n & (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
-                row = (ny * W + nx) * skv_n
-                vj = tl.load(kv_base + C + row[:, None] + offs_d[None, :], mask=ok[:, None] & mask_d[None, :],
-                             other=0.0).to(tl.float32)
-                tok = tl.load(TOK + h * D * KK + offs_d * KK + j, mask=mask_d, other=0.0).to(tl.float32)
-                dyn = tl.sum(qn * tok[None, :], axis=1) + tl.load(TB + h * KK + j).to(tl.float32)
-                delta -= dyn * tl.sum(do * vj, axis=1)
-            dqs = tl.zeros([BLOCK_N, DP], tl.float32)
-            dqn = tl.zeros([BLOCK_N, DP], tl.float32)
-            ds_base = ((b * HEADS + h) * KK) * N
+            a_win = tl.zeros([BLOCK_N, KKP], tl.float32)   # window probabilities
+            dp_win = tl.zeros([BLOCK_N, KKP], tl.float32)  # do·v_j
+            ak = tl.zeros([BLOCK_N, DP], tl.float32)       # Σ_j a_j k̂_j
+            adpk = tl.zeros([BLOCK_N, DP], tl.float32)     # Σ_j a_j (do·v_j) k̂_j
             for j in tl.static_range(KK):
                 ok, kj, vj, s = _window_tap(kv_base, qs, LB + h * KK, j, yy, xx, mask_n, offs_d, mask_d, H, W, C,
                                              skv_n, eps, KS)
                 a = tl.where(ok, tl.exp(s - lse), 0.0)
                 dp = tl.sum(do * vj, axis=1)
-                ds = a * (dp - delta)
-                tok = tl.load(TOK + h * D * KK + offs_d * KK + j, mask=mask_d, other=0.0).to(tl.float32)
-                dyn = tl.sum(qn * tok[None, :], axis=1) + tl.load(TB + h * KK + j).to(tl.float32)
-                dqs += ds[:, None] * kj
-                dqn += dp[:, None] * tok[None, :]
-                tl.store(DS + ds_base + j * N + offs_n, ds, mask=mask_n)
-                tl.store(AEFF + ds_base + j * N + offs_n, a + dyn, mask=mask_n)
-                sel = offs_j == j
-                dlb_acc += tl.where(sel, tl.sum(ds, axis=0), 0.0)
-                dtb_acc += tl.where(sel, tl.sum(tl.where(mask_n, dp, 0.0), axis=0), 0.0)
-                dtok_acc += tl.where(sel[None, :], tl.sum(qn * dp[:, None], axis=0)[:, None], 0.0)
+                ak += a[:, None] * kj
+                adpk += (a * dp)[:, None] * kj
+                sel = (offs_j == j)[None, :]
+                a_win = tl.where(sel, a[:, None], a_win)
+                dp_win = tl.where(sel, dp[:, None], dp_win)
+            dyn = tl.dot(qn, tok, input_precision=PREC) + tb[None, :]  # dynamic weights, (BLOCK_N, KKP)
+            # delta = do·(softmax part of o) = do·o − Σ_j dynamic_j (do·v_j)
+            delta = tl.sum(do * o, axis=1) - tl.sum(dyn * dp_win, axis=1)
+            ds_win = a_win * (dp_win - delta[:, None])
+            dqs = adpk - delta[:, None] * ak
+            dqn = tl.dot(dp_win, tl.trans(tok), input_precision=PREC)
+            win_ptr = ((b * HEADS + h) * KK) * N + offs_j[None, :] * N + offs_n[:, None]
+            tl.store(DS + win_ptr, ds_win, mask=mnj)
+            tl.store(AEFF + win_ptr, a_win + dyn, mask=mnj)
+            dlb_acc += ds_win
+            dtb_acc += dp_win
+            dtok_acc += tl.dot(tl.trans(qn), dp_win, input_precision=PREC)
             kvp_base = KVP + b * skp_b + h * D
             tl.store(DELTA + (b * HEADS + h) * N + offs_n, delta, mask=mask_n)
             for p0 in range(0, P, BLOCK_P):
@@ -308,11 +319,9 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                     tl.atomic_add(DPB + h * N * P + offs_n[:, None] * P + offs_p[None, :], dsp, mask=mnp,
                                   sem="relaxed")
             dqs = tl.where(m2n, dqs, 0.0)
-            dqe_acc += tl.sum(dqs * scale[:, None], axis=0)
+            dqe_acc += dqs * scale[:, None]
             dt_acc += tl.sum(dqs * (qn + qe[None, :]), axis=1) * (scale / t)
-            dqh = dqs * scale[:, None] + dqn
-            dq = (dqh - qn * tl.sum(qn * dqh, axis=1)[:, None]) / tl.maximum(qnrm, eps)[:, None]
-            dq = tl.where((qnrm > eps)[:, None], dq, dqh / eps)
+            dq = _normalize_rows_grad(qn, qnrm, dqs * scale[:, None] + dqn, eps)
             tl.store(DQ + b * sq_b + offs_n[:, None] * sq_n + h * D + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=m2n)
         if SINGLE_P:
@@ -323,10 +332,10 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         prog = (pid_n * tl.num_programs(2) + pid_b) * HEADS + h
         width: tl.constexpr = 2 * KKP + 1 + DP + DP * KKP
         base = PART + prog * width
-        tl.store(base + offs_j, dlb_acc)
-        tl.store(base + KKP + offs_j, dtb_acc)
+        tl.store(base + offs_j, tl.sum(dlb_acc, axis=0))
+        tl.store(base + KKP + offs_j, tl.sum(dtb_acc, axis=0))
         tl.store(base + 2 * KKP, tl.sum(dt_acc, axis=0))
-        tl.store(base + 2 * KKP + 1 + offs_d, dqe_acc)
+        tl.store(base + 2 * KKP + 1 + offs_d, tl.sum(dqe_acc, axis=0))
         tl.store(base + 2 * KKP + 1 + DP + offs_d[:, None] * KKP + offs_j[None, :], dtok_acc)
 
     @triton.jit(do_not_specialize=["B", "N", "H", "W", "P", "C", "HEADS", "N_PER_PROG"])
@@ -405,8 +414,7 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
                          mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
             dkn += ds[:, None] * qs
             dv += ae[:, None] * do
-        dk = (dkn - kn * tl.sum(kn * dkn, axis=1)[:, None]) / tl.maximum(knrm, eps)[:, None]
-        dk = tl.where((knrm > eps)[:, None], dk, dkn / eps)
+        dk = _normalize_rows_grad(kn, knrm, dkn, eps)
         dkv_ptr = DKV + b * skv_b + offs_m[:, None] * skv_n + h * D + offs_d[None, :]
         tl.store(dkv_ptr, dk.to(DKV.dtype.element_ty), mask=m2)
         tl.store(dkv_ptr + C, dv.to(DKV.dtype.element_ty), mask=m2)

@@ -294,3 +294,30 @@ def test_recompute_gives_the_same_gradients(which):
         grads.append([x.grad.clone()] + [p.grad.clone() for p in mod.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_convglu_split_fc1_under_compile_matches_eager(monkeypatch):
+    """Under torch.compile fc1 runs as two GEMMs over its weight's row blocks: same values and grads."""
+    from metazoo.mixers.convglu import ConvGLU
+    mod = ConvGLU(8, 24, recompute_gate=False)
+    x = torch.randn(2, 15, 8, requires_grad=True)
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        mod.zero_grad()
+        x.grad = None
+        out = mod(x, 3, 5)
+        out.square().sum().backward()
+        results.append([out.detach()] + [x.grad.clone()] + [p.grad.clone() for p in mod.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_parts():
+    from metazoo.backbones.transnext import recompute_parts
+    assert recompute_parts(True) == {"gate", "pool"} and recompute_parts(False) == set()
+    assert recompute_parts(["gate"]) == {"gate"} and recompute_parts("pool") == {"pool"}
+    model = timm.create_model("mz_transnext_micro", recompute=("gate",), depths=(1, 1, 1, 1))
+    assert model.block1[0].mlp.recompute_gate and not model.block1[0].attn.recompute_pool
+    with pytest.raises(ValueError, match="recompute"):
+        timm.create_model("mz_transnext_micro", recompute="everything")
