@@ -184,19 +184,36 @@ class TransNeXt(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # --- forward --------------------------------------------------------------------------------
-    def _rel_pos(self, i: int, height: int, width: int, attn: nn.Module):
-        """Position tables of stage ``i`` for an ``height×width`` map: buffers at the construction size."""
-        if (height, width) == self._buffer_hw[i]:
-            return getattr(self, f"relative_pos_index{i + 1}"), getattr(self, f"relative_coords_table{i + 1}")
-        return relative_position_table((height, width), attn.key_grid(height, width), self.pretrain_hw[i],
-                                       getattr(self, f"relative_coords_table{i + 1}").device)
+    def _stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Feature sizes of the stages for an ``height×width`` input (the patch embeds' conv arithmetic)."""
+        sizes = []
+        for i in range(self.num_stages):
+            conv = getattr(self, f"patch_embed{i + 1}").proj
+            k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+            height, width = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
+            sizes.append((height, width))
+        return sizes
 
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """NCHW in -> NCHW out (after the stage's LayerNorm)."""
+    def _position_tables(self, height: int, width: int) -> list:
+        """Every stage's position tables for an ``height×width`` input: the buffers at the construction
+        size, else computed (cached) in one call, so torch.compile breaks the graph once per forward, not
+        once per stage (per-stage breaks recompiled the stage code with symbolic sizes)."""
+        sizes = self._stage_sizes(height, width)
+        if sizes == self._buffer_hw:
+            return [(getattr(self, f"relative_pos_index{i + 1}"), getattr(self, f"relative_coords_table{i + 1}"))
+                    for i in range(self.num_stages)]
+        return self._computed_tables(sizes)
+
+    @torch.compiler.disable
+    def _computed_tables(self, sizes: list[tuple[int, int]]) -> list:
+        device = self.relative_coords_table1.device
+        return [relative_position_table(hw, getattr(self, f"block{i + 1}")[0].attn.key_grid(*hw), self.pretrain_hw[i],
+                                        device) for i, hw in enumerate(sizes)]
+
+    def _stage(self, i: int, x: torch.Tensor, rel_pos) -> torch.Tensor:
+        """NCHW in -> NCHW out (after the stage's LayerNorm); ``rel_pos``: this stage's position tables."""
         x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
-        blocks = getattr(self, f"block{i + 1}")
-        rel_pos = self._rel_pos(i, H, W, blocks[0].attn)
-        for blk in blocks:
+        for blk in getattr(self, f"block{i + 1}"):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, H, W, rel_pos)
             else:
@@ -207,8 +224,9 @@ class TransNeXt(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """NCHW image -> NCHW stride-32 features after the last stage's norm."""
         check_input_size(x, MIN_INPUT)
+        tables = self._position_tables(x.shape[-2], x.shape[-1])
         for i in range(self.num_stages):
-            x = self._stage(i, x)
+            x = self._stage(i, x, tables[i])
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -229,8 +247,9 @@ class TransNeXt(nn.Module):
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
         last = max_index if stop_early or intermediates_only else self.num_stages - 1
+        tables = self._position_tables(x.shape[-2], x.shape[-1])
         for i in range(last + 1):
-            x = self._stage(i, x)
+            x = self._stage(i, x, tables[i])
             if i in take_indices:
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)

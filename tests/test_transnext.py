@@ -246,7 +246,8 @@ def test_model_at_224_and_odd_size_kernel_matches_reference(micro):
             out_odd = micro(odd)
         assert rel_err(out_odd, ref_odd) < 1e-4
         # tables recomputed for 97x131 (not the construction size), cached for the next call
-        assert micro._rel_pos(0, 25, 33, micro.block1[0].attn)[0].numel() == 25 * 33 * 3 * 4
+        assert micro._stage_sizes(97, 131) == [(25, 33), (13, 17), (7, 9), (4, 5)]
+        assert micro._position_tables(97, 131)[0][0].numel() == 25 * 33 * 3 * 4
 
 
 def test_odd_size_backward_kernel_matches_reference():
@@ -321,3 +322,14 @@ def test_recompute_parts():
     assert model.block1[0].mlp.recompute_gate and not model.block1[0].attn.recompute_pool
     with pytest.raises(ValueError, match="recompute"):
         timm.create_model("mz_transnext_micro", recompute="everything")
+
+
+def test_compiled_graph_breaks_once_for_the_position_tables():
+    """Under torch.compile the tables of another input size are fetched in one call (one graph break), and
+    none at the construction size: per-stage breaks recompiled the stage code with symbolic sizes."""
+    torch._dynamo.reset()
+    model = TransNeXt(img_size=64, embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1),
+                      num_classes=5, backend="torch").eval()
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64)).graph_break_count == 0
+        assert torch._dynamo.explain(model)(torch.randn(1, 3, 96, 64)).graph_break_count == 1
