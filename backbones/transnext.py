@@ -106,7 +106,7 @@ class TransNeXt(nn.Module):
                  proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0, backend: str | None = None,
                  recompute=True):
         super().__init__()
-        recompute_parts(recompute)  # validate at construction
+        recompute = recompute_parts(recompute)  # validated once; the blocks take the parsed set
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool={global_pool!r} is not supported; accepted: 'avg', ''")
         self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
