@@ -418,17 +418,29 @@ def _kernel_module(case: str) -> str | None:
     return None
 
 
+def dense_markdown(runs: dict) -> str:
+    """Table of dense-task runs keyed ``task/backend`` (``bench/dense_bench.py`` summaries), speed vs ``torch``."""
+    lines = ["| task | kernels | s/iter | vs torch | peak MB | steady MB | last loss | metrics |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, r in runs.items():
+        task, backend = key.split("/")
+        base = runs.get(f"{task}/torch")
+        speed = f"{base['s_per_iter'] / r['s_per_iter']:.2f}x" if base else "-"
+        mem = " | ".join(f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("peak_memory_mb", "steady_memory_mb"))
+        met = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
+        lines.append(f"| {task} | {backend} | {r['s_per_iter']:.3f} | {speed} | {mem} | {r['last_loss']:.3f} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def _dense_gpu_run(names: list[str], bench: dict) -> list[str]:
     """The measured dense-task GPU run (``bench/results/dense_gpu.json``) when its backbone is in this family."""
-    from metazoo.train.dense_bench import markdown
-
     raw = (bench.get("dense_gpu.json") or {}).get("raw") or {}
     m = raw.get("meta", {})
     if m.get("model_name") not in names:
         return []
     return ["", f"Measured on {m['device']} (`bench/results/dense_gpu.json`, {m['date']}, {m['dtype']}, "
-            f"`{m['model_name']}` from scratch, `python -m metazoo.train.dense_bench`, Triton kernels on vs off): "
-            f"{m['detect']}; {m['segment']}.", "", *markdown(raw["runs"]).splitlines()]
+            f"`{m['model_name']}` from scratch, `python -m metazoo.bench.dense_bench`, Triton kernels on vs off): "
+            f"{m['detect']}; {m['segment']}.", "", *dense_markdown(raw["runs"]).splitlines()]
 
 
 def _dense_configs(names: list[str], bench: dict) -> list[str]:

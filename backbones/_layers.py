@@ -8,8 +8,8 @@ import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-from ..mixers.activations import SquaredReLU
-from ..mixers.norms import LayerNorm, LayerNorm2d
+from ..layers.activations import SquaredReLU
+from ..layers.norms import LayerNorm, LayerNorm2d
 from ._common import check_input_size
 
 TOTAL_STRIDE = 32

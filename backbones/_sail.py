@@ -9,7 +9,7 @@ from functools import partial
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..mixers.activations import StarReLU
+from ..layers.activations import StarReLU
 from ..mixers.attention import Attention
 from ._common import build, check_in_chans, match_shapes, rename_keys
 from ._layers import Downsampling, PatchStem, PoolNormHead

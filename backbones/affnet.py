@@ -23,7 +23,7 @@ from timm.models._registry import generate_default_cfgs
 from torch import nn
 
 from metazoo.mixers.aff import AFFMixer
-from metazoo.mixers.norms import GroupNorm1
+from metazoo.layers.norms import GroupNorm1
 
 from ._common import build, check_input_size, strip_prefixes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from timm.models import generate_default_cfgs, register_model
 
 from ..mixers.attention import Attention
-from ..mixers.norms import layer_norm2d_no_bias, layer_norm_no_bias
+from ..layers.norms import layer_norm2d_no_bias, layer_norm_no_bias
 from ..mixers.sepconv import SepConv
 from . import _sail
 from ._common import mirror_timm_cfgs

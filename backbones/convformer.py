@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from timm.models import generate_default_cfgs, register_model
 
-from ..mixers.norms import layer_norm2d_no_bias
+from ..layers.norms import layer_norm2d_no_bias
 from ..mixers.sepconv import SepConv
 from . import _sail
 from ._common import mirror_timm_cfgs

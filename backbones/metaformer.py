@@ -18,9 +18,9 @@ from torch import nn
 from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import norm_residual, scale_add
 from ..kernels.pool_mixer import pool_mixer
-from ..mixers.activations import Scale
+from ..layers.activations import Scale
 from ..mixers.mlp import Mlp
-from ..mixers.norms import GroupNorm1, LayerNorm, LayerNorm2d
+from ..layers.norms import GroupNorm1, LayerNorm, LayerNorm2d
 from ..mixers.pooling import Pooling
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ..mixers.norms import GroupNorm1, group_norm1_no_bias, layer_norm2d_no_bias
+from ..layers.norms import GroupNorm1, group_norm1_no_bias, layer_norm2d_no_bias
 from ..mixers.pooling import Pooling
 from . import _sail
 from ._common import mirror_timm_cfgs

@@ -14,7 +14,7 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ..mixers.mambamixer import SelectiveChannelMixer, SelectiveTokenMixer
-from ..mixers.norms import LayerNorm
+from ..layers.norms import LayerNorm
 from ._common import build
 from ._layers import NormPoolHead, PatchifyStem, SepConvDownsample
 from .metaformer import MetaFormer

@@ -7,7 +7,7 @@ from timm.layers import DropPath, LayerScale
 from torch import nn
 
 from ..kernels.gated_conv import gated_dwconv_linear
-from .norms import LayerNorm
+from ..layers.norms import LayerNorm
 
 
 class GatedCNNBlock(nn.Module):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..kernels.act_linear import act_linear
-from .activations import StarReLU
+from ..layers.activations import StarReLU
 
 
 class Mlp(nn.Module):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..kernels.dwconv import dwconv2d
-from .activations import StarReLU
+from ..layers.activations import StarReLU
 
 
 class SepConv(nn.Module):

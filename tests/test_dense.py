@@ -34,8 +34,8 @@ from mmengine.registry import DefaultScope  # noqa: E402
 
 import metazoo  # noqa: E402,F401
 from metazoo.train import dense_runner  # noqa: E402
-from metazoo.train.dense_backbone import MetazooBackbone, register  # noqa: E402
-from metazoo.train.shapes_dense import write_shapes_ade, write_shapes_coco  # noqa: E402
+from metazoo.integrations.openmmlab import MetazooBackbone, register  # noqa: E402
+from metazoo.datasets.shapes_dense import write_shapes_ade, write_shapes_coco  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -304,7 +304,7 @@ def test_import_without_openmmlab():
     code = ("import sys\n"
             "for m in ('mmdet', 'mmseg', 'mmengine', 'mmcv'): sys.modules[m] = None\n"
             "import metazoo, timm, torch\n"
-            "from metazoo.train.dense_backbone import MetazooBackbone, register\n"
+            "from metazoo.integrations.openmmlab import MetazooBackbone, register\n"
             "assert register() == []\n"
             "m = timm.create_model(timm.list_models('mz_*')[0])\n"
             "print(MetazooBackbone(timm.list_models('mz_*')[0])(torch.randn(1, 3, 64, 64))[0].shape)\n")
@@ -363,7 +363,7 @@ def test_default_segment_command_reaches_miou(tmp_path):
 
 def test_dense_bench_summarizes_mmengine_logs(tmp_path):
     """Median iteration time without the warm-up interval, peak memory, last loss, final metrics."""
-    from metazoo.train.dense_bench import markdown, summarize
+    from metazoo.bench.dense_bench import markdown, summarize
 
     lines = [dict(loss=3.0, time=9.0, memory=1200, iter=1), dict(loss=2.0, time=1.0, memory=1000, iter=2),
              dict(loss=1.5, time=3.0, memory=950, iter=3), dict(loss=1.0, time=2.0, memory=990, iter=4),
@@ -381,7 +381,7 @@ def test_dense_bench_summarizes_mmengine_logs(tmp_path):
 def test_dense_bench_command_runs_both_tasks(tmp_path):
     """The kernels on/off tool drives the real Hydra apps (here the reference kernels, 4 iterations)."""
     env = dict(os.environ, WANDB_MODE="disabled")
-    out = subprocess.run([sys.executable, "-m", "metazoo.train.dense_bench", "--out", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "metazoo.bench.dense_bench", "--out", str(tmp_path),
                           "--backends", "torch", "--iters", "4"], capture_output=True, text=True, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -389,7 +389,7 @@ def test_dense_bench_command_runs_both_tasks(tmp_path):
     assert set(runs) == {"detect/torch", "segment/torch"}
     assert runs["detect/torch"]["iters_logged"] == 4 and "coco/bbox_mAP_50" in runs["detect/torch"]["metrics"]
     assert runs["segment/torch"]["s_per_iter"] > 0 and "mIoU" in runs["segment/torch"]["metrics"]
-    bad = subprocess.run([sys.executable, "-m", "metazoo.train.dense_bench", "--out", str(tmp_path),
+    bad = subprocess.run([sys.executable, "-m", "metazoo.bench.dense_bench", "--out", str(tmp_path),
                           "--backends", "cuda"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--backends='cuda'" in bad.stderr and "torch, triton" in bad.stderr
 

@@ -399,10 +399,10 @@ def _blocks():
     from torch import nn
 
     from metazoo.backbones.metaformer import MetaFormerBlock
-    from metazoo.mixers.activations import StarReLU
+    from metazoo.layers.activations import StarReLU
     from metazoo.mixers.attention import Attention
     from metazoo.mixers.gated_cnn import GatedCNNBlock
-    from metazoo.mixers.norms import GroupNorm1, group_norm1_no_bias, layer_norm2d_no_bias, layer_norm_no_bias
+    from metazoo.layers.norms import GroupNorm1, group_norm1_no_bias, layer_norm2d_no_bias, layer_norm_no_bias
     from metazoo.mixers.pooling import Pooling
     from metazoo.mixers.sepconv import SepConv
 

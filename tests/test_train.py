@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from metazoo.train import shapes
+from metazoo.datasets import shapes
 from metazoo.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, remove_interrupted,
                                       save_checkpoint)
 

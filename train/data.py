@@ -12,7 +12,7 @@ from timm.data import Mixup, create_dataset, create_transform
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .distributed import DistEnv
-from .shapes import write_shapes_imagefolder
+from ..datasets.shapes import write_shapes_imagefolder
 
 
 @dataclass

@@ -20,10 +20,10 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner
 from omegaconf import DictConfig, OmegaConf
 
-from metazoo.train.dense_backbone import ADAPTER_NAME, MetazooBackbone, register
-from metazoo.train.dense_checkpoint import HOOK_NAME as ATOMIC_CHECKPOINT_HOOK
-from metazoo.train.shapes import SHAPE_CLASSES
-from metazoo.train.shapes_dense import ADE_CLASSES, write_shapes_ade, write_shapes_coco
+from metazoo.integrations.openmmlab import ADAPTER_NAME, MetazooBackbone, register
+from metazoo.integrations.openmmlab_hooks import HOOK_NAME as ATOMIC_CHECKPOINT_HOOK
+from metazoo.datasets.shapes import SHAPE_CLASSES
+from metazoo.datasets.shapes_dense import ADE_CLASSES, write_shapes_ade, write_shapes_coco
 
 TASKS = ("detect", "segment")
 BASE_ORDER = ("model", "data", "schedule", "runtime")
@@ -172,7 +172,11 @@ def compose(cfg: DictConfig, task: str):
     overrides.setdefault("model", {})["backbone"] = dict(backbone, _delete_=True)
     overrides.update(default_scope=scope, work_dir=str(cfg.work_dir), resume=bool(cfg.resume),
                      load_from=cfg.load_from, randomness=dict(seed=cfg.seed),
-                     visualizer=_visualizer(cfg, scope))
+                     visualizer=_visualizer(cfg, scope),
+                     # the dumped config rebuilds the model in plain mmdet/mmseg tools too
+                     custom_imports=dict(imports=["metazoo.integrations.openmmlab",
+                                                  "metazoo.integrations.openmmlab_hooks"],
+                                         allow_failed_imports=False))
     mm.merge_from_dict(overrides)
     hooks = mm.get("default_hooks") or {}
     if hooks.get("checkpoint", {}).get("type") == "CheckpointHook":

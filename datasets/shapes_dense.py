@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from metazoo.train.shapes import (SHAPE_CLASSES, SPLITS, draw_shape, publish_dir, random_background,
+from metazoo.datasets.shapes import (SHAPE_CLASSES, SPLITS, draw_shape, publish_dir, random_background,
                                   random_shape)
 
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """Kernels on vs off in the dense-task apps: iteration time, peak memory, loss and final metrics.
 
-``python -m metazoo.train.dense_bench --out DIR [--tasks detect,segment] [--backends triton,torch]
+``python -m metazoo.bench.dense_bench --out DIR [--tasks detect,segment] [--backends triton,torch]
 [--iters 300] [overrides...]`` runs ``python -m metazoo.train.<task>`` once per (task, kernel backend)
 with ``METAZOO_KERNELS=<backend>`` and the same Hydra overrides (e.g. ``backbone.model_name=
 mz_convformer_s18``), reads mmengine's ``vis_data/scalars.json`` of each run, and writes
@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from metazoo.cards import dense_markdown as markdown
 from metazoo.kernels.dispatch import BACKENDS, ENV_VAR
 from metazoo.train.dense_runner import TASKS
 
@@ -42,19 +43,6 @@ def summarize(scalars: Path, task: str) -> dict:
             "last_loss": train[-1]["loss"], "iters_logged": len(train), "metrics": metrics}
 
 
-def markdown(runs: dict) -> str:
-    lines = ["| task | kernels | s/iter | vs torch | peak MB | steady MB | last loss | metrics |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, r in runs.items():
-        task, backend = key.split("/")
-        base = runs.get(f"{task}/torch")
-        speed = f"{base['s_per_iter'] / r['s_per_iter']:.2f}x" if base else "-"
-        mem = " | ".join(f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("peak_memory_mb", "steady_memory_mb"))
-        met = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
-        lines.append(f"| {task} | {backend} | {r['s_per_iter']:.3f} | {speed} | {mem} | {r['last_loss']:.3f} | {met} |")
-    return "\n".join(lines) + "\n"
-
-
 def _csv(value: str, accepted: tuple, what: str) -> list[str]:
     items = [v for v in value.split(",") if v]
     bad = [v for v in items if v not in accepted]
@@ -64,7 +52,7 @@ def _csv(value: str, accepted: tuple, what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m metazoo.train.dense_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m metazoo.bench.dense_bench", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--backends", default="triton,torch")

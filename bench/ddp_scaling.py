@@ -1,6 +1,6 @@
 """1 -> N GPU scaling check of the training app: same global batch, same data order, img/s and losses.
 
-``python -m metazoo.train.ddp_scaling --out DIR [--gpus 2] [overrides...]`` runs the app once on one GPU
+``python -m metazoo.bench.ddp_scaling --out DIR [--gpus 2] [overrides...]`` runs the app once on one GPU
 (gradient accumulation reaches the global batch) and once under torchrun on N GPUs (one micro-batch
 per GPU), then writes ``DIR/ddp_scaling.json`` and a Markdown table: throughput, scaling factor and the
 largest step-loss difference between the two runs.
@@ -31,7 +31,7 @@ def _summary(run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m metazoo.train.ddp_scaling", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m metazoo.bench.ddp_scaling", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=128)

@@ -1,8 +1,10 @@
 """mmdet / mmseg backbone adapter: any timm model (every ``mz_*`` family) through ``features_only``.
 
 The adapter is a plain ``nn.Module`` with mmengine's ``init_weights`` protocol, so it imports and
-runs without OpenMMLab; :func:`register` adds it (as ``MetazooBackbone``) and the stage-wise
-layer-decay optimizer constructor to the mmdet and mmseg registries when those import.
+runs without OpenMMLab. Importing this module calls :func:`register`, which adds it (as
+``MetazooBackbone``) and the stage-wise layer-decay optimizer constructor to the mmdet and mmseg
+registries when those import; an OpenMMLab config loads it with
+``custom_imports = dict(imports=["metazoo.integrations.openmmlab"], allow_failed_imports=False)``.
 """
 from __future__ import annotations
 
@@ -234,7 +236,7 @@ def register() -> list[str]:
     constructor with mmengine's (which both scopes search).
 
     Returns the scopes registered; packages that are not installed are skipped, so this is safe
-    to call from ``import metazoo`` on a classification-only install.
+    on a classification-only install.
     """
     done = []
     try:  # the constructor is scope-free: mmdet's and mmseg's registries find it in mmengine's
@@ -255,3 +257,6 @@ def register() -> list[str]:
         registry.MODELS.register_module(name=ADAPTER_NAME, module=MetazooBackbone, force=True)
         done.append(scope)
     return done
+
+
+register()

@@ -1,0 +1,1 @@
+"""Thin adapters from the models to other frameworks. Nothing here is imported by ``import metazoo``."""

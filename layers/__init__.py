@@ -1,0 +1,1 @@
+"""Building blocks below the mixers: norms and activations (kernel-backed where a fused kernel exists)."""
