@@ -97,15 +97,17 @@ class MlpClassifier(nn.Module):
 
 
 class PoolNormHead(nn.Module):
-    """MetaFormer head on NCHW: global pool, channels-first LayerNorm, flatten, dropout, classifier."""
+    """MetaFormer head on NCHW: global pool, channels-first LayerNorm, flatten, dropout, classifier.
+    ``norm_first`` normalises the map before pooling (RIFormer: one-group GroupNorm, then pool)."""
 
     def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
-                 mlp_classifier: bool = False):
+                 mlp_classifier: bool = False, norm_layer=LayerNorm2d, norm_first: bool = False):
         super().__init__()
         self.in_features = self.num_features = dim
         self.mlp_classifier = mlp_classifier
+        self.norm_first = norm_first
         self.global_pool = SelectAdaptivePool2d(pool_type=pool_type)
-        self.norm = LayerNorm2d(dim)
+        self.norm = norm_layer(dim)
         self.flatten = nn.Flatten(1) if pool_type else nn.Identity()
         self.drop = nn.Dropout(drop_rate)
         self.fc = self._classifier(num_classes)
@@ -126,7 +128,8 @@ class PoolNormHead(nn.Module):
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: NCHW features -> logits (or pooled, normed features with ``pre_logits``)."""
-        x = self.drop(self.flatten(self.norm(self.global_pool(x))))
+        x = self.global_pool(self.norm(x)) if self.norm_first else self.norm(self.global_pool(x))
+        x = self.drop(self.flatten(x))
         return x if pre_logits else self.fc(x)
 
 

@@ -1,4 +1,5 @@
-"""Shared recipe of the sail-sg MetaFormer baselines (PoolFormer v1/v2, ConvFormer, CAFormer):
+"""Shared recipe of the sail-sg MetaFormer baselines (PoolFormer v1/v2, ConvFormer, CAFormer,
+IdentityFormer, RandFormer; RIFormer reuses it):
 how a variant row becomes ``MetaFormer`` arguments, their pretrained cfg defaults, and the
 conversion of the official checkpoint layouts (``network.*`` for PoolFormer v1,
 ``downsample_layers.*`` / ``stages.i.j`` for the MetaFormer-baselines release) to ours."""
@@ -69,7 +70,7 @@ def create(variant: str, pretrained: bool, spec: dict, **kwargs) -> MetaFormer:
 def _create(variant: str, pretrained: bool, *, depths, dims, token_mixers, norm_layers, mlp_act=StarReLU,
             mlp_bias: bool = False, downsample_norm=None, layer_scale_init_values=None,
             res_scale_init_values=(None, None, 1.0, 1.0), mlp_head: bool = True, proj_drop_rate: float = 0.0,
-            **kwargs) -> MetaFormer:
+            head_kwargs: dict | None = None, pretrained_filter_fn=checkpoint_filter_fn, **kwargs) -> MetaFormer:
     n = len(depths)
     mixers = _per_stage(token_mixers, n, "token_mixers")
     norms = _per_stage(norm_layers, n, "norm_layers")
@@ -78,9 +79,9 @@ def _create(variant: str, pretrained: bool, *, depths, dims, token_mixers, norm_
     block_kwargs = [dict(token_mixer=mixers[i], norm_layer=norms[i], mlp_act=mlp_act, mlp_bias=mlp_bias,
                          proj_drop=proj_drop_rate, layer_scale_init_value=ls[i], res_scale_init_value=rs[i],
                          layout="NLC" if mixers[i] is Attention else "NCHW") for i in range(n)]
-    return build(MetaFormer, variant, pretrained, num_stages=n, pretrained_filter_fn=checkpoint_filter_fn,
+    return build(MetaFormer, variant, pretrained, num_stages=n, pretrained_filter_fn=pretrained_filter_fn,
                  depths=depths, dims=dims, block_layer=MetaFormerBlock, block_kwargs=block_kwargs,
                  stem_layer=partial(PatchStem, norm_layer=downsample_norm),
                  downsample_layer=partial(Downsampling, norm_layer=downsample_norm),
-                 head_layer=partial(PoolNormHead, mlp_classifier=mlp_head), **kwargs)
+                 head_layer=partial(PoolNormHead, mlp_classifier=mlp_head, **(head_kwargs or {})), **kwargs)
 

@@ -19,6 +19,7 @@ from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import norm_residual, scale_add
 from ..kernels.pool_mixer import pool_mixer
 from ..layers.activations import Scale
+from ..mixers.identity import IdentityMixer
 from ..mixers.mlp import Mlp
 from ..layers.norms import GroupNorm1, LayerNorm, LayerNorm2d
 from ..mixers.pooling import Pooling
@@ -61,13 +62,37 @@ class MetaFormerBlock(nn.Module):
         self.fused_pool = (drop_path == 0 and isinstance(self.token_mixer, Pooling)
                            and type(self.norm1) is GroupNorm1 and type(self.norm2) is GroupNorm1 and cf)
         self.fused_norm = drop_path == 0 and type(self.norm2) is norm2_type
+        self.fused_gn = drop_path == 0 and cf and type(self.norm2) is GroupNorm1 and not self.fused_pool
+        # norm-affine mixers (identity, RIFormer's affine) fold into a one-group norm1: one norm pass
+        self.folds = hasattr(self.token_mixer, "fold_into_norm") and type(self.norm1) is GroupNorm1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW or (B, N, C), per ``layout``."""
-        if self.fused_pool or self.fused_norm:
+        if self.fused_pool or self.fused_norm or self.fused_gn:
             return self._forward_fused(x)
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+    def _mixer_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``token_mixer(norm1(x))``; a norm-affine mixer is folded into norm1's affine (one kernel pass)."""
+        if not self.folds:
+            return self.token_mixer(self.norm1(x))
+        w, b = self.token_mixer.fold_into_norm(self.norm1.weight, self.norm1.bias)
+        return group_norm1(x, w, b, self.norm1.eps)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold a norm-affine token mixer into norm1 (RIFormer's deploy form; timm's
+        ``reparameterize_model`` calls this). The mixer becomes ``IdentityMixer``; no-op otherwise."""
+        if not hasattr(self.token_mixer, "fold_into_norm") or isinstance(self.token_mixer, IdentityMixer):
+            return
+        if self.norm1.bias is None:
+            raise ValueError("reparameterize needs norm1 with a bias (the folded mixer adds one); "
+                             f"got {type(self.norm1).__name__} without bias")
+        w, b = self.token_mixer.fold_into_norm(self.norm1.weight, self.norm1.bias)
+        self.norm1.weight.copy_(w)
+        self.norm1.bias.copy_(b)
+        self.token_mixer = IdentityMixer()
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Same math as the plain path: residual+scales fused with norm2 (PoolFormer: norm1+pool too)."""
@@ -78,9 +103,12 @@ class MetaFormerBlock(nn.Module):
             x, moments = pool_mixer(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, ls1, rs1,
                                     self.token_mixer.pool_size)
             n2 = group_norm1(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, moments=moments)
-        else:
-            x, n2 = norm_residual(x, self.token_mixer(self.norm1(x)), rs1, ls1, self.norm2.weight, self.norm2.bias,
+        elif self.fused_norm:
+            x, n2 = norm_residual(x, self._mixer_branch(x), rs1, ls1, self.norm2.weight, self.norm2.bias,
                                   self.norm2.eps, channels_first=cf)
+        else:  # one-group norm2: residual update in one pass, then the group-norm kernel
+            x = scale_add(x, self._mixer_branch(x), rs1, ls1, channels_first=cf)
+            n2 = self.norm2(x)
         return scale_add(x, self.mlp(n2), rs2, ls2, channels_first=cf)
 
 
@@ -223,6 +251,16 @@ class MetaFormer(nn.Module):
         if prune_head or prune_end:
             self.reset_classifier(0, "", reset_other=True)
         return take_indices
+
+    @torch.jit.ignore
+    def reparameterize(self) -> "MetaFormer":
+        """Inference form: every block folds a re-parameterisable token mixer away (RIFormer); in place."""
+        for m in self.modules():
+            if isinstance(m, MetaFormerBlock):
+                m.reparameterize()
+        return self
+
+    switch_to_deploy = reparameterize  # mmpretrain's name for the same switch
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (NCHW) -> last-stage features in the model's layout."""

@@ -7,6 +7,7 @@ float64 on upcast copies of the same inputs; errors are relative (||a - b|| / ||
 from __future__ import annotations
 
 import random
+from functools import partial
 import traceback
 
 import pytest
@@ -404,6 +405,9 @@ def _blocks():
     from metazoo.mixers.gated_cnn import GatedCNNBlock
     from metazoo.layers.norms import GroupNorm1, group_norm1_no_bias, layer_norm2d_no_bias, layer_norm_no_bias
     from metazoo.mixers.pooling import Pooling
+    from metazoo.mixers.affine import Affine
+    from metazoo.mixers.identity import IdentityMixer
+    from metazoo.mixers.random_mixing import RandomMixing
     from metazoo.mixers.sepconv import SepConv
 
     return {
@@ -416,10 +420,17 @@ def _blocks():
         "caformer_attention": (MetaFormerBlock(32, Attention, norm_layer=layer_norm_no_bias, mlp_act=StarReLU,
                                                res_scale_init_value=1.0, layout="NLC"), (2, 9, 32)),
         "mambaout": (GatedCNNBlock(12), (1, 4, 5, 12)),
+        "riformer": (MetaFormerBlock(12, Affine, norm_layer=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True,
+                                     layer_scale_init_value=1e-5), (2, 12, 5, 6)),
+        "identityformer": (MetaFormerBlock(12, IdentityMixer, norm_layer=group_norm1_no_bias, mlp_act=StarReLU,
+                                           res_scale_init_value=1.0), (1, 12, 4, 7)),
+        "randformer": (MetaFormerBlock(12, partial(RandomMixing, num_tokens=16), norm_layer=group_norm1_no_bias,
+                                       mlp_act=StarReLU, res_scale_init_value=1.0), (1, 12, 4, 4)),
     }
 
 
-@pytest.mark.parametrize("family", ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout"])
+@pytest.mark.parametrize("family", ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout",
+                                    "riformer", "identityformer", "randformer"])
 def test_block_kernels_on_equals_off(family):
     """A whole block (the wiring of the kernels into mixers and the fused residual/norm path):
     output and every parameter gradient with Triton kernels equal the plain PyTorch path."""
