@@ -22,9 +22,11 @@ FACTS = CARDS / "facts"
 RESULTS = ROOT / "bench" / "results"
 REGISTRY = CARDS / "registry.json"
 CHART = CARDS / "speed_accuracy.png"
-FAMILIES = ("poolformer", "convformer", "caformer", "mambaout", "transnext", "affnet", "vim2")
+FAMILIES = ("poolformer", "convformer", "caformer", "mambaout", "transnext", "affnet", "vim2", "identityformer",
+            "randformer", "riformer")
 BENCH_FILES = {"poolformer": "models.json", "convformer": "models.json", "caformer": "models.json",
-               "mambaout": "models.json", "transnext": "transnext.json", "affnet": "affnet.json", "vim2": "vim2.json"}
+               "mambaout": "models.json", "transnext": "transnext.json", "affnet": "affnet.json", "vim2": "vim2.json",
+               "identityformer": "models.json", "randformer": "models.json", "riformer": "models.json"}
 KERNEL_BENCH = "kernels.json"
 ANCHORS = {  # what the "anchor" (reference) rows of each benchmark file are
     "models.json": "`timm_*` = timm's own implementation of the same model (eager, `torch.compile`)",
@@ -98,6 +100,24 @@ def fft_gmacs(name: str) -> float:
     return fc.get_total_flops() / 2e9
 
 
+def frozen_and_deploy(name: str) -> dict:
+    """Frozen (buffer) parameters in M when a model has them (RandFormer's random matrices) and the
+    parameter count of the re-parameterised inference form when it differs (RIFormer)."""
+    import timm
+    import torch
+    with torch.device("meta"):
+        model = timm.create_model(name)
+        out = {}
+        frozen = sum(b.numel() for n, b in model.named_buffers() if n.endswith("random_matrix"))
+        if frozen:
+            out["frozen_m"] = round(frozen / 1e6, 4)
+        before = sum(p.numel() for p in model.parameters())
+        after = sum(p.numel() for p in model.reparameterize().parameters()) if hasattr(model, "reparameterize") else before
+    if after != before:
+        out["params_deploy_m"] = round(after / 1e6, 4)
+    return out
+
+
 def equivalence(name: str) -> dict:
     """Max abs difference of logits and features vs timm's model, same random weights, fp32 CPU."""
     import timm
@@ -133,6 +153,7 @@ def measure(names: list[str] | None = None) -> dict:
                        kernels=sorted(seen), tags=tags_of(name))
             if fam == "affnet":
                 row["gmacs_incl_fft"] = round(fft_gmacs(name), 4)
+            row.update(frozen_and_deploy(name))
             models[name] = row
             print(f"{name}: {row['params_m']:.2f}M {row['gmacs']:.3f} GMACs kernels={row['kernels']}", flush=True)
     equiv = {n: equivalence(n) for n in EQUIV_MODELS if not names or n in names}
@@ -477,6 +498,30 @@ def _choices(facts: dict) -> list[str]:
     return out + [f"- {c}" for c in facts["choices"]] + [""]
 
 
+def _paper_counts(names: list[str], facts: dict, models: dict) -> list[str]:
+    """Published params/GMACs next to the computed ones (frozen and deploy-form counts where they exist)."""
+    paper = facts.get("paper_counts")
+    if not paper:
+        return []
+    out = ["", "Published complexity vs computed (224 px; relative difference of the computed value):", "",
+           "| model | paper params (M) | computed params (M) | paper GMACs | computed GMACs | source |",
+           "|---|---:|---:|---:|---:|---|"]
+    for n in names:
+        p, m = paper.get(n), models[n]
+        if p is None:
+            continue
+        params = m.get("params_deploy_m", m["params_m"])
+        shown = f"{params:.3f} ({params / p['params_m'] - 1:+.2%})"
+        if "params_deploy_m" in m:
+            shown += f"; training form {m['params_m']:.3f}"
+        paper_p = f"{p['params_m']}" + (f" + {p['frozen_m']} frozen" if "frozen_m" in p else "")
+        if "frozen_m" in m:
+            shown += f" + {m['frozen_m']:.3f} frozen"
+        out.append(f"| {n} | {paper_p} | {shown} | {p['gmacs']} | {m['gmacs']:.3f} ({m['gmacs'] / p['gmacs'] - 1:+.2%}) | "
+                   f"[{p['source']}] |")
+    return out
+
+
 def render_card(fam: str, reg: dict, bench: dict) -> str:
     facts = load_facts(fam)
     models = reg["models"]
@@ -496,6 +541,7 @@ def render_card(fam: str, reg: dict, bench: dict) -> str:
         out.append(f"| {n} | {m['params_m']:.2f} | {m['gmacs']:.2f}" + (f" | {m['gmacs_incl_fft']:.2f}" if fft else "")
                    + f" | {m['input_size'][1]}x{m['input_size'][2]} | {','.join(map(str, m['channels']))} | "
                    f"{','.join(map(str, m['strides']))} | {_f(h['top1']) if h else '—'} |")
+    out += _paper_counts(names, facts, models)
     out += ["", "## Pretrained tags", "", "| model.tag | weights | licence | classes | input | paper top-1 [source] |",
             "|---|---|---|---:|---|---:|"]
     for n in names:

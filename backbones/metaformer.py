@@ -73,6 +73,10 @@ class MetaFormerBlock(nn.Module):
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
+    def unfuse(self) -> None:
+        """Always take the plain path, so hooks on ``norm1``/``token_mixer`` see every call (distillation taps)."""
+        self.fused_pool = self.fused_norm = self.fused_gn = False
+
     def _mixer_branch(self, x: torch.Tensor) -> torch.Tensor:
         """``token_mixer(norm1(x))``; a norm-affine mixer is folded into norm1's affine (one kernel pass)."""
         if not self.folds:

@@ -202,7 +202,13 @@ def test_half_written_checkpoint_never_replaces_previous(tmp_path):
 
 
 def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path, cache):
-    overrides = tiny_overrides(cache, "epochs=4")
+    ref, _ = kill_and_resume(tmp_path, tiny_overrides(cache, "epochs=4"))
+    assert (ref / "metrics.png").stat().st_size > 0
+
+
+def kill_and_resume(tmp_path: Path, overrides: list[str], keys: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Run a 4-epoch job uninterrupted and SIGKILLed after its second checkpoint, then resumed: the
+    per-epoch numbers (plus ``keys``) and the final weights must be identical. Returns both run dirs."""
     ref = tmp_path / "ref"
     run_ok(train_cmd(ref, overrides))
 
@@ -222,10 +228,11 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path, cache):
 
     a, b = metrics(ref), metrics(killed)
     assert comparable(a["epochs"]) == comparable(b["epochs"])
+    assert [[r[k] for k in keys] for r in a["epochs"]] == [[r[k] for k in keys] for r in b["epochs"]]
     wa = load_file(ref / "checkpoints" / "epoch_0003" / "model.safetensors")
     wb = load_file(killed / "checkpoints" / "epoch_0003" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert (ref / "metrics.png").stat().st_size > 0
+    return ref, killed
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path, cache):

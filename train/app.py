@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import latest_checkpoint, load_checkpoint, remove_interrupted, rng_state, save_checkpoint, set_rng_state
 from .config import check_config, register_configs
 from .data import build_loaders
+from .distill import Distiller
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .engine import StepContext, evaluate, train_one_epoch
 from .reporting import Progress, Reporter
@@ -126,6 +127,7 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
     seed_all(cfg.seed)  # identical initial weights on every rank
     loaders = build_loaders(cfg, dist, cfg.seed)
     model = build_model(cfg, loaders.num_classes, dist)
+    distiller = Distiller(cfg.distill, model, loaders.num_classes, dist.device) if cfg.distill.enabled else None
     accum, global_batch, lr = batch_plan(cfg, dist.world_size)
     optimizer = build_optimizer(cfg, model, lr)
     updates_per_epoch = len(loaders.train) // accum
@@ -174,7 +176,7 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
                         cfg.logger.name, history)
     progress = Progress(cfg.logger.progress, dist.is_main)
     ctx = StepContext(raw_model, optimizer, scheduler, build_loss(cfg, loaders.mixup), accum, amp_dtype, scaler,
-                      cfg.optim.clip_grad, ema, loaders.mixup, dist, cfg.logger.log_interval)
+                      cfg.optim.clip_grad, ema, loaders.mixup, dist, cfg.logger.log_interval, distiller)
     if dist.is_main:
         n_params = sum(p.numel() for p in raw_model.parameters()) / 1e6
         print(f"[metazoo.train] {cfg.model.name} ({n_params:.2f}M params, {loaders.num_classes} classes) on "
@@ -192,6 +194,8 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
         val = evaluate(model, loaders.val, dist, amp_dtype, loaders.num_classes)
         record = dict(stats, num_updates=num_updates, val_loss=val["loss"], val_top1=val["top1"],
                       val_top5=val["top5"], ema_top1=None)
+        if distiller is not None:
+            record.update(distiller.epoch_stats(dist))
         if ema is not None and cfg.ema.eval:
             record["ema_top1"] = evaluate(ema.module, loaders.val, dist, amp_dtype, loaders.num_classes)["top1"]
         reporter.log_epoch(record)

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from .distill import DistillConfig, check_distill
+
 
 @dataclass
 class ModelConfig:
@@ -134,6 +136,7 @@ class TrainConfig:
     amp: AmpConfig = field(default_factory=AmpConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     recipe: Optional[str] = None  # name of the published recipe applied (informational)
     per_model: Dict[str, Dict[str, float]] = field(default_factory=dict)  # recipe: name -> {drop_path_rate, drop_rate}
     epochs: int = 10
@@ -246,3 +249,4 @@ def check_config(cfg: Any) -> None:
         raise _bad("aug.scale" if len(cfg.aug.scale) != 2 else "aug.ratio", "must be a [low, high] pair")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise _bad("data.mean" if len(cfg.data.mean) != 3 else "data.std", "must hold 3 values")
+    check_distill(cfg.distill)

@@ -28,6 +28,7 @@ class StepContext:
     mixup: object | None  # timm Mixup or None
     dist: DistEnv
     log_interval: int
+    distill: object | None = None  # train.distill.Distiller or None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -66,7 +67,8 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
         sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
         with sync:
             with autocast(dev, ctx.amp_dtype):
-                loss = ctx.loss_fn(model(x), y)
+                logits = model(x)
+                loss = ctx.loss_fn(logits, y) if ctx.distill is None else ctx.distill.loss(logits, x, y, ctx.loss_fn)
             scaled = loss / steps_per_update
             (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
         loss_sum += loss.detach().double() * x.shape[0]

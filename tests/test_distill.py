@@ -1,0 +1,107 @@
+"""Knowledge distillation in the training command: config checks, the loss terms, and an end-to-end
+run (teacher trained first on the shapes set, RIFormer student with module imitation) whose KD loss
+falls and which resumes exactly after SIGKILL."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import metazoo  # noqa: F401
+from metazoo.train.distill import Distiller
+from metazoo.train.distributed import DistEnv
+from test_train import cache, compose, kill_and_resume, metrics, run_ok, tiny_overrides, train_cmd  # noqa: F401
+
+
+@pytest.mark.parametrize("override,key", [
+    ("distill.teacher=not_a_model", "distill.teacher"),
+    ("distill.temperature=0", "distill.temperature"),
+    ("distill.kd_weight=-1", "distill.kd_weight"),
+    ("distill.checkpoint=/does/not/exist.safetensors", "distill.checkpoint"),
+])
+def test_bad_distill_values_name_the_key(override, key):
+    from metazoo.train.config import check_config
+
+    base = ["distill=kd", "distill.teacher=mz_poolformer_s12"]
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        check_config(compose(*base, override))
+
+
+def test_riformer_recipe_composes():
+    from metazoo.train.config import check_config
+
+    cfg = compose("recipe=riformer", "data.root=/tmp")
+    check_config(cfg)
+    assert cfg.distill.enabled and cfg.distill.label_weight == 0 and cfg.distill.imitation_out > 0
+    assert (cfg.model.name, cfg.optim.clip_grad, cfg.sched.warmup_epochs) == ("mz_riformer_s12", 5.0, 20)
+
+
+def _distiller(**kw):
+    d = compose("distill=kd", "distill.teacher=mz_poolformer_s12", "distill.pretrained=false",
+                *[f"distill.{k}={v}" for k, v in kw.items()]).distill
+    student = timm.create_model("mz_riformer_s12", num_classes=5)
+    return Distiller(d, student, 5, torch.device("cpu")), student
+
+
+def _tap(model):
+    """Lists that collect every block's token-mixer input and output on the next forwards."""
+    ins, outs = [], []
+
+    def hook(module, args, output):
+        ins.append(args[0])
+        outs.append(output)
+
+    for stage in model.stages:
+        for block in stage.blocks:
+            block.token_mixer.register_forward_hook(hook)
+    return ins, outs
+
+
+def test_loss_terms_against_their_definitions():
+    """KD term = T^2 KL(teacher || student) at temperature T; module imitation = summed MSE over the
+    twelve blocks' mixer inputs and outputs; the teacher is frozen and outside autograd."""
+    dist, student = _distiller(temperature=2.0, kd_weight=0.5, label_weight=0.25, imitation_in=0.3,
+                               imitation_out=0.7, init_student="true")
+    teacher = dist.teacher
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(student.stages[2].blocks[0].mlp.fc1.weight, teacher.stages[2].blocks[0].mlp.fc1.weight)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    student.train()
+    s_in, s_out = _tap(student)
+    logits = student(x)
+    loss = dist.loss(logits, x, y, torch.nn.CrossEntropyLoss())
+    t_in, t_out = _tap(teacher)
+    with torch.no_grad():
+        t_logits = teacher(x)
+    assert len(s_in) == len(t_in) == 12
+    p_t = F.softmax(t_logits / 2, -1)
+    kd = (p_t * (p_t.log() - F.log_softmax(logits / 2, -1))).sum(-1).mean() * 4
+    mse = lambda a, b: sum(((u - v) ** 2).mean() for u, v in zip(a, b))  # noqa: E731
+    want = 0.5 * kd + 0.25 * F.cross_entropy(logits, y) + 0.3 * mse(s_in, t_in) + 0.7 * mse(s_out, t_out)
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    loss.backward()
+    assert student.stages[0].blocks[0].token_mixer.affine.weight.grad.abs().sum() > 0  # imitation reaches it
+    stats = dist.epoch_stats(DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    assert abs(stats["kd_loss"] - kd.item()) <= 1e-5 * kd.item()
+
+
+def test_module_imitation_needs_the_block_layout():
+    with pytest.raises(ValueError, match="'distill.teacher'"):
+        d = compose("distill=kd", "distill.teacher=mz_mambaout_femto", "distill.pretrained=false",
+                    "distill.imitation_out=1").distill
+        Distiller(d, timm.create_model("mz_riformer_s12", num_classes=5), 5, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_distillation_run_lowers_kd_loss_and_resumes_after_sigkill(tmp_path, cache):  # noqa: F811
+    teacher_run = tmp_path / "teacher"
+    run_ok(train_cmd(teacher_run, tiny_overrides(cache)))  # mz_poolformerv2_s12, 3 epochs
+    teacher_file = teacher_run / "checkpoints" / "epoch_0002" / "model.safetensors"
+    overrides = [o for o in tiny_overrides(cache, "epochs=4") if not o.startswith("model.name=")] + [
+        "model.name=mz_riformer_s12", "distill=kd", "distill.teacher=mz_poolformerv2_s12",
+        f"distill.checkpoint={teacher_file}", "distill.label_weight=0", "distill.imitation_in=1",
+        "distill.imitation_out=1", "distill.init_student=true"]
+    ref, _ = kill_and_resume(tmp_path, overrides, keys=("kd_loss", "imitation_loss"))
+    kd = [r["kd_loss"] for r in metrics(ref)["epochs"]]
+    assert kd[-1] < 0.7 * kd[0], kd

@@ -1,0 +1,167 @@
+"""Knowledge distillation for the training command (config group ``distill``).
+
+The teacher is any timm or ``mz_`` model (``name`` or ``name.tag`` with ``pretrained``, or a local
+weights file), kept outside DDP, in eval mode, without gradients, and run under the student's
+autocast on the same (augmented, mixed) batch. The loss is
+
+    label_weight * task_loss + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T))
+    + imitation_in * sum_blocks MSE(student mixer input, teacher mixer input)
+    + imitation_out * sum_blocks MSE(student mixer output, teacher mixer output)
+
+The last two are RIFormer's module imitation (Wang et al., CVPR 2023): each student block's token
+mixer learns from the teacher's mixer in the same position, which needs a teacher with the
+student's block layout (same number of blocks with ``token_mixer`` modules and the same widths).
+``init_student`` copies every teacher tensor whose name and shape match into the student (RIFormer
+initialises the student from the teacher's weights except the token mixers).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = False
+    teacher: Optional[str] = None  # timm or mz_ model name, optionally with a pretrained tag (name.tag)
+    pretrained: bool = True  # load the teacher's published weights (ignored when checkpoint is set)
+    checkpoint: Optional[str] = None  # teacher weights file (safetensors or weights-only .pth)
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    label_weight: float = 1.0  # 0: pure soft distillation (no ground-truth term)
+    imitation_in: float = 0.0
+    imitation_out: float = 0.0
+    init_student: bool = False
+
+
+def _bad(key: str, msg: str) -> ValueError:
+    return ValueError(f"config key 'distill.{key}': {msg}")
+
+
+def check_distill(d) -> None:
+    """``ValueError`` naming the ``distill.*`` key for values that would fail later."""
+    import timm
+
+    if not d.enabled:
+        return
+    if not d.teacher or not timm.is_model(d.teacher.split(".")[0]):
+        raise _bad("teacher", f"got {d.teacher!r}; accepted: a timm or mz_ model name, e.g. mz_poolformer_s12.sail_in1k")
+    if d.checkpoint is not None and not os.path.isfile(os.path.expanduser(d.checkpoint)):
+        raise _bad("checkpoint", f"file not found: {d.checkpoint}")
+    if not d.temperature > 0:
+        raise _bad("temperature", f"must be > 0, got {d.temperature}")
+    for key in ("kd_weight", "label_weight", "imitation_in", "imitation_out"):
+        if d[key] < 0:
+            raise _bad(key, f"must be >= 0, got {d[key]}")
+
+
+def build_teacher(d, num_classes: int, device: torch.device) -> nn.Module:
+    """The frozen teacher: eval mode, no parameter needs grad, on ``device``."""
+    import timm
+
+    import metazoo  # noqa: F401  (registers the mz_* models)
+
+    if d.checkpoint is not None:  # a teacher trained on these classes (e.g. by this command)
+        overlay = dict(file=os.path.expanduser(d.checkpoint), num_classes=num_classes)
+        teacher = timm.create_model(d.teacher, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay)
+    elif d.pretrained:
+        teacher = timm.create_model(d.teacher, pretrained=True)
+    else:  # a fixed random teacher (seeded like the student)
+        teacher = timm.create_model(d.teacher, num_classes=num_classes)
+    if teacher.num_classes != num_classes:
+        raise _bad("teacher", f"{d.teacher} predicts {teacher.num_classes} classes, the data has {num_classes}; "
+                              f"accepted: a teacher trained on the same classes (distill.checkpoint)")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+class _MixerTaps:
+    """Forward hooks that keep each block's token-mixer input and output of the latest forward."""
+
+    def __init__(self, model: nn.Module, training_only: bool):
+        from ..backbones.metaformer import MetaFormerBlock
+
+        self.training_only = training_only  # the student's evaluation forwards are not recorded
+
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.count = 0
+        for m in model.modules():
+            if isinstance(m, MetaFormerBlock):
+                m.unfuse()  # fused paths never call the mixer module: the hooks would not fire
+            mixer = getattr(m, "token_mixer", None)
+            if isinstance(mixer, nn.Module):
+                mixer.register_forward_hook(self._hook)
+                self.count += 1
+
+    def _hook(self, module, args, output) -> None:
+        if module.training or not self.training_only:
+            self.inputs.append(args[0])
+            self.outputs.append(output)
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The latest forward's taps (the last ``count``: activation-checkpoint replays come earlier)."""
+        out = (self.inputs[-self.count:], self.outputs[-self.count:])
+        self.inputs, self.outputs = [], []
+        return out
+
+
+class Distiller:
+    """Teacher plus loss; ``loss`` replaces the task loss in the training step."""
+
+    def __init__(self, d, student: nn.Module, num_classes: int, device: torch.device):
+        self.cfg = d
+        self.teacher = build_teacher(d, num_classes, device)
+        if d.init_student:
+            self._init_student(student)
+        self.imitate = d.imitation_in > 0 or d.imitation_out > 0
+        if self.imitate:
+            self.student_taps, self.teacher_taps = _MixerTaps(student, True), _MixerTaps(self.teacher, False)
+            if self.student_taps.count == 0 or self.student_taps.count != self.teacher_taps.count:
+                raise _bad("teacher", f"module imitation needs the student's block layout: the student has "
+                                      f"{self.student_taps.count} token mixers, {d.teacher} has {self.teacher_taps.count}")
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # kd, imitation, samples
+
+    @torch.no_grad()
+    def _init_student(self, student: nn.Module) -> None:
+        ref = student.state_dict()
+        copied = [k for k, v in self.teacher.state_dict().items() if k in ref and ref[k].shape == v.shape]
+        if not copied:
+            raise _bad("init_student", f"no tensor of {self.cfg.teacher} matches the student by name and shape")
+        student.load_state_dict({k: self.teacher.state_dict()[k] for k in copied}, strict=False)
+
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, task_loss: nn.Module) -> torch.Tensor:
+        """Called inside the step's autocast, after the student's forward produced ``logits``."""
+        d = self.cfg
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        T = d.temperature
+        kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits.float() / T, -1),
+                      reduction="batchmean", log_target=True) * (T * T)
+        total = d.kd_weight * kd
+        if d.label_weight > 0:
+            total = total + d.label_weight * task_loss(logits, y)
+        imitation = torch.zeros((), device=logits.device)
+        if self.imitate:
+            (s_in, s_out), (t_in, t_out) = self.student_taps.take(), self.teacher_taps.take()
+            for w, s, t in ((d.imitation_in, s_in, t_in), (d.imitation_out, s_out, t_out)):
+                if w > 0:
+                    imitation = imitation + w * sum(F.mse_loss(a.float(), b.float()) for a, b in zip(s, t))
+            total = total + imitation
+        n = x.shape[0]  # summed on device: no per-step host sync
+        self.sums[0] += kd.detach().double() * n
+        self.sums[1] += imitation.detach().double() * n
+        self.sums[2] += n
+        return total
+
+    def epoch_stats(self, dist) -> dict:
+        """Sample-weighted means over every rank since the last call: ``kd_loss``, ``imitation_loss``."""
+        kd, imitation, n = dist.all_reduce_sum(self.sums.tolist())
+        self.sums.zero_()
+        n = max(n, 1)
+        return {"kd_loss": kd / n, "imitation_loss": imitation / n}
