@@ -29,7 +29,9 @@ BENCH_FILES = {"poolformer": "models.json", "convformer": "models.json", "caform
                "identityformer": "models.json", "randformer": "models.json", "riformer": "models.json"}
 KERNEL_BENCH = "kernels.json"
 ANCHORS = {  # what the "anchor" (reference) rows of each benchmark file are
-    "models.json": "`timm_*` = timm's own implementation of the same model (eager, `torch.compile`)",
+    "models.json": "`timm_*` = timm's own implementation of the same model (eager, `torch.compile`); `official_*` = "
+                   "the official sail-sg `metaformer_baselines.py` (IdentityFormer, RandFormer); `ours_deploy_*` = "
+                   "RIFormer re-parameterised (no token mixer)",
     "transnext.json": "`official_native` = the official TransNeXt code (native PyTorch attention path); "
                       "`reference_eager` = our model on its plain-PyTorch reference path (role `other`)",
     "affnet.json": "`official` = our model with the reference filter forced to fp32, the official code's numerics "
@@ -173,7 +175,9 @@ def _row(model, label, role, infer, train, mem, **extra) -> dict:
 
 def _rows_models(d: dict) -> list[dict]:
     """bench/models.py: ours vs timm (eager, compiled); the timm rows are the anchor."""
-    roles = {"ours_eager": "ours", "ours_compile": "ours", "timm_eager": "anchor", "timm_compile": "anchor"}
+    roles = {"ours_eager": "ours", "ours_compile": "ours", "timm_eager": "anchor", "timm_compile": "anchor",
+             "official_eager": "anchor", "official_compile": "anchor", "ours_deploy_eager": "ours",
+             "ours_deploy_compile": "ours"}
     return [_row(f"mz_{r['model']}", r["impl"], roles.get(r["impl"], "other"), r.get("infer_img_s"),
                  r.get("train_img_s"), r.get("train_peak_gib")) for r in d.get("rows", [])]
 

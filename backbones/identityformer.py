@@ -28,9 +28,12 @@ def sail_cfgs(family: str) -> dict:
 default_cfgs = sail_cfgs("identityformer")
 
 
+# PoolFormerV2's design around the token mixer: bias-free one-group norms, normed stem, linear head
+SPEC = dict(norm_layers=group_norm1_no_bias, downsample_norm=layer_norm2d_no_bias, mlp_head=False)
+
+
 def _create(size: str, pretrained: bool, **kwargs):
-    spec = dict(**VARIANTS[size], token_mixers=IdentityMixer, norm_layers=group_norm1_no_bias,
-                downsample_norm=layer_norm2d_no_bias, mlp_head=False)
+    spec = dict(**VARIANTS[size], **SPEC, token_mixers=IdentityMixer)
     return _sail.create(f"mz_identityformer_{size}", pretrained, spec, **kwargs)
 
 

@@ -7,11 +7,10 @@ from functools import partial
 
 from timm.models import register_model
 
-from ..layers.norms import group_norm1_no_bias, layer_norm2d_no_bias
 from ..mixers.identity import IdentityMixer
 from ..mixers.random_mixing import RandomMixing
 from . import _sail
-from .identityformer import VARIANTS, sail_cfgs
+from .identityformer import SPEC, VARIANTS, sail_cfgs
 
 default_cfgs = sail_cfgs("randformer")
 # tokens of stages 3 and 4 at the 224 px training size (strides 16 and 32)
@@ -19,8 +18,7 @@ MIXERS = [IdentityMixer, IdentityMixer, partial(RandomMixing, num_tokens=14 * 14
 
 
 def _create(size: str, pretrained: bool, **kwargs):
-    spec = dict(**VARIANTS[size], token_mixers=MIXERS, norm_layers=group_norm1_no_bias,
-                downsample_norm=layer_norm2d_no_bias, mlp_head=False)
+    spec = dict(**VARIANTS[size], **SPEC, token_mixers=MIXERS)
     return _sail.create(f"mz_randformer_{size}", pretrained, spec, **kwargs)
 
 

@@ -1,11 +1,16 @@
-"""Model benchmark: metazoo (eager with Triton kernels, and torch.compile) vs timm (eager, torch.compile).
+"""Model benchmark: metazoo (eager with Triton kernels, and torch.compile) vs timm (eager, torch.compile),
+or vs the official sail-sg code (``--official-dir``) for IdentityFormer/RandFormer, which timm lacks.
 
 Inference img/s at batch 256 and training-step img/s at batch 128 (AdamW, cross-entropy), peak
 training memory, bf16 autocast, channels_last inputs and weights. Before timing, our model is loaded
-with timm's weights and its logits and gradients are compared with timm's. Writes JSON and a
+with timm's (or the official model's, converted) weights and its outputs are compared. RIFormer also
+runs in its deploy form (``ours_deploy_*``: ``reparameterize()``, no token mixer). Writes JSON and a
 Markdown table under ``--out``; ``--combine`` merges JSON files of several runs into one table.
 
     python bench/models.py --impls ours_eager,timm_eager --out $OUT
+    python bench/models.py --models identityformer_s12,randformer_s12,riformer_s12 \
+        --impls ours_eager,ours_compile,ours_deploy_eager,ours_deploy_compile,official_eager \
+        --official-dir /path/to/sail-sg/metaformer --check --out $OUT
     python bench/models.py --profile timm_eager --out $OUT   # torch.profiler table of train steps
     python bench/models.py --combine a.json b.json --out bench/results
 """
@@ -14,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +32,44 @@ MODELS = {  # timm name -> ours
     "caformer_s18": "mz_caformer_s18",
     "mambaout_tiny": "mz_mambaout_tiny",
 }
-IMPLS = ("ours_eager", "ours_compile", "timm_eager", "timm_compile")
+OFFICIAL = {"identityformer_s12": "mz_identityformer_s12", "randformer_s12": "mz_randformer_s12"}  # sail-sg names
+DEPLOY = {"riformer_s12": "mz_riformer_s12"}  # re-parameterisable: also timed in the deploy form
+OURS = {**MODELS, **OFFICIAL, **DEPLOY}
+IMPLS = ("ours_eager", "ours_compile", "timm_eager", "timm_compile", "official_eager", "official_compile",
+         "ours_deploy_eager", "ours_deploy_compile")
+_official = None  # the imported official metaformer_baselines module (--official-dir)
+
+
+def load_official(official_dir: str) -> None:
+    """Import sail-sg's ``metaformer_baselines.py`` from a read-only copy, without letting its
+    ``register_model`` overwrite timm's own poolformerv2/convformer/caformer entries."""
+    global _official
+    import timm.layers
+    import timm.models.registry as registry
+
+    helpers = types.ModuleType("timm.models.layers.helpers")  # an import path timm 1.0 no longer has
+    helpers.to_2tuple = timm.layers.to_2tuple
+    sys.modules.setdefault("timm.models.layers.helpers", helpers)
+    register = registry.register_model
+    registry.register_model = lambda fn: fn
+    sys.path.insert(0, official_dir)
+    try:
+        import metaformer_baselines
+    finally:
+        registry.register_model = register
+        sys.path.remove(official_dir)
+    _official = metaformer_baselines
+
+
+def applicable(name: str, impl: str) -> bool:
+    """timm rows only where timm has the model, official rows where the official code is loaded."""
+    if impl.startswith("timm"):
+        return name in MODELS
+    if impl.startswith("official"):
+        return name in OFFICIAL and _official is not None
+    if impl.startswith("ours_deploy"):
+        return name in DEPLOY
+    return True
 
 
 def build(name: str, impl: str) -> torch.nn.Module:
@@ -33,9 +77,13 @@ def build(name: str, impl: str) -> torch.nn.Module:
 
     import metazoo  # noqa: F401  (registers mz_* models)
 
-    model_name = MODELS[name] if impl.startswith("ours") else name
-    model = timm.create_model(model_name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
-    return model
+    if impl.startswith("official"):
+        model = getattr(_official, name)(num_classes=1000)
+    else:
+        model = timm.create_model(OURS[name] if impl.startswith("ours") else name, num_classes=1000)
+        if impl.startswith("ours_deploy"):
+            model.reparameterize()
+    return model.cuda().to(memory_format=torch.channels_last)
 
 
 def _sync_time(fn, iters: int) -> float:
@@ -122,6 +170,30 @@ def check_against_timm(name: str, batch: int = 8) -> dict:
     return res
 
 
+def check_against_official(name: str, batch: int = 8) -> dict:
+    """The official model's state dict, converted on load into ours: fp32 logits relative error (TF32 off),
+    and for RIFormer-style models the deploy form against the training form."""
+    from metazoo.backbones import _sail
+
+    defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    res = {}
+    with torch.no_grad():
+        if name in OFFICIAL and _official is not None:
+            ref, ours = build(name, "official_eager").eval(), build(name, "ours_eager").eval()
+            ours.load_state_dict(_sail.checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
+            want = ref(x)
+            res["logits_rel_err_vs_official_fp32"] = ((ours(x) - want).norm() / want.norm()).item()
+        if name in DEPLOY:
+            ours = build(name, "ours_eager").eval()
+            want = ours(x)
+            got = ours.reparameterize()(x)
+            res["deploy_vs_training_rel_err_fp32"] = ((got - want).norm() / want.norm()).item()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
+    return res
+
+
 def run_one(name: str, impl: str, args) -> dict:
     torch.cuda.empty_cache()
     torch.manual_seed(0)
@@ -159,10 +231,11 @@ def profile(out_dir: str, names, impl: str) -> None:
 
 def markdown(rows: list[dict], checks: dict) -> str:
     by = {(r["model"], r["impl"]): r for r in rows}
-    lines = ["| model | impl | infer img/s (b256) | train img/s (b128) | train peak GiB | infer vs timm compiled | "
-             "train vs timm compiled | mem vs timm eager |", "|---|---|---|---|---|---|---|---|"]
-    for name in MODELS:
-        tc, te = by.get((name, "timm_compile")), by.get((name, "timm_eager"))
+    lines = ["| model | impl | infer img/s (b256) | train img/s (b128) | train peak GiB | infer vs anchor compiled | "
+             "train vs anchor compiled | mem vs anchor eager |", "|---|---|---|---|---|---|---|---|"]
+    for name in OURS:
+        anchor = "official" if name in OFFICIAL else "timm"  # RIFormer: no anchor row
+        tc, te = by.get((name, f"{anchor}_compile")), by.get((name, f"{anchor}_eager"))
         for impl in IMPLS:
             r = by.get((name, impl))
             if r is None:
@@ -175,6 +248,9 @@ def markdown(rows: list[dict], checks: dict) -> str:
     if checks:
         lines += ["", "| model | mode | logits rel err vs timm | grad rel err median / max (param) |", "|---|---|---|---|"]
         for name, c in checks.items():
+            for key, v in c.items():
+                if key.endswith("_fp32"):  # official / deploy-form checks
+                    lines.append(f"| {name} | fp32 | {key}: {v:.1e} | - |")
             for mode in ("fp32", "bf16"):
                 m = c.get(mode)
                 if m:
@@ -195,7 +271,9 @@ def write(out_dir: str, rows, checks, meta, stem="models"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS), help=f"accepted: {', '.join(OURS)}")
+    ap.add_argument("--official-dir", default=None,
+                    help="folder holding sail-sg's metaformer_baselines.py (official_* rows for IdentityFormer/RandFormer)")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--infer-batch", type=int, default=256)
     ap.add_argument("--train-batch", type=int, default=128)
@@ -207,9 +285,14 @@ def main():
     ap.add_argument("--stem", default="models")
     args = ap.parse_args()
     names = [n for n in args.models.split(",") if n]
-    unknown = set(names) - set(MODELS)
+    unknown = set(names) - set(OURS)
     if unknown:
-        raise ValueError(f"--models: unknown {sorted(unknown)}; accepted: {', '.join(MODELS)}")
+        raise ValueError(f"--models: unknown {sorted(unknown)}; accepted: {', '.join(OURS)}")
+    if args.official_dir is not None:
+        if not os.path.isfile(os.path.join(args.official_dir, "metaformer_baselines.py")):
+            raise ValueError(f"--official-dir={args.official_dir!r} holds no metaformer_baselines.py; accepted: "
+                             "a copy of github.com/sail-sg/metaformer")
+        load_official(args.official_dir)
     impls = [i for i in args.impls.split(",") if i]
     if set(impls) - set(IMPLS):
         raise ValueError(f"--impls: unknown {sorted(set(impls) - set(IMPLS))}; accepted: {', '.join(IMPLS)}")
@@ -234,11 +317,14 @@ def main():
     checks = {}
     if args.check:
         for name in names:
-            checks[name] = check_against_timm(name)
+            checks[name] = check_against_timm(name) if name in MODELS else check_against_official(name)
             print(name, json.dumps(checks[name]), flush=True)
     rows = []
     for name in names:
         for impl in impls:
+            if not applicable(name, impl):
+                print(f"skip {name} {impl}: no such implementation here", flush=True)
+                continue
             row = run_one(name, impl, args)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -422,6 +422,8 @@ def _blocks():
         "mambaout": (GatedCNNBlock(12), (1, 4, 5, 12)),
         "riformer": (MetaFormerBlock(12, Affine, norm_layer=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True,
                                      layer_scale_init_value=1e-5), (2, 12, 5, 6)),
+        "riformer_deploy": (MetaFormerBlock(12, IdentityMixer, norm_layer=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True,
+                                            layer_scale_init_value=1e-5), (2, 12, 5, 6)),
         "identityformer": (MetaFormerBlock(12, IdentityMixer, norm_layer=group_norm1_no_bias, mlp_act=StarReLU,
                                            res_scale_init_value=1.0), (1, 12, 4, 7)),
         "randformer": (MetaFormerBlock(12, partial(RandomMixing, num_tokens=16), norm_layer=group_norm1_no_bias,
@@ -430,7 +432,7 @@ def _blocks():
 
 
 @pytest.mark.parametrize("family", ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout",
-                                    "riformer", "identityformer", "randformer"])
+                                    "riformer", "riformer_deploy", "identityformer", "randformer"])
 def test_block_kernels_on_equals_off(family):
     """A whole block (the wiring of the kernels into mixers and the fused residual/norm path):
     output and every parameter gradient with Triton kernels equal the plain PyTorch path."""
