@@ -3,6 +3,10 @@ run (teacher trained first on the shapes set, RIFormer student with module imita
 falls and which resumes exactly after SIGKILL."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import timm
 import torch
@@ -11,7 +15,7 @@ import torch.nn.functional as F
 import metazoo  # noqa: F401
 from metazoo.train.distill import Distiller
 from metazoo.train.distributed import DistEnv
-from test_train import cache, compose, kill_and_resume, metrics, run_ok, tiny_overrides, train_cmd  # noqa: F401
+from test_train import ENV, cache, compose, kill_and_resume, metrics, run_ok, tiny_overrides, train_cmd  # noqa: F401
 
 
 @pytest.mark.parametrize("override,key", [
@@ -105,3 +109,27 @@ def test_distillation_run_lowers_kd_loss_and_resumes_after_sigkill(tmp_path, cac
     ref, _ = kill_and_resume(tmp_path, overrides, keys=("kd_loss", "imitation_loss"))
     kd = [r["kd_loss"] for r in metrics(ref)["epochs"]]
     assert kd[-1] < 0.7 * kd[0], kd
+
+
+@pytest.mark.slow
+def test_distillation_under_ddp_matches_single_process(tmp_path, cache):  # noqa: F811
+    """Two ranks x 8 vs one process x 16, fixed random teacher (seeded like the student), module
+    imitation on: identical per-step losses and KD losses (the teacher stays outside DDP)."""
+    common = [o for o in tiny_overrides(cache, "aug=none", "epochs=2", "optim.lr_base_batch=16")
+              if not o.startswith("model.name=")] + [
+        "model.name=mz_poolformerv2_s12", "distill=kd", "distill.teacher=mz_poolformer_s12", "distill.pretrained=false",
+        "distill.temperature=2", "distill.label_weight=0.5", "distill.imitation_out=1"]
+    single = tmp_path / "single"
+    run_ok(train_cmd(single, common + ["data.batch_size=16"]))
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "metazoo.train", f"hydra.run.dir={ddp}", *common, "data.batch_size=8"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "on 2 x cpu" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s, d = metrics(single)["epochs"], metrics(ddp)["epochs"]
+    s_steps = [x["loss"] for r in s for x in r["steps"]]
+    d_steps = [x["loss"] for r in d for x in r["steps"]]
+    assert len(s_steps) == len(d_steps) == 6 and len(set(np.round(s_steps, 3))) > 1
+    np.testing.assert_allclose(d_steps, s_steps, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([r["kd_loss"] for r in d], [r["kd_loss"] for r in s], rtol=1e-4)
+    assert all(r["kd_loss"] > 0 and r["imitation_loss"] > 0 for r in s)
