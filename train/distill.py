@@ -130,10 +130,10 @@ class Distiller:
     @torch.no_grad()
     def _init_student(self, student: nn.Module) -> None:
         ref = student.state_dict()
-        copied = [k for k, v in self.teacher.state_dict().items() if k in ref and ref[k].shape == v.shape]
+        copied = {k: v for k, v in self.teacher.state_dict().items() if k in ref and ref[k].shape == v.shape}
         if not copied:
             raise _bad("init_student", f"no tensor of {self.cfg.teacher} matches the student by name and shape")
-        student.load_state_dict({k: self.teacher.state_dict()[k] for k in copied}, strict=False)
+        student.load_state_dict(copied, strict=False)
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, task_loss: nn.Module) -> torch.Tensor:
         """Called inside the step's autocast, after the student's forward produced ``logits``."""
