@@ -90,6 +90,17 @@ def test_loss_terms_against_their_definitions():
     assert abs(stats["kd_loss"] - kd.item()) <= 1e-5 * kd.item()
 
 
+def test_teacher_runs_under_the_students_autocast():
+    dist, student = _distiller()
+    seen = []
+    dist.teacher.head.fc.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = student(x)
+        loss = dist.loss(logits, x, torch.tensor([0, 1]), torch.nn.CrossEntropyLoss())
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_module_imitation_needs_the_block_layout():
     with pytest.raises(ValueError, match="'distill.teacher'"):
         d = compose("distill=kd", "distill.teacher=mz_mambaout_femto", "distill.pretrained=false",
