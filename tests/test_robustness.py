@@ -208,23 +208,25 @@ def test_resume_config_changes_are_refused_or_applied():
         check_resume("ck", saved, saved, 8, 16)
 
 
+@pytest.mark.slow
 def test_resume_applies_new_lr_and_epochs_and_refuses_a_new_model(tmp_path, cache):
     """Before: `epochs=2 optim.lr=...` on a finished run printed the new lr but trained at the restored one;
     a changed `model.name` died in a size-mismatch traceback."""
     run_dir = tmp_path / "run"
-    base = tiny_overrides(cache, "epochs=1", "sched=constant", "data.shapes_train_per_class=2",
+    base = tiny_overrides(cache, "epochs=1", "sched.name=constant", "sched.warmup_epochs=0", "data.shapes_train_per_class=2",
                           "data.shapes_val_per_class=1")
     assert run(train_cmd(run_dir, base)).returncode == 0
     out = run(train_cmd(run_dir, [*base, "epochs=2", "optim.lr=5e-3"]))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "config changes applied" in out.stdout and "optim.lr: 0.002 -> 0.005" in out.stdout
     second = metrics(run_dir)["epochs"][1]
-    assert second["epoch"] == 1 and {s["lr"] for s in second["steps"]} == {pytest.approx(5e-3)}
+    assert second["epoch"] == 1 and [s["lr"] for s in second["steps"]] == pytest.approx([5e-3] * len(second["steps"]))
     out = run(train_cmd(run_dir, [*base, "epochs=3", "model.name=mz_poolformerv2_s24"]))
     assert out.returncode == 2 and "config key 'model.name': resuming" in out.stderr
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_without_a_checkpoint(tmp_path, cache):
     """Before: `optim.lr=1e6` gave NaN losses, exit 0 and a NaN checkpoint."""
     run_dir = tmp_path / "run"
