@@ -210,7 +210,7 @@ def _train(cfg: DictConfig, dist: DistEnv, run_dir: Path) -> dict:
     optimizer = build_optimizer(cfg, model, lr)
     updates_per_epoch = len(loaders.train) // accum
     if updates_per_epoch < 1:
-        raise ValueError(f"config key 'optim.global_batch': {global_batch} is larger than one epoch of data")
+        raise config_error("optim.global_batch", f"{global_batch} is larger than one epoch of data")
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched.name, num_epochs=cfg.epochs, warmup_epochs=cfg.sched.warmup_epochs,
         warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, cooldown_epochs=cfg.sched.cooldown_epochs,

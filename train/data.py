@@ -14,7 +14,7 @@ from PIL import Image
 from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .config import RunError
+from .config import RunError, config_error
 from .distributed import DistEnv
 from ..datasets.shapes import write_shapes_imagefolder
 from .preflight import check_classes, scan_split
@@ -128,8 +128,8 @@ def build_loaders(cfg, dist: DistEnv, seed: int) -> Loaders:
     train_set = ImageFiles(train_files.samples, t_train, cfg.data.skip_corrupt)
     val_set = ImageFiles(val_files.samples, t_val, cfg.data.skip_corrupt)
     if len(train_set) < cfg.data.batch_size * dist.world_size:
-        raise ValueError(f"config key 'data.batch_size': {cfg.data.batch_size} x {dist.world_size} ranks "
-                         f"exceeds the {len(train_set)} training images in {root}")
+        raise config_error("data.batch_size", f"{cfg.data.batch_size} x {dist.world_size} ranks "
+                                            f"exceeds the {len(train_set)} training images in {root}")
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=seed, drop_last=True)
     pin = cfg.data.pin_memory and dist.device.type == "cuda"

@@ -80,7 +80,8 @@ def scan_split(root: str, split: str, key: str, class_to_idx: dict[str, int] | N
     if extra:
         raise config_error(key, f"{folder} has classes the training split lacks: {', '.join(extra[:10])}"
                                 f"{' ...' if len(extra) > 10 else ''}; the class sets must agree")
-    samples, _ = find_images_and_targets(folder, class_to_idx=class_to_idx)
+    name_of = {i: c for c, i in names.items()}
+    samples = [(f, class_to_idx[name_of[t]]) for f, t in found]  # relabelled with the training map
     return SplitFiles(folder, samples, sorted(names, key=class_to_idx.get))
 
 
