@@ -381,3 +381,23 @@ def test_failed_save_names_the_path_and_keeps_the_previous(tmp_path, monkeypatch
     with pytest.raises(OSError, match=f"saving checkpoint {tmp_path / 'epoch_0001'} failed while writing .*state.pt"):
         save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"epoch": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_0000"]
+
+
+def test_dense_apps_refuse_added_keys_missing_files_and_unwritable_dirs(tmp_path):
+    """The detection / segmentation apps: `+key` outside the free-form mm sections, a missing weights
+    file, and an unwritable work dir fail before any data or model is built (no OpenMMLab needed)."""
+    from omegaconf import OmegaConf
+
+    from metazoo.train.preflight import check_added_keys, check_dense_paths
+
+    check_added_keys(["seed=1", "+mm.train_cfg.max_iters=2", "backbone.model_name=x"], ("mm.", "mm_base."))
+    with pytest.raises(RunError, match="'backbone.frozen_stagez': not a key"):
+        check_added_keys(["+backbone.frozen_stagez=1"], ("mm.", "mm_base."))
+    cfg = OmegaConf.create({"load_from": str(tmp_path / "nope.pth"), "backbone": {"checkpoint": None},
+                            "work_dir": str(tmp_path / "w")})
+    with pytest.raises(RunError, match=f"'load_from': file not found: {tmp_path / 'nope.pth'}"):
+        check_dense_paths(cfg)
+    (tmp_path / "file").write_text("")
+    cfg.load_from, cfg.work_dir = None, str(tmp_path / "file" / "w")
+    with pytest.raises(RunError, match="'work_dir': folder .* is not writable"):
+        check_dense_paths(cfg)

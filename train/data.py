@@ -14,9 +14,9 @@ from PIL import Image
 from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from ..datasets.shapes import write_shapes_imagefolder
 from .config import RunError, config_error
 from .distributed import DistEnv
-from ..datasets.shapes import write_shapes_imagefolder
 from .preflight import check_classes, scan_split
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")

@@ -100,3 +100,22 @@ def check_classes(train: SplitFiles, val: SplitFiles, num_classes: int | None, r
               f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); labels follow the training "
               f"split's class map", flush=True)
     return num_classes or found
+
+
+def check_added_keys(overrides: list[str], open_prefixes: tuple[str, ...]) -> None:
+    """Refuse Hydra ``+key=value`` overrides that add a key outside the free-form sections (a typo of an
+    existing key would otherwise be accepted and ignored); ``++`` (add-or-set) is treated the same."""
+    for item in overrides:
+        if item.startswith("+"):
+            key = item.lstrip("+").split("=", 1)[0]
+            if not key.startswith(open_prefixes):
+                raise config_error(key, f"not a key of this config ({item!r} adds it); new keys are accepted only "
+                                        f"under {', '.join(open_prefixes)}")
+
+
+def check_dense_paths(cfg) -> None:
+    """Dense apps: weight files given exist, and the work dir is writable, before any data or model."""
+    for key, value in (("load_from", cfg.get("load_from")), ("backbone.checkpoint", cfg.backbone.get("checkpoint"))):
+        if value and not os.path.isfile(os.path.expanduser(str(value))):
+            raise config_error(key, f"file not found: {value}")
+    probe_writable(cfg.work_dir, "work_dir")

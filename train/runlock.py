@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from .config import RunError
+from .preflight import probe_writable
 
 LOCK_FILE = ".metazoo.lock"
 
@@ -51,7 +52,7 @@ class RunLock:
             return {}
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        probe_writable(self.path.parent, self.key)
         for _ in range(3):  # a stale lock is removed and the creation raced again
             if self._create():
                 return
