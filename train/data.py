@@ -56,7 +56,7 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read(self, path: str) -> Image.Image:
+    def _read(self, path: str) -> Image.Image | None:
         try:
             with Image.open(path) as img:
                 return to_rgb(img)
