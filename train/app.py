@@ -299,5 +299,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["final_top1"]
     except RunError as err:  # config, data, checkpoint, divergence: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        text = str(err).strip()
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: its own message is the last line
+            text = text.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(2)
