@@ -393,11 +393,20 @@ def test_dense_apps_refuse_added_keys_missing_files_and_unwritable_dirs(tmp_path
     check_added_keys(["seed=1", "+mm.train_cfg.max_iters=2", "backbone.model_name=x"], ("mm.", "mm_base."))
     with pytest.raises(RunError, match="'backbone.frozen_stagez': not a key"):
         check_added_keys(["+backbone.frozen_stagez=1"], ("mm.", "mm_base."))
-    cfg = OmegaConf.create({"load_from": str(tmp_path / "nope.pth"), "backbone": {"checkpoint": None},
-                            "work_dir": str(tmp_path / "w")})
+    cfg = OmegaConf.create({"load_from": str(tmp_path / "nope.pth"), "work_dir": str(tmp_path / "w"),
+                            "backbone": {"checkpoint": "sail_in1k", "model_name": "mz_poolformer_s12"}})
     with pytest.raises(RunError, match=f"'load_from': file not found: {tmp_path / 'nope.pth'}"):
         check_dense_paths(cfg)
+    cfg.load_from = None
+    check_dense_paths(cfg)  # a pretrained tag of the backbone
+    cfg.backbone.checkpoint = "sail_in2k"
+    with pytest.raises(RunError, match="'backbone.checkpoint': unknown pretrained tag 'sail_in2k'"):
+        check_dense_paths(cfg)
+    cfg.backbone.checkpoint = "weights.pth"
+    with pytest.raises(RunError, match="'backbone.checkpoint': file not found: weights.pth"):
+        check_dense_paths(cfg)
+    cfg.backbone.checkpoint = None
     (tmp_path / "file").write_text("")
-    cfg.load_from, cfg.work_dir = None, str(tmp_path / "file" / "w")
+    cfg.work_dir = str(tmp_path / "file" / "w")
     with pytest.raises(RunError, match="'work_dir': folder .* is not writable"):
         check_dense_paths(cfg)

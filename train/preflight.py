@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import config_error
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 SHAPES_MIN_IMG_SIZE = 16  # the shapes generator needs room for a shape of radius 0.25-0.45 x side
 
 
@@ -114,8 +115,15 @@ def check_added_keys(overrides: list[str], open_prefixes: tuple[str, ...]) -> No
 
 
 def check_dense_paths(cfg) -> None:
-    """Dense apps: weight files given exist, and the work dir is writable, before any data or model."""
-    for key, value in (("load_from", cfg.get("load_from")), ("backbone.checkpoint", cfg.backbone.get("checkpoint"))):
-        if value and not os.path.isfile(os.path.expanduser(str(value))):
-            raise config_error(key, f"file not found: {value}")
+    """Dense apps: weight files given exist (``backbone.checkpoint`` may also be a pretrained tag of
+    ``backbone.model_name``), and the work dir is writable, before any data or model is built."""
+    from .config import check_model_name
+
+    load_from, backbone_ckpt = cfg.get("load_from"), cfg.backbone.get("checkpoint")
+    if load_from and not os.path.isfile(os.path.expanduser(str(load_from))):
+        raise config_error("load_from", f"file not found: {load_from}")
+    if backbone_ckpt and not os.path.isfile(os.path.expanduser(str(backbone_ckpt))):
+        if os.sep in str(backbone_ckpt) or str(backbone_ckpt).endswith(WEIGHT_SUFFIXES):
+            raise config_error("backbone.checkpoint", f"file not found: {backbone_ckpt}")
+        check_model_name(f"{cfg.backbone.model_name}.{backbone_ckpt}", "backbone.checkpoint")
     probe_writable(cfg.work_dir, "work_dir")
