@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections import defaultdict
 from typing import Callable, Iterable, Mapping
@@ -34,11 +35,7 @@ def load_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path, device="cpu")
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = read_tensors(path)
     keys = WRAPPER_KEYS if use_ema else tuple(k for k in WRAPPER_KEYS if "ema" not in k)
     while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
         inner = next((k for k in keys if k in sd), None)
@@ -46,6 +43,50 @@ def load_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
             raise ValueError(f"checkpoint {path} holds no tensors under any of {keys}")
         sd = sd[inner]
     return {strip_prefixes(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def read_tensors(path: str) -> object:
+    """The raw content of a ``.safetensors`` or weights-only torch file; any read error names the file
+    (a refused pickle stays an ``UnpicklingError``, everything else becomes a ``ValueError``)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(f"checkpoint {path}: {err}") from err
+    except Exception as err:  # safetensors' SafetensorError, torch's RuntimeError/EOFError on truncated files
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+
+
+def create_with_weights(name: str, path: str | os.PathLike, num_classes: int | None = None,
+                        head_may_differ: bool = True, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name)`` loaded from a local weights file, strictly: every key must match
+    except, with ``head_may_differ``, the classifier head (the pretrained cfg's ``classifier``) when the
+    file was trained for a different number of classes; that head starts at zero. Errors name the file
+    and the keys.
+    """
+    from timm.models import get_pretrained_cfg
+
+    path = os.fspath(path)
+    sd = load_checkpoint(path)
+    arch = name.split(".")[0]
+    pcfg = get_pretrained_cfg(name) or get_pretrained_cfg(arch)
+    heads = (pcfg.classifier if pcfg is not None else None) or ()
+    n_out = num_classes if num_classes is not None else (pcfg.num_classes if pcfg is not None else 1000)
+    for head in (heads,) if isinstance(heads, str) else heads:
+        w, b = sd.get(f"{head}.weight"), sd.get(f"{head}.bias")
+        if head_may_differ and w is not None and w.shape[0] != n_out:  # trained for other classes: a fresh (zero) head
+            sd[f"{head}.weight"] = w.new_zeros((n_out, *w.shape[1:]))
+            if b is not None:
+                sd[f"{head}.bias"] = b.new_zeros(n_out)
+    overlay = dict(state_dict=sd, num_classes=n_out)  # equal class counts: timm loads strictly
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=n_out, **kwargs)
+    except (RuntimeError, KeyError, ValueError) as err:  # strict load_state_dict, or the family's key filter
+        text = str(err)
+        raise ValueError(f"checkpoint {path} does not fit {name}: "
+                         f"{text[:2000]}{' ...' if len(text) > 2000 else ''}") from err
 
 
 def strip_prefixes(key: str) -> str:

@@ -12,13 +12,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_interrupted, rng_state, save_checkpoint, set_rng_state
-from .config import check_config, register_configs
+from .checkpoint import load_checkpoint, load_latest_intact, remove_interrupted, rng_state, save_checkpoint, set_rng_state
+from .config import RunError, check_config, config_error, register_configs
 from .data import build_loaders
 from .distill import Distiller
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .engine import StepContext, evaluate, train_one_epoch
+from .preflight import check_img_size, probe_writable
 from .reporting import Progress, Reporter
+from .resume import check_resume
+from .runlock import RunLock
 
 _AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,16 +50,20 @@ def build_model(cfg, num_classes: int, dist: DistEnv) -> torch.nn.Module:
     import timm
 
     import metazoo  # noqa: F401
+    from metazoo.backbones._common import create_with_weights
 
     table = cfg.per_model.get(cfg.model.name, {})
     drop_path = cfg.model.drop_path_rate if cfg.model.drop_path_rate is not None else table.get("drop_path_rate", 0.0)
     drop_rate = cfg.model.drop_rate if cfg.model.drop_rate is not None else table.get("drop_rate", 0.0)
-    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True))
-    if cfg.model.checkpoint is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.expanduser(cfg.model.checkpoint))
-    model = timm.create_model(cfg.model.name, pretrained=cfg.model.pretrained or cfg.model.checkpoint is not None,
-                              num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path,
-                              **kwargs)
+    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True), num_classes=num_classes,
+                  drop_rate=drop_rate, drop_path_rate=drop_path)
+    if cfg.model.checkpoint is None:
+        model = timm.create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+    else:  # strict: only a classifier head trained for other classes may differ
+        try:
+            model = create_with_weights(cfg.model.name, os.path.expanduser(cfg.model.checkpoint), **kwargs)
+        except ValueError as err:
+            raise config_error("model.checkpoint", str(err)) from err
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(dist.device)
@@ -92,11 +99,25 @@ def _run_dir(dist: DistEnv) -> Path:
 def train(cfg: DictConfig) -> dict:
     """Validate the config, then train and evaluate; returns the final summary (also in metrics.json)."""
     check_config(cfg)
+    check_img_size(cfg)  # builds the model on the meta device: before any data is generated
     dist = init_distributed(cfg.device)
+    lock = None
     try:
-        return _train(cfg, dist)
+        run_dir = _run_dir(dist)
+        if dist.is_main:
+            probe_writable(run_dir, "hydra.run.dir")
+            probe_writable(_ckpt_dir(cfg, run_dir), "ckpt.dir")
+            lock = RunLock(run_dir)
+            lock.acquire()
+        return _train(cfg, dist, run_dir)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed()
+
+
+def _ckpt_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    return Path(cfg.ckpt.dir) if os.path.isabs(cfg.ckpt.dir) else run_dir / cfg.ckpt.dir
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -111,7 +132,67 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, lr: float) -> torch
                                momentum=cfg.optim.momentum, layer_decay=cfg.optim.layer_decay, **opt_kwargs)
 
 
-def _train(cfg: DictConfig, dist: DistEnv) -> dict:
+def _find_resume(cfg: DictConfig, ckpt_dir: Path, dist: DistEnv) -> tuple[str | None, tuple | None]:
+    """(checkpoint folder, its loaded content) to resume from: the newest intact one for ``auto``
+    (rank 0 decides; unreadable newer ones are reported and passed over), else the given folder."""
+    if cfg.ckpt.resume is None:
+        return None, None
+    if cfg.ckpt.resume != "auto":
+        path = os.path.expanduser(cfg.ckpt.resume)
+    else:
+        found = None
+        if dist.is_main:
+            remove_interrupted(ckpt_dir)
+            found = load_latest_intact(ckpt_dir)
+        chosen = [str(found[0]) if found else ""]
+        if dist.distributed:
+            torch.distributed.broadcast_object_list(chosen, src=0)
+        if found is not None:
+            return chosen[0], found[1]
+        if not chosen[0]:
+            return None, None
+        path = chosen[0]
+    try:
+        return path, load_checkpoint(path)
+    except ValueError as err:
+        raise config_error("ckpt.resume", str(err)) from err
+
+
+def _restore(cfg_dict: dict, path: str, loaded: tuple, global_batch: int, model, optimizer, scheduler, scaler,
+             ema, is_main: bool) -> tuple[int, int, list]:
+    """Load a checkpoint into the run's objects under the new config: changes the saved state can follow
+    (lr, epochs, schedule, ...) are applied and printed; the others are refused by ``check_resume``."""
+    weights, ema_weights, state = loaded
+    changes = check_resume(path, state.get("config", cfg_dict), cfg_dict, state.get("global_batch"), global_batch)
+    model.load_state_dict(weights)
+    new_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])  # moments; hyper-parameters come back from the new config
+    if changes:
+        for group, hyper in zip(optimizer.param_groups, new_groups):
+            group.update(hyper)
+    start_epoch, num_updates = state["epoch"] + 1, state["num_updates"]
+    if scheduler is not None:
+        if changes or state.get("scheduler") is None:  # the new schedule, at the saved position
+            scheduler.step(start_epoch)
+            scheduler.step_update(num_updates=num_updates)
+        else:
+            scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(ema_weights if ema_weights is not None else weights)
+    set_rng_state(state["rng"])
+    if is_main:
+        print(f"[metazoo.train] resuming from {path}" + (f"; config changes applied: {'; '.join(changes)}"
+                                                         if changes else ""), flush=True)
+    return start_epoch, num_updates, state["history"]
+
+
+def _nonfinite_weights(state_dict: dict) -> list[str]:
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _train(cfg: DictConfig, dist: DistEnv, run_dir: Path) -> dict:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
@@ -120,8 +201,7 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
     if cfg.deterministic:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    run_dir = _run_dir(dist)
-    ckpt_dir = Path(cfg.ckpt.dir) if os.path.isabs(cfg.ckpt.dir) else run_dir / cfg.ckpt.dir
+    ckpt_dir = _ckpt_dir(cfg, run_dir)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
 
     seed_all(cfg.seed)  # identical initial weights on every rank
@@ -132,7 +212,7 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
     optimizer = build_optimizer(cfg, model, lr)
     updates_per_epoch = len(loaders.train) // accum
     if updates_per_epoch < 1:
-        raise ValueError(f"config key 'optim.global_batch': {global_batch} is larger than one epoch of data")
+        raise config_error("optim.global_batch", f"{global_batch} is larger than one epoch of data")
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched.name, num_epochs=cfg.epochs, warmup_epochs=cfg.sched.warmup_epochs,
         warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, cooldown_epochs=cfg.sched.cooldown_epochs,
@@ -142,28 +222,10 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
     scaler = torch.amp.GradScaler(dist.device.type) if amp_dtype is torch.float16 else None
 
     start_epoch, num_updates, history = 0, 0, []
-    resume_from = None
-    if cfg.ckpt.resume == "auto":
-        if dist.is_main:
-            remove_interrupted(ckpt_dir)
-        found = [str(latest_checkpoint(ckpt_dir) or "")]
-        if dist.distributed:
-            torch.distributed.broadcast_object_list(found, src=0)
-        resume_from = found[0] or None
-    elif cfg.ckpt.resume is not None:
-        resume_from = cfg.ckpt.resume
+    resume_from, loaded = _find_resume(cfg, ckpt_dir, dist)
     if resume_from is not None:
-        weights, ema_weights, state = load_checkpoint(resume_from)
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and ema_weights is not None:
-            ema.module.load_state_dict(ema_weights)
-        set_rng_state(state["rng"])
-        start_epoch, num_updates, history = state["epoch"] + 1, state["num_updates"], state["history"]
+        start_epoch, num_updates, history = _restore(cfg_dict, resume_from, loaded, global_batch, model, optimizer,
+                                                     scheduler, scaler, ema, dist.is_main)
 
     raw_model = model
     if cfg.model.compile:
@@ -176,7 +238,8 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
                         cfg.logger.name, history)
     progress = Progress(cfg.logger.progress, dist.is_main)
     ctx = StepContext(raw_model, optimizer, scheduler, build_loss(cfg, loaders.mixup), accum, amp_dtype, scaler,
-                      cfg.optim.clip_grad, ema, loaders.mixup, dist, cfg.logger.log_interval, distiller)
+                      cfg.optim.clip_grad, ema, loaders.mixup, dist, cfg.logger.log_interval,
+                      distiller, cfg.max_nonfinite_steps)
     if dist.is_main:
         n_params = sum(p.numel() for p in raw_model.parameters()) / 1e6
         print(f"[metazoo.train] {cfg.model.name} ({n_params:.2f}M params, {loaders.num_classes} classes) on "
@@ -202,16 +265,22 @@ def _train(cfg: DictConfig, dist: DistEnv) -> dict:
         progress.end_epoch(f"epoch {epoch + 1}/{num_epochs}: train loss {stats['train_loss']:.4f}, "
                            f"val top-1 {val['top1']:.2f}%, {stats['img_per_s']:.1f} img/s")
         if dist.is_main and ((epoch + 1) % cfg.ckpt.interval == 0 or epoch + 1 == num_epochs):
+            weights = raw_model.state_dict()
+            bad = _nonfinite_weights(weights)
+            if bad:
+                raise RunError(f"training diverged: non-finite weights after epoch {epoch + 1} ({', '.join(bad[:5])}"
+                               f"{' ...' if len(bad) > 5 else ''}); no checkpoint written. Lower config key 'optim.lr'")
             state = {"epoch": epoch, "num_updates": num_updates, "history": reporter.history,
+                     "global_batch": global_batch,
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "rng": rng_state(), "config": cfg_dict}
-            meta = {"model": cfg.model.name, "num_classes": loaders.num_classes, "model_kwargs": cfg_dict["model"]["kwargs"],
+            meta = {"model": cfg.model.name, "num_classes": loaders.num_classes, "classes": loaders.classes, "model_kwargs": cfg_dict["model"]["kwargs"],
                     "data_config": {"input_size": [3, cfg.data.img_size, cfg.data.img_size],
                                     "interpolation": cfg.data.interpolation, "mean": list(cfg.data.mean),
                                     "std": list(cfg.data.std), "crop_pct": cfg.data.crop_pct}}
-            save_checkpoint(ckpt_dir, epoch, raw_model.state_dict(), state, meta,
+            save_checkpoint(ckpt_dir, epoch, weights, state, meta,
                             ema.module.state_dict() if ema is not None else None, cfg.ckpt.keep_last)
         dist.barrier()
     summary = reporter.finish()
@@ -233,8 +302,9 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry: returns the final top-1 so sweepers can optimise it."""
     try:
         return train(cfg)["final_top1"]
-    except ValueError as err:  # config errors: one clear line, no traceback
-        if "config key" not in str(err):
-            raise
-        print(f"error: {err}", file=sys.stderr)
+    except RunError as err:  # config, data, checkpoint, divergence: one clear line, no traceback
+        text = str(err).strip()
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: its own message is the last line
+            text = text.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(2)

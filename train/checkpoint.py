@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 MODEL_FILE, EMA_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "state.pt"
@@ -34,6 +36,11 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _process_tag() -> str:
+    """Host and PID: temp names no other process, on this host or another, can share."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,20 +84,28 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, epoch: int, model_state: dict[s
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"epoch_{epoch:04d}"
-    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
+    tmp = ckpt_dir / f".tmp-{final.name}-{_process_tag()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file(_plain_tensors(model_state), tmp / MODEL_FILE, metadata=meta)
-    if ema_state is not None:
-        save_file(_plain_tensors(ema_state), tmp / EMA_FILE, metadata=meta)
-    torch.save(state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+    target = tmp / MODEL_FILE
+    try:
+        save_file(_plain_tensors(model_state), target, metadata=meta)
+        if ema_state is not None:
+            target = tmp / EMA_FILE
+            save_file(_plain_tensors(ema_state), target, metadata=meta)
+        target = tmp / STATE_FILE
+        torch.save(state, target)
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as err:  # torch.save on a full disk says only "basic_ios::clear"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"saving checkpoint {final} failed while writing {target} ({err}); the previous "
+                      f"checkpoints in {ckpt_dir} are intact") from err
     if final.exists():  # re-saving an epoch: move the old folder aside first (rename is atomic)
-        old = ckpt_dir / f".old-{final.name}-{os.getpid()}"
+        old = ckpt_dir / f".old-{final.name}-{_process_tag()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
@@ -126,12 +141,29 @@ def remove_interrupted(ckpt_dir: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
-    """(model weights, EMA weights or None, state) from a checkpoint folder; never unpickles code."""
+    """(model weights, EMA weights or None, state) from a checkpoint folder; never unpickles code.
+    Any read error names the file (``ValueError``; a refused pickle stays an ``UnpicklingError``)."""
+    from metazoo.backbones._common import read_tensors
+
     path = Path(path)
-    model = load_file(path / MODEL_FILE)
-    ema = load_file(path / EMA_FILE) if (path / EMA_FILE).exists() else None
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing")
+    model = read_tensors(str(path / MODEL_FILE))
+    ema = read_tensors(str(path / EMA_FILE)) if (path / EMA_FILE).exists() else None
+    state = read_tensors(str(path / STATE_FILE))
     return model, ema, state
+
+
+def load_latest_intact(ckpt_dir: str | os.PathLike, report=print) -> tuple[Path, tuple] | None:
+    """(folder, ``load_checkpoint`` result) of the newest checkpoint that reads back, or None if there
+    is none; every unreadable newer one is reported and passed over, never deleted."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except (ValueError, pickle.UnpicklingError) as err:
+            report(f"[metazoo.train] resume: {path.name} is unreadable ({err}); trying the previous checkpoint")
+    return None
 
 
 def read_metadata(weights_file: str | os.PathLike) -> dict[str, Any]:

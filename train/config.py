@@ -5,8 +5,9 @@ The dataclasses give Hydra the types (a string where a float belongs fails at co
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -48,6 +49,7 @@ class DataConfig:
     shapes_train_per_class: int = 500
     shapes_val_per_class: int = 100
     shapes_seed: int = 0
+    skip_corrupt: bool = False  # false: an unreadable image stops the run naming the file; true: skipped and counted
 
 
 @dataclass
@@ -144,6 +146,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch default)
     deterministic: bool = True
+    max_nonfinite_steps: int = 0  # optimizer steps with a non-finite loss skipped (AMP overflow) before the run stops
 
 
 def register_configs() -> None:
@@ -171,41 +174,99 @@ def _optimizers() -> list[str]:
     return list_optimizers()
 
 
-def _bad(key: str, msg: str) -> ValueError:
-    return ValueError(f"config key '{key}': {msg}")
+class RunError(ValueError):
+    """A problem with the run's inputs or saved state that the user can fix: one line, exit status 2."""
+
+
+def config_error(key: str, msg: str) -> RunError:
+    """The error for a bad value: names the config key (and, by convention, the accepted values)."""
+    return RunError(f"config key '{key}': {msg}")
+
+
+SHAPES_SPLITS = ("train", "val")
+
+
+def _floats(cfg: Any, prefix: str = ""):
+    """(dotted key, value) of every float in the config, lists included (NaN/inf pass ``> 0`` checks)."""
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            yield from _floats(value, f"{name}.")
+        elif isinstance(value, float):
+            yield name, value
+        elif hasattr(value, "__iter__") and not isinstance(value, str):
+            yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
+def unknown_keys(cfg: Any, schema: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` the schema does not declare (Hydra's ``+key=value`` adds them unchecked);
+    free-form ``Dict`` fields (``model.kwargs``, ``per_model``) are not descended into."""
+    out = []
+    declared = {f.name: f for f in fields(schema)}
+    for key in cfg:
+        f = declared.get(key)
+        if f is None:
+            out.append(f"{prefix}{key}")
+        elif callable(f.default_factory) and is_dataclass(sub := f.default_factory()):
+            out += unknown_keys(cfg[key], type(sub), f"{prefix}{key}.")
+    return out
+
+
+def check_model_name(name: str, key: str = "model.name") -> None:
+    """Unknown model or pretrained tag (``mz_caformer_s18.nosuch``): a ``ValueError`` naming ``key``."""
+    import timm
+    from timm.models import get_arch_pretrained_cfgs
+
+    import metazoo  # noqa: F401  (registers the mz_* models)
+
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[-1]}*")[:8]
+        raise config_error(key, f"unknown model {name!r}; registered names look like {close or 'mz_poolformerv2_s12'}")
+    tags = sorted(k.split(".", 1)[1] for k in get_arch_pretrained_cfgs(arch))
+    if tag and tag not in tags:
+        raise config_error(key, f"unknown pretrained tag {tag!r} for {arch}; accepted tags: {', '.join(tags) or '(none)'}")
 
 
 def check_config(cfg: Any) -> None:
     """Raise ``ValueError`` naming the key for any value that would fail later; cheap, runs before training."""
-    import timm
-
-    import metazoo  # noqa: F401  (registers the mz_* models)
-
+    extra = unknown_keys(cfg)
+    if extra:
+        raise config_error(extra[0], f"not a key of the training config (unknown: {', '.join(extra)}); "
+                             f"see metazoo.train.config.TrainConfig for the accepted keys")
     for key, accepted in _CHOICES.items():
         value = cfg
         for part in key.split("."):
             value = value[part]
         if value not in accepted:
-            raise _bad(key, f"got {value!r}, accepted values: {', '.join(accepted)}")
-    if not timm.is_model(cfg.model.name):
-        close = timm.list_models(f"*{cfg.model.name.split('_')[-1]}*")[:8]
-        raise _bad("model.name", f"unknown model {cfg.model.name!r}; registered names look like {close or 'mz_poolformerv2_s12'}")
+            raise config_error(key, f"got {value!r}, accepted values: {', '.join(accepted)}")
+    check_model_name(cfg.model.name)
     if cfg.model.checkpoint is not None and not os.path.isfile(os.path.expanduser(cfg.model.checkpoint)):
-        raise _bad("model.checkpoint", f"file not found: {cfg.model.checkpoint}")
+        raise config_error("model.checkpoint", f"file not found: {cfg.model.checkpoint}")
     if cfg.data.name == "imagefolder":
         if cfg.data.root is None:
-            raise _bad("data.root", "must be set to an ImageFolder root (with train/ and val/ folders) for data=imagefolder")
+            raise config_error("data.root", "must be set to an ImageFolder root (with train/ and val/ folders) for data=imagefolder")
         if not os.path.isdir(os.path.expanduser(cfg.data.root)):
-            raise _bad("data.root", f"directory not found: {cfg.data.root}")
+            raise config_error("data.root", f"directory not found: {cfg.data.root}")
+    else:
+        for key in ("train_split", "val_split"):
+            if cfg.data[key] not in SHAPES_SPLITS:
+                raise config_error(f"data.{key}", f"got {cfg.data[key]!r}; the shapes set has the splits "
+                                          f"{', '.join(SHAPES_SPLITS)}")
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise config_error(key, f"must be a finite number, got {value}")
     positive = {
         "optim.lr": cfg.optim.lr, "optim.lr_base_batch": cfg.optim.lr_base_batch,
         "data.batch_size": cfg.data.batch_size, "data.img_size": cfg.data.img_size,
         "epochs": cfg.epochs, "ckpt.interval": cfg.ckpt.interval, "ckpt.keep_last": cfg.ckpt.keep_last,
         "logger.log_interval": cfg.logger.log_interval, "data.crop_pct": cfg.data.crop_pct,
     }
+    if cfg.max_nonfinite_steps < 0:
+        raise config_error("max_nonfinite_steps", f"must be >= 0, got {cfg.max_nonfinite_steps}")
     for key, value in positive.items():
         if not value > 0:
-            raise _bad(key, f"must be > 0, got {value}")
+            raise config_error(key, f"must be > 0, got {value}")
     non_negative = {
         "optim.weight_decay": cfg.optim.weight_decay, "sched.warmup_epochs": cfg.sched.warmup_epochs,
         "sched.min_lr": cfg.sched.min_lr, "sched.warmup_lr": cfg.sched.warmup_lr,
@@ -214,7 +275,7 @@ def check_config(cfg: Any) -> None:
     }
     for key, value in non_negative.items():
         if value < 0:
-            raise _bad(key, f"must be >= 0, got {value}")
+            raise config_error(key, f"must be >= 0, got {value}")
     unit = {"aug.hflip": cfg.aug.hflip, "aug.vflip": cfg.aug.vflip, "aug.reprob": cfg.aug.reprob,
             "aug.smoothing": cfg.aug.smoothing, "aug.mixup_prob": cfg.aug.mixup_prob, "ema.decay": cfg.ema.decay}
     for key in ("drop_rate", "drop_path_rate"):
@@ -222,31 +283,31 @@ def check_config(cfg: Any) -> None:
             unit[f"model.{key}"] = cfg.model[key]
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
-            raise _bad(key, f"must be in [0, 1], got {value}")
+            raise config_error(key, f"must be in [0, 1], got {value}")
     if cfg.optim.global_batch is not None and cfg.optim.global_batch <= 0:
-        raise _bad("optim.global_batch", f"must be > 0 or null, got {cfg.optim.global_batch}")
+        raise config_error("optim.global_batch", f"must be > 0 or null, got {cfg.optim.global_batch}")
     if cfg.data.num_classes is not None and cfg.data.num_classes <= 0:
-        raise _bad("data.num_classes", f"must be > 0 or null, got {cfg.data.num_classes}")
+        raise config_error("data.num_classes", f"must be > 0 or null, got {cfg.data.num_classes}")
     if cfg.ckpt.resume not in (None, "auto") and not os.path.isdir(os.path.expanduser(cfg.ckpt.resume)):
-        raise _bad("ckpt.resume", f"expected null, 'auto' or a checkpoint directory, got {cfg.ckpt.resume!r}")
+        raise config_error("ckpt.resume", f"expected null, 'auto' or a checkpoint directory, got {cfg.ckpt.resume!r}")
     if cfg.per_model and cfg.model.drop_path_rate is None and cfg.model.name not in cfg.per_model:
-        raise _bad("model.drop_path_rate", f"recipe {cfg.recipe!r} has no drop path for {cfg.model.name!r} "
+        raise config_error("model.drop_path_rate", f"recipe {cfg.recipe!r} has no drop path for {cfg.model.name!r} "
                    f"(it covers {', '.join(cfg.per_model)}); set model.drop_path_rate")
     for name, entry in cfg.per_model.items():
         unknown = set(entry) - {"drop_rate", "drop_path_rate"}
         if unknown:
-            raise _bad(f"per_model.{name}", f"unknown keys {sorted(unknown)}; accepted: drop_rate, drop_path_rate")
+            raise config_error(f"per_model.{name}", f"unknown keys {sorted(unknown)}; accepted: drop_rate, drop_path_rate")
     if cfg.optim.name not in _optimizers():
-        raise _bad("optim.name", f"unknown optimizer {cfg.optim.name!r}; timm offers e.g. adamw, lamb, sgd, lion")
+        raise config_error("optim.name", f"unknown optimizer {cfg.optim.name!r}; timm offers e.g. adamw, lamb, sgd, lion")
     if cfg.optim.fused is not None and cfg.optim.name not in FUSED_OPTIMIZERS:
-        raise _bad("optim.fused", f"optimizer {cfg.optim.name!r} has no fused step; set it only with "
+        raise config_error("optim.fused", f"optimizer {cfg.optim.name!r} has no fused step; set it only with "
                                   f"{', '.join(FUSED_OPTIMIZERS)}, or leave it null")
     if cfg.sched.name not in SCHEDULERS:
-        raise _bad("sched.name", f"got {cfg.sched.name!r}, accepted values: {', '.join(SCHEDULERS)}")
+        raise config_error("sched.name", f"got {cfg.sched.name!r}, accepted values: {', '.join(SCHEDULERS)}")
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:
-        raise _bad("data.batch_size", f"mixup/cutmix need an even per-device batch, got {cfg.data.batch_size}")
+        raise config_error("data.batch_size", f"mixup/cutmix need an even per-device batch, got {cfg.data.batch_size}")
     if len(cfg.aug.scale) != 2 or len(cfg.aug.ratio) != 2:
-        raise _bad("aug.scale" if len(cfg.aug.scale) != 2 else "aug.ratio", "must be a [low, high] pair")
+        raise config_error("aug.scale" if len(cfg.aug.scale) != 2 else "aug.ratio", "must be a [low, high] pair")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise _bad("data.mean" if len(cfg.data.mean) != 3 else "data.std", "must hold 3 values")
+        raise config_error("data.mean" if len(cfg.data.mean) != 3 else "data.std", "must hold 3 values")
     check_distill(cfg.distill)

@@ -6,13 +6,20 @@ so N ranks with batch B see exactly the samples one process with batch N*B sees.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
-from timm.data import Mixup, create_dataset, create_transform
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+import numpy as np
+from PIL import Image
+from timm.data import Mixup, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .distributed import DistEnv
 from ..datasets.shapes import write_shapes_imagefolder
+from .config import RunError, config_error
+from .distributed import DistEnv
+from .preflight import check_classes, scan_split
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 @dataclass
@@ -23,6 +30,53 @@ class Loaders:
     num_classes: int
     root: str
     mixup: Mixup | None
+    classes: list[str]  # class folder names in label order (saved with checkpoints for validation)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL mode: 16-bit (and 32-bit integer holding 16-bit) grey scaled by 1/257,
+    float grey scaled from [0, 1] (or clipped when already 0-255); PIL's own conversion otherwise
+    (its ``I;16`` -> RGB clips every value above 255 to white)."""
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = a.max(initial=0.0)
+        scale = 255.0 / 65535.0 if img.mode in _SIXTEEN_BIT or top > 255 else (255.0 if img.mode == "F" and top <= 1 else 1.0)
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """(image, label) from a scanned file list. An unreadable file is an error naming it, or, with
+    ``skip_corrupt``, replaced by the next readable one and counted in a printed line."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform, skip_corrupt: bool = False):
+        self.samples, self.transform, self.skip_corrupt = samples, transform, skip_corrupt
+        self.skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, path: str) -> Image.Image | None:
+        try:
+            with Image.open(path) as img:
+                return to_rgb(img)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for truncated / non-image files
+            if not self.skip_corrupt:
+                raise RunError(f"cannot read image {path} ({err}); set config key 'data.skip_corrupt=true' "
+                               f"to skip unreadable files") from err
+            if path not in self.skipped:
+                self.skipped.add(path)
+                print(f"[metazoo.train] skipped unreadable image {path} ({err}); {len(self.skipped)} skipped "
+                      f"so far in this process", file=sys.stderr, flush=True)
+            return None
+
+    def __getitem__(self, index: int):
+        for i in range(len(self.samples)):
+            path, label = self.samples[(index + i) % len(self.samples)]
+            img = self._read(path)
+            if img is not None:
+                return (self.transform(img) if self.transform is not None else img), label
+        raise RunError(f"no readable image among the {len(self.samples)} files of this split")
 
 
 def dataset_root(data_cfg, dist: DistEnv) -> str:
@@ -67,12 +121,15 @@ def build_loaders(cfg, dist: DistEnv, seed: int) -> Loaders:
     """Train/val loaders; the train sampler is seeded with ``seed`` and reshuffled by ``set_epoch``."""
     root = dataset_root(cfg.data, dist)
     t_train, t_val = build_transforms(cfg.data, cfg.aug)
-    train_set = create_dataset("", root=root, split=cfg.data.train_split, is_training=True, transform=t_train)
-    val_set = create_dataset("", root=root, split=cfg.data.val_split, is_training=False, transform=t_val)
-    num_classes = cfg.data.num_classes or len(train_set.reader.class_to_idx)
+    train_files = scan_split(root, cfg.data.train_split, "data.train_split")
+    class_to_idx = {c: i for i, c in enumerate(train_files.classes)}
+    val_files = scan_split(root, cfg.data.val_split, "data.val_split", class_to_idx)  # one class map for both
+    num_classes = check_classes(train_files, val_files, cfg.data.num_classes, dist.is_main)
+    train_set = ImageFiles(train_files.samples, t_train, cfg.data.skip_corrupt)
+    val_set = ImageFiles(val_files.samples, t_val, cfg.data.skip_corrupt)
     if len(train_set) < cfg.data.batch_size * dist.world_size:
-        raise ValueError(f"config key 'data.batch_size': {cfg.data.batch_size} x {dist.world_size} ranks "
-                         f"exceeds the {len(train_set)} training images in {root}")
+        raise config_error("data.batch_size", f"{cfg.data.batch_size} x {dist.world_size} ranks "
+                                            f"exceeds the {len(train_set)} training images in {root}")
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=seed, drop_last=True)
     pin = cfg.data.pin_memory and dist.device.type == "cuda"
@@ -81,5 +138,5 @@ def build_loaders(cfg, dist: DistEnv, seed: int) -> Loaders:
     val_shard = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))  # no padding: exact counts
     val = DataLoader(val_shard, batch_size=cfg.data.val_batch_size or cfg.data.batch_size,
                      num_workers=cfg.data.workers, pin_memory=pin)
-    return Loaders(train, val, sampler, num_classes, root, build_mixup(cfg.aug, num_classes))
+    return Loaders(train, val, sampler, num_classes, root, build_mixup(cfg.aug, num_classes), train_files.classes)
 

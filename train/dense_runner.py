@@ -20,10 +20,12 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner
 from omegaconf import DictConfig, OmegaConf
 
-from metazoo.integrations.openmmlab import ADAPTER_NAME, MetazooBackbone, register
-from metazoo.integrations.openmmlab_hooks import HOOK_NAME as ATOMIC_CHECKPOINT_HOOK
 from metazoo.datasets.shapes import SHAPE_CLASSES
 from metazoo.datasets.shapes_dense import ADE_CLASSES, write_shapes_ade, write_shapes_coco
+from metazoo.integrations.openmmlab import ADAPTER_NAME, MetazooBackbone, register
+from metazoo.integrations.openmmlab_hooks import HOOK_NAME as ATOMIC_CHECKPOINT_HOOK
+from metazoo.train.preflight import check_added_keys, check_dense_paths
+from metazoo.train.runlock import RunLock
 
 TASKS = ("detect", "segment")
 BASE_ORDER = ("model", "data", "schedule", "runtime")
@@ -149,6 +151,7 @@ def compose(cfg: DictConfig, task: str):
         raise ValueError(f"task={task!r} is not supported; accepted values: {TASKS}")
     register()
     allow_mmengine_checkpoints()
+    check_dense_paths(cfg)
     probe = _check_backbone(cfg.backbone)
     _prepare_data(cfg, task)
     scope = "mmdet" if task == "detect" else "mmseg"
@@ -198,9 +201,15 @@ class _KeepMetrics(Hook):
 
 
 def train(cfg: DictConfig, task: str) -> dict:
-    """Train and validate with mmengine's Runner; return the final validation metrics."""
-    runner = Runner.from_cfg(compose(cfg, task))
-    keep = _KeepMetrics()
-    runner.register_hook(keep, priority="VERY_LOW")
-    runner.train()
+    """Train and validate with mmengine's Runner (one run per work dir at a time); return the final
+    validation metrics."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        check_added_keys(list(HydraConfig.get().overrides.task), ("mm.", "mm_base."))
+    with RunLock(cfg.work_dir, key="work_dir"):
+        runner = Runner.from_cfg(compose(cfg, task))
+        keep = _KeepMetrics()
+        runner.register_hook(keep, priority="VERY_LOW")
+        runner.train()
     return keep.metrics

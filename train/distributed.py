@@ -8,6 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as td
 
+from .config import config_error
+
 
 @dataclass
 class DistEnv:
@@ -43,7 +45,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("config key 'device': 'cuda' requested but no CUDA device is available")
+        raise config_error("device", "'cuda' requested but no CUDA device is available; accepted: auto, cpu")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

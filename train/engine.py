@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import RunError
 from .distributed import DistEnv
 
 
@@ -29,6 +31,28 @@ class StepContext:
     dist: DistEnv
     log_interval: int
     distill: object | None = None  # train.distill.Distiller or None
+    max_nonfinite_steps: int = 0  # updates with a non-finite loss that are skipped before the run stops
+    nonfinite_steps: int = 0  # skipped so far (carried across epochs)
+
+
+def diverged(loss: float, epoch: int, step: int, lr: float) -> RunError:
+    """The error that stops a run whose loss is NaN or infinite (before any checkpoint of it is written)."""
+    return RunError(f"training diverged: loss {loss} at epoch {epoch + 1}, optimizer step {step} (lr {lr:.3g}); "
+                    f"no checkpoint of this epoch was written. Lower config key 'optim.lr', or set "
+                    f"'max_nonfinite_steps' to skip a few overflowing (AMP) steps")
+
+
+def skip_nonfinite(ctx: StepContext, update_loss: torch.Tensor, epoch: int, step: int) -> bool:
+    """True when any rank's loss of this update is non-finite and the step is to be skipped; raises once
+    more than ``max_nonfinite_steps`` were skipped. One host sync per update, so only when enabled."""
+    if ctx.max_nonfinite_steps == 0:
+        return False
+    if ctx.dist.all_reduce_sum([float(not torch.isfinite(update_loss).item())])[0] == 0:
+        return False
+    ctx.nonfinite_steps += 1
+    if ctx.nonfinite_steps > ctx.max_nonfinite_steps:
+        raise diverged(update_loss.item(), epoch, step, ctx.optimizer.param_groups[0]["lr"])
+    return True
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -71,12 +95,18 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
                 loss = ctx.loss_fn(logits, y) if ctx.distill is None else ctx.distill.loss(logits, x, y, ctx.loss_fn)
             scaled = loss / steps_per_update
             (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
-        loss_sum += loss.detach().double() * x.shape[0]
         update_loss += loss.detach().double() * x.shape[0]
         seen += x.shape[0]
         update_seen += x.shape[0]
         if not last_micro:
             continue
+        if skip_nonfinite(ctx, update_loss, epoch, num_updates + 1):
+            seen -= update_seen  # the skipped update counts in neither the loss nor the sample count
+            ctx.optimizer.zero_grad(set_to_none=True)
+            update_loss.zero_()
+            update_seen = 0
+            continue
+        loss_sum += update_loss
         if ctx.clip_grad is not None:
             if ctx.scaler is not None:
                 ctx.scaler.unscale_(ctx.optimizer)
@@ -95,6 +125,8 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
         if num_updates % ctx.log_interval == 0 or i + 1 == n_batches:
             total, count = ctx.dist.all_reduce_sum([update_loss.item(), update_seen])
             lr = ctx.optimizer.param_groups[0]["lr"]
+            if not math.isfinite(total):
+                raise diverged(total / count, epoch, num_updates, lr)
             rate = seen * ctx.dist.world_size / max(time.perf_counter() - t0, 1e-9)
             logged.append({"step": num_updates, "loss": total / count, "lr": lr})
             if progress is not None:
@@ -105,6 +137,8 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
         torch.cuda.synchronize(dev)
     now = time.perf_counter()
     total, count = ctx.dist.all_reduce_sum([loss_sum.item(), seen])
+    if not math.isfinite(total):
+        raise diverged(total / max(count, 1), epoch, num_updates, ctx.optimizer.param_groups[0]["lr"])
     rate = count / (now - t0) if t0 is not None and now > t0 else 0.0
     stats = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": ctx.optimizer.param_groups[0]["lr"],
              "train_time_s": now - t_epoch, "img_per_s": rate, "steps": logged}

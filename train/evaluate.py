@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import EMA_FILE, MODEL_FILE, read_metadata
+from .config import RunError
+from .data import ImageFiles
 from .distributed import DistEnv
 from .engine import evaluate
+from .preflight import SplitFiles, scan_split
 
 _AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,9 +28,9 @@ def load_model(model: str | None, checkpoint: str | None, pretrained: bool, num_
                use_ema: bool = False) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, preprocessing overrides); a training checkpoint needs no model name."""
     import timm
-    from safetensors.torch import load_file
 
     import metazoo  # noqa: F401
+    from metazoo.backbones._common import create_with_weights, read_tensors
 
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -40,12 +43,14 @@ def load_model(model: str | None, checkpoint: str | None, pretrained: bool, num_
             if model is not None and model.split(".")[0] != meta["model"]:
                 raise ValueError(f"model: {model!r} does not match the checkpoint's {meta['model']!r}")
             net = timm.create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
-            net.load_state_dict(load_file(path))
-            return net.eval(), meta.get("data_config", {})
+            try:
+                net.load_state_dict(read_tensors(str(path)))
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint {path} does not fit {meta['model']}: {err}") from err
+            return net.eval(), dict(meta.get("data_config", {}), classes=meta.get("classes"))
         if model is None:
             raise ValueError("model: required when the checkpoint carries no metazoo metadata")
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        net = create_with_weights(model, path, num_classes, head_may_differ=False)
         return net.eval(), {}
     if model is None:
         raise ValueError("model: give a model name (optionally with a pretrained tag) or a checkpoint")
@@ -55,12 +60,31 @@ def load_model(model: str | None, checkpoint: str | None, pretrained: bool, num_
     return timm.create_model(model, pretrained=pretrained, **kwargs).eval(), {}
 
 
+def _holds_folders(path: str) -> bool:
+    return os.path.isdir(path) and any(e.is_dir() for e in os.scandir(path))
+
+
+def eval_files(root: str, split: str, classes: list[str] | None) -> SplitFiles:
+    """The images to evaluate: ``root/split`` if it exists, else ``root`` itself when it is a class-folder
+    ImageFolder (never a root holding other splits). ``classes`` (saved by ``metazoo.train``) fixes the labels."""
+    class_to_idx = {c: i for i, c in enumerate(classes)} if classes else None
+    if not os.path.isdir(os.path.join(root, split)):
+        splits = sorted(p for p in os.listdir(root) if _holds_folders(os.path.join(root, p)))
+        if splits:
+            raise ValueError(f"split: no folder {split!r} in {root}; its split folders are {', '.join(splits)}")
+        root, split = os.path.split(os.path.normpath(root))  # root itself holds the class folders
+    try:
+        return scan_split(root, split, "split", class_to_idx)
+    except RunError as err:
+        raise ValueError(str(err).replace("config key 'split'", "split")) from err
+
+
 def validate(data_dir: str, model: str | None = None, checkpoint: str | None = None, pretrained: bool = False,
              split: str = "val", batch_size: int = 64, workers: int = 2, device: str = "auto",
              amp: str = "off", num_classes: int | None = None, use_ema: bool = False,
              img_size: int | None = None) -> dict:
     """Evaluate on ``data_dir`` (an ImageFolder, or a root holding a ``split`` ImageFolder)."""
-    from timm.data import create_dataset, create_transform, resolve_data_config
+    from timm.data import create_transform, resolve_data_config
 
     if not os.path.isdir(os.path.expanduser(data_dir)):
         raise ValueError(f"data_dir: directory not found: {data_dir}")
@@ -69,13 +93,14 @@ def validate(data_dir: str, model: str | None = None, checkpoint: str | None = N
     dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
                        ("cpu" if device == "auto" else device))
     net, overrides = load_model(model, checkpoint, pretrained, num_classes, use_ema)
+    classes = overrides.pop("classes", None)
     if img_size is not None:
         overrides = dict(overrides, input_size=[3, img_size, img_size])
     data_config = resolve_data_config(args=overrides, model=net)
-    dataset = create_dataset("", root=os.path.expanduser(data_dir), split=split, is_training=False,
-                             transform=create_transform(**data_config, is_training=False))
+    files = eval_files(os.path.expanduser(data_dir), split, classes)
+    dataset = ImageFiles(files.samples, create_transform(**data_config, is_training=False))
     n_model = net.num_classes
-    n_data = len(dataset.reader.class_to_idx)
+    n_data = len(files.classes)
     if n_data > n_model:
         raise ValueError(f"data_dir: {n_data} class folders but the model predicts {n_model} classes")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
@@ -103,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result = validate(args.data_dir, args.model, args.checkpoint, args.pretrained, args.split, args.batch_size,
                           args.workers, args.device, args.amp, args.num_classes, args.ema, args.img_size)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad arguments, unreadable files: one line naming them
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     text = json.dumps(result, indent=1)

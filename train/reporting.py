@@ -85,7 +85,7 @@ class Reporter:
     def write(self) -> None:
         """metrics.json (atomic) and metrics.png in the run dir."""
         payload = {"summary": self.summary(), "epochs": self.history, "config": self.cfg}
-        tmp = self.run_dir / f".{METRICS_FILE}.tmp"
+        tmp = self.run_dir / f".{METRICS_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(payload, indent=1))
         os.replace(tmp, self.run_dir / METRICS_FILE)
         self._plot()
@@ -115,7 +115,7 @@ class Reporter:
         ax_acc.set_ylabel("val accuracy (%)")
         ax_acc.legend()
         fig.tight_layout()
-        tmp = self.run_dir / f".{PLOT_FILE}.tmp.png"
+        tmp = self.run_dir / f".{PLOT_FILE}.{os.getpid()}.tmp.png"
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
         os.replace(tmp, self.run_dir / PLOT_FILE)
