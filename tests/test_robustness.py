@@ -247,7 +247,7 @@ def _nan_epoch(max_nonfinite: int, bad_batches: set[int]):
     batches = [(torch.full((2, 4), float("nan")) if i in bad_batches else torch.randn(2, 4), torch.tensor([0, 1]))
                for i in range(4)]
     ctx = StepContext(model, opt, None, torch.nn.CrossEntropyLoss(), 1, None, None, None, None, None,
-                      DistEnv(0, 0, 1, torch.device("cpu")), 1, max_nonfinite)
+                      DistEnv(0, 0, 1, torch.device("cpu")), 1, max_nonfinite_steps=max_nonfinite)
     stats, steps = train_one_epoch(model, batches, ctx, 0, 0)
     return model, stats, steps
 
