@@ -35,32 +35,38 @@ def or_absent(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | N
     return t if t is not None else absent(like, dtype)
 
 
-def eager_or_op(op, impl, setup_context, backward):
-    """Return ``call(*args)``: ``op`` while compiling, else an autograd.Function over ``impl`` with the
-    op's own ``setup_context``/``backward`` (so both paths compute exactly the same thing)."""
+class ForwardOp:
+    """A kernel's forward registered as ``torch.library.custom_op`` ``name`` (fake impl, autograd).
+    Traced code (torch.compile, dispatch modes such as FlopCounterMode, fake tensors) gets the op;
+    eager calls on plain tensors get an autograd.Function over ``impl`` with the op's own
+    ``setup_context``/``backward`` (so both paths compute exactly the same thing)."""
 
-    class _Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            ctx.set_materialize_grads(False)
-            out = _run_eager(impl, args)
-            setup_context(ctx, args, out)
-            return out
+    def __init__(self, name: str, impl, fake, setup_context, backward):
+        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        self.op.register_fake(fake)
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self.impl = impl
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+        class _Eager(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                ctx.set_materialize_grads(False)
+                out = _run_eager(impl, args)
+                setup_context(ctx, args, out)
+                return out
 
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        return _Eager.apply(*args)
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
 
-    return call
+        self.eager = _Eager
+
+    def __call__(self, *args):
+        return self.op(*args) if _traced(args) else self.eager.apply(*args)
 
 
 def _traced(args) -> bool:
-    """True while torch.compile / make_fx trace (dispatch modes active, fake or functional tensors)."""
+    """True while torch.compile / make_fx trace or a dispatch mode is active (fake or functional tensors)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return True
     return any(isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter) for a in args)
@@ -70,18 +76,15 @@ class BackwardOp:
     """``torch.library.custom_op`` for a kernel's backward: traced code gets the registered op, eager
     backward passes (plain tensors) call the implementation directly."""
 
-    def __init__(self, name: str, fn):
+    def __init__(self, name: str, fn, fake=None):
         self.op = torch.library.custom_op(name, mutates_args=())(fn)
         self.fn = fn
         self.register_fake = self.op.register_fake
+        if fake is not None:
+            self.register_fake(fake)
 
     def __call__(self, *args):
         return self.op(*args) if _traced(args) else _run_eager(self.fn, args)
-
-
-def backward_op(name: str):
-    """Decorator form of :class:`BackwardOp`."""
-    return lambda fn: BackwardOp(name, fn)
 
 
 def grad_as(g: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:

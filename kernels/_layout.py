@@ -1,4 +1,4 @@
-"""Shared plumbing for the kernels: channels-innermost layouts and launch sizes."""
+"""Shared plumbing for the kernels: channels-innermost layouts and launch sizes (the only place for them)."""
 from __future__ import annotations
 
 import functools
@@ -27,7 +27,12 @@ def stand_in(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def param_grid(n_tiles: int, device: torch.device) -> int:
     """Programs for kernels that also reduce parameter gradients: a few per SM, never more than tiles."""
-    return max(1, min(n_tiles, 4 * _sm_count(device.type, device.index)))
+    return max(1, min(n_tiles, 4 * sm_count(device)))
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs programs serially)."""
+    return _sm_count(device.type, device.index)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,14 +14,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import absent, backward_op, eager_or_op, grad_as
+from ._autograd import BackwardOp, ForwardOp, absent, grad_as
 from ._linear import project, project_backward
-from .dispatch import resolve
+from .dispatch import dispatcher, resolve
 from .star_relu import _bwd_op as _star_relu_bwd
 from .star_relu import star_relu_apply, star_relu_ref
 
 ACTS = ("gelu", "star_relu")
 
+
+# ----------------------------------------------------------------------------- input checks
+
+def _check(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], act: str, act_scale, act_bias,
+           channels_first: bool) -> None:
+    if act not in ACTS:
+        raise ValueError(f"act_linear: act={act!r} is not supported; accepted values: {ACTS}")
+    if act == "star_relu" and (act_scale is None or act_bias is None or act_scale.numel() != 1
+                               or act_bias.numel() != 1):
+        raise ValueError("act_linear: act='star_relu' needs one-element act_scale and act_bias")
+    if channels_first and z.dim() != 4:
+        raise ValueError(f"act_linear: channels_first needs an NCHW z, got shape {tuple(z.shape)}")
+    hidden = z.shape[1 if channels_first else -1]
+    w_ok = fc_weight.dim() == (4 if channels_first else 2) and fc_weight.shape[1] == hidden and \
+        all(k == 1 for k in fc_weight.shape[2:])
+    if not w_ok:
+        raise ValueError(f"act_linear: fc_weight must be (out, {hidden}{', 1, 1' if channels_first else ''}), "
+                         f"got {tuple(fc_weight.shape)}")
+    if fc_bias is not None and tuple(fc_bias.shape) != (fc_weight.shape[0],):
+        raise ValueError(f"act_linear: fc_bias must be ({fc_weight.shape[0]},), got {tuple(fc_bias.shape)}")
+
+# ----------------------------------------------------------------------------- reference
+
+def act_linear_ref(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor] = None, act: str = "gelu",
+                   act_scale: Optional[Tensor] = None, act_bias: Optional[Tensor] = None,
+                   channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``fc2(act(z))`` as the unfused MLP computes it."""
+    _check(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first)
+    a = F.gelu(z) if act == "gelu" else star_relu_ref(z, act_scale, act_bias)
+    return F.conv2d(a, fc_weight, fc_bias) if channels_first else F.linear(a, fc_weight, fc_bias)
+
+# ----------------------------------------------------------------------------- launchers
 
 def _activate(z: Tensor, act: str, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     return F.gelu(z) if act == "gelu" else star_relu_apply(z, scale, bias)
@@ -32,21 +64,8 @@ def _fwd_impl(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], act: str,
     return project(_activate(z, act, act_scale, act_bias), fc_weight, fc_bias, channels_first)
 
 
-_fwd_op = torch.library.custom_op("metazoo::act_linear_fwd", mutates_args=())(_fwd_impl)
-
-
-@_fwd_op.register_fake
-def _(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first):
-    if channels_first:
-        fmt = torch.channels_last if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous() \
-            else torch.contiguous_format
-        return z.new_empty((z.shape[0], fc_weight.shape[0], *z.shape[2:])).contiguous(memory_format=fmt)
-    return z.new_empty((*z.shape[:-1], fc_weight.shape[0]))
-
-
-@backward_op("metazoo::act_linear_bwd")
-def _bwd_op(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optional[Tensor],
-            act_bias: Optional[Tensor], has_fc_bias: bool, channels_first: bool
+def _bwd_impl(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optional[Tensor],
+              act_bias: Optional[Tensor], has_fc_bias: bool, channels_first: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     a = _activate(z, act, act_scale, act_bias)  # recomputed, never saved
     da, dfw, dfb = project_backward(dy, a, fc_weight, has_fc_bias, channels_first)
@@ -60,9 +79,17 @@ def _bwd_op(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Optio
         dz, ds, db = _star_relu_bwd(da, z, act_scale)
     return dz, dfw, dfb, ds, db
 
+# ----------------------------------------------------------------------------- op registration
 
-@_bwd_op.register_fake
-def _(dy, z, fc_weight, act, act_scale, act_bias, has_fc_bias, channels_first):
+def _fwd_fake(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first):
+    if channels_first:
+        fmt = torch.channels_last if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous() \
+            else torch.contiguous_format
+        return z.new_empty((z.shape[0], fc_weight.shape[0], *z.shape[2:])).contiguous(memory_format=fmt)
+    return z.new_empty((*z.shape[:-1], fc_weight.shape[0]))
+
+
+def _bwd_fake(dy, z, fc_weight, act, act_scale, act_bias, has_fc_bias, channels_first):
     f32 = torch.float32
     star = act != "gelu"
     return (torch.empty_like(z), fc_weight.new_empty(fc_weight.shape, dtype=f32),
@@ -85,38 +112,13 @@ def _backward(ctx, dy):
             None)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+_bwd_op = BackwardOp("metazoo::act_linear_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::act_linear_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
 
 
-def _check(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], act: str, act_scale, act_bias,
-           channels_first: bool) -> None:
-    if act not in ACTS:
-        raise ValueError(f"act_linear: act={act!r} is not supported; accepted values: {ACTS}")
-    if act == "star_relu" and (act_scale is None or act_bias is None or act_scale.numel() != 1
-                               or act_bias.numel() != 1):
-        raise ValueError("act_linear: act='star_relu' needs one-element act_scale and act_bias")
-    if channels_first and z.dim() != 4:
-        raise ValueError(f"act_linear: channels_first needs an NCHW z, got shape {tuple(z.shape)}")
-    hidden = z.shape[1 if channels_first else -1]
-    w_ok = fc_weight.dim() == (4 if channels_first else 2) and fc_weight.shape[1] == hidden and \
-        all(k == 1 for k in fc_weight.shape[2:])
-    if not w_ok:
-        raise ValueError(f"act_linear: fc_weight must be (out, {hidden}{', 1, 1' if channels_first else ''}), "
-                         f"got {tuple(fc_weight.shape)}")
-    if fc_bias is not None and tuple(fc_bias.shape) != (fc_weight.shape[0],):
-        raise ValueError(f"act_linear: fc_bias must be ({fc_weight.shape[0]},), got {tuple(fc_bias.shape)}")
+# ----------------------------------------------------------------------------- public dispatcher
 
-
-def act_linear_ref(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor] = None, act: str = "gelu",
-                   act_scale: Optional[Tensor] = None, act_bias: Optional[Tensor] = None,
-                   channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference: ``fc2(act(z))`` as the unfused MLP computes it."""
-    _check(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first)
-    a = F.gelu(z) if act == "gelu" else star_relu_ref(z, act_scale, act_bias)
-    return F.conv2d(a, fc_weight, fc_bias) if channels_first else F.linear(a, fc_weight, fc_bias)
-
-
+@dispatcher(act_linear_ref)
 def act_linear(z: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor] = None, act: str = "gelu",
                act_scale: Optional[Tensor] = None, act_bias: Optional[Tensor] = None,
                channels_first: bool = False, backend: Optional[str] = None) -> Tensor:

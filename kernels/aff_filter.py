@@ -14,18 +14,21 @@ index 0 real and 1 imaginary, ``C = nb * bs``. ``compute_dtype`` is the MLP's op
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._layout import cdiv, next_pow2
-from .dispatch import interpret_mode, resolve, triton_available
-
-__all__ = ["aff_filter", "aff_filter_ref", "aff_filter_flops", "AFFFilterFunction"]
+from ._autograd import BackwardOp, ForwardOp
+from ._layout import cdiv, next_pow2, sm_count
+from .dispatch import dispatcher, interpret_mode, lazy_triton, resolve
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTS = ("relu", "silu")
 
+
+# ----------------------------------------------------------------------------- input checks
 
 def _check(x, w1, b1, w2, b2, lambd, compute_dtype, act):
     """Validate shapes/dtypes at the boundary; returns ``(num_blocks, block_size, compute_dtype)``."""
@@ -52,9 +55,11 @@ def _check(x, w1, b1, w2, b2, lambd, compute_dtype, act):
     return nb, bs, cd
 
 
+# ----------------------------------------------------------------------------- reference
+
 def aff_filter_ref(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                    b2: torch.Tensor, lambd: float = 0.01, compute_dtype: torch.dtype | None = None,
-                   act: str = "relu") -> torch.Tensor:
+                   act: str = "relu", backend: str | None = None) -> torch.Tensor:
     """Plain PyTorch filter: ``softshrink(MLP(x)) * x`` on complex channel groups (see module doc)."""
     nb, bs, cd = _check(x, w1, b1, w2, b2, lambd, compute_dtype, act)
     shape = x.shape
@@ -77,21 +82,11 @@ def aff_filter_ref(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
     return y.reshape(shape).to(x.dtype)
 
 
-def aff_filter_flops(x_shape, num_blocks: int, block_size: int) -> int:
-    """FLOPs of one filter call: two complex block linears (8 real MACs per weight) + shrink + product."""
-    rows = x_shape[0] * (int(torch.Size(x_shape[2:-1]).numel()))
-    mlp = 2 * 2 * 4 * num_blocks * block_size * block_size  # 2 layers, 4 real matmuls each, 2 FLOPs/MAC
-    pointwise = num_blocks * block_size * (2 * 2 + 2 * 2 + 6)  # biases+act, shrink, complex multiply
-    return rows * (mlp + pointwise)
+# ----------------------------------------------------------------------------- Triton kernels
 
-
-# ----------------------------------------------------------------------------------------------
-# Triton kernels (defined only when Triton imports; compiled on first launch).
-
-
-if triton_available():  # guarded: the package (and the reference path) works without Triton
-    import triton
-    import triton.language as tl
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton helpers and kernels (run once, on first use)."""
 
     @triton.jit
     def _load_tile(rows, R, N, C, k, BS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -175,7 +170,7 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         return tl.where(o > lambd, o - lambd, tl.where(o < -lambd, o + lambd, 0.0))
 
     @triton.jit
-    def _fwd(x_ptr, y_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, R, N, C, BS, lambd,
+    def fwd(x_ptr, y_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, R, N, C, BS, lambd,
              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
              ACT: tl.constexpr):
         k = tl.program_id(1)
@@ -196,7 +191,7 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd(x_ptr, gy_ptr, gx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gw_ptr, gb_ptr,
+    def bwd(x_ptr, gy_ptr, gx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gw_ptr, gb_ptr,
              R, N, C, BS, lambd, n_tiles,
              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
              EMU: tl.constexpr, ACT: tl.constexpr):
@@ -270,6 +265,11 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         tl.store(gb_ptr + (base + 2) * BLOCK_D + d, gb2r)
         tl.store(gb_ptr + (base + 3) * BLOCK_D + d, gb2i)
 
+    dtypes = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    return SimpleNamespace(fwd=fwd, bwd=bwd, dtypes=dtypes)
+
+
+# ----------------------------------------------------------------------------- launchers
 
 def _config(bs: int, backward: bool):
     """(rows per program, padded group width, warps), picked from ptxas reports for sm_90 with bf16
@@ -283,13 +283,8 @@ def _config(bs: int, backward: bool):
 
 def _bwd_programs(n_tiles: int, nb: int, block_d: int, device: torch.device) -> int:
     """Backward programs per group: ~8 per SM in all, capped so the dW/db partial sums stay <= 16 MiB."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     cap = max(1, (16 << 20) // (nb * 4 * block_d * block_d * 4))
-    return max(1, min(n_tiles, cdiv(8 * sms, nb), cap))
-
-
-def _tl_dtype(dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return max(1, min(n_tiles, cdiv(8 * sm_count(device), nb), cap))
 
 
 def _precision(cd: torch.dtype) -> str:
@@ -307,20 +302,23 @@ def _geometry(x: torch.Tensor):
     return B, C, N, B * N
 
 
-def _fwd_impl(x, w1, b1, w2, b2, lambd: float, compute_dtype: torch.dtype, act: str) -> torch.Tensor:
+def _fwd_impl(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, lambd: float, compute_dtype: torch.dtype,
+              act: str) -> Tensor:
     x = x.contiguous()
     B, C, N, R = _geometry(x)
     nb, bs = w1.shape[1], w1.shape[2]
     y = torch.empty_like(x)
     block_r, block_d, warps = _config(bs, backward=False)
-    _fwd[(cdiv(R, block_r), nb)](
+    k = _load()
+    k.fwd[(cdiv(R, block_r), nb)](
         x, y, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), R, N, C, bs, float(lambd),
-        BLOCK_R=block_r, BLOCK_D=block_d, CD=_tl_dtype(compute_dtype), PREC=_precision(compute_dtype),
+        BLOCK_R=block_r, BLOCK_D=block_d, CD=k.dtypes[compute_dtype], PREC=_precision(compute_dtype),
         EMU=interpret_mode(), ACT=ACTS.index(act), num_warps=warps)
     return y
 
 
-def _bwd_impl(gy, x, w1, b1, w2, b2, lambd: float, compute_dtype: torch.dtype, act: str):
+def _bwd_impl(gy: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, lambd: float,
+              compute_dtype: torch.dtype, act: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     x, gy = x.contiguous(), gy.contiguous()
     B, C, N, R = _geometry(x)
     nb, bs = w1.shape[1], w1.shape[2]
@@ -330,10 +328,11 @@ def _bwd_impl(gy, x, w1, b1, w2, b2, lambd: float, compute_dtype: torch.dtype, a
     gx = torch.empty_like(x)
     gw = torch.empty(grid0, nb, 4, block_d, block_d, device=x.device, dtype=torch.float32)
     gb = torch.empty(grid0, nb, 4, block_d, device=x.device, dtype=torch.float32)
-    _bwd[(grid0, nb)](
+    k = _load()
+    k.bwd[(grid0, nb)](
         x, gy, gx, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), gw, gb,
         R, N, C, bs, float(lambd), n_tiles,
-        BLOCK_R=block_r, BLOCK_D=block_d, CD=_tl_dtype(compute_dtype), PREC=_precision(compute_dtype),
+        BLOCK_R=block_r, BLOCK_D=block_d, CD=k.dtypes[compute_dtype], PREC=_precision(compute_dtype),
         EMU=interpret_mode(), ACT=ACTS.index(act), num_warps=warps)
     gw = gw.sum(0)[..., :bs, :bs]  # (nb, 4, bs, bs)
     gb = gb.sum(0)[..., :bs]       # (nb, 4, bs)
@@ -344,48 +343,39 @@ def _bwd_impl(gy, x, w1, b1, w2, b2, lambd: float, compute_dtype: torch.dtype, a
     return gx, gw1.contiguous(), gb1.contiguous(), gw2.contiguous(), gb2.contiguous()
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.library ops: opaque to torch.compile (no graph break), with fake impls for tracing.
+# ----------------------------------------------------------------------------- op registration
 
-
-@torch.library.custom_op("metazoo::aff_filter_fwd", mutates_args=())
-def _aff_filter_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                    b2: torch.Tensor, lambd: float, compute_dtype: torch.dtype, act: str) -> torch.Tensor:
-    return _fwd_impl(x, w1, b1, w2, b2, lambd, compute_dtype, act)
-
-
-@_aff_filter_fwd.register_fake
-def _(x, w1, b1, w2, b2, lambd, compute_dtype, act):
+def _fwd_fake(x, w1, b1, w2, b2, lambd, compute_dtype, act):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("metazoo::aff_filter_bwd", mutates_args=())
-def _aff_filter_bwd(gy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                    b2: torch.Tensor, lambd: float, compute_dtype: torch.dtype, act: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(gy, x, w1, b1, w2, b2, lambd, compute_dtype, act)
-
-
-@_aff_filter_bwd.register_fake
-def _(gy, x, w1, b1, w2, b2, lambd, compute_dtype, act):
+def _bwd_fake(gy, x, w1, b1, w2, b2, lambd, compute_dtype, act):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w1),
             torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2))
 
 
-class AFFFilterFunction(torch.autograd.Function):
-    """Autograd for the fused filter: saves only the spectrum and weights, recomputes the MLP."""
+def _setup(ctx, inputs, output):
+    """Saves only the spectrum and the weights: backward recomputes the MLP."""
+    x, w1, b1, w2, b2, lambd, compute_dtype, act = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2)
+    ctx.args = (lambd, compute_dtype, act)
 
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, lambd, compute_dtype, act):
-        ctx.save_for_backward(x, w1, b1, w2, b2)
-        ctx.args = (lambd, compute_dtype, act)
-        return torch.ops.metazoo.aff_filter_fwd(x, w1, b1, w2, b2, lambd, compute_dtype, act)
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, w1, b1, w2, b2 = ctx.saved_tensors
-        grads = torch.ops.metazoo.aff_filter_bwd(gy, x, w1, b1, w2, b2, *ctx.args)
-        return (*grads, None, None, None)
+def _backward(ctx, gy):
+    x, w1, b1, w2, b2 = ctx.saved_tensors
+    return (*_bwd_op(gy, x, w1, b1, w2, b2, *ctx.args), None, None, None)
+
+
+_bwd_op = BackwardOp("metazoo::aff_filter_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::aff_filter_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
+
+
+def aff_filter_flops(x_shape, num_blocks: int, block_size: int) -> int:
+    """FLOPs of one filter call: two complex block linears (8 real MACs per weight) + shrink + product."""
+    rows = x_shape[0] * (int(torch.Size(x_shape[2:-1]).numel()))
+    mlp = 2 * 2 * 4 * num_blocks * block_size * block_size  # 2 layers, 4 real matmuls each, 2 FLOPs/MAC
+    pointwise = num_blocks * block_size * (2 * 2 + 2 * 2 + 6)  # biases+act, shrink, complex multiply
+    return rows * (mlp + pointwise)
 
 
 def _register_flops():
@@ -404,19 +394,14 @@ def _register_flops():
 _register_flops()
 
 
-@torch.compiler.assume_constant_result
-def _resolve_traced(backend: str | None, device_type: str) -> str:
-    """:func:`resolve` evaluated once while torch.compile traces (Dynamo in torch <= 2.11 breaks the
-    graph on the dispatcher's cached Triton probe, which splits every AFF block into pieces)."""
-    return resolve(backend, torch.empty(0, device=device_type))
+# ----------------------------------------------------------------------------- public dispatcher
 
-
+@dispatcher(aff_filter_ref)
 def aff_filter(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                lambd: float = 0.01, compute_dtype: torch.dtype | None = None,
                act: str = "relu", backend: str | None = None) -> torch.Tensor:
     """Fused AFF filter (Triton) or its reference, chosen by :func:`metazoo.kernels.dispatch.resolve`."""
     _, _, cd = _check(x, w1, b1, w2, b2, lambd, compute_dtype, act)
-    traced = torch.compiler.is_compiling()
-    if (_resolve_traced(backend, x.device.type) if traced else resolve(backend, x)) == "torch":
+    if resolve(backend, x) == "torch":
         return aff_filter_ref(x, w1, b1, w2, b2, lambd, cd, act)
-    return AFFFilterFunction.apply(x.contiguous(), w1, b1, w2, b2, float(lambd), cd, act)
+    return _fwd(x.contiguous(), w1, b1, w2, b2, float(lambd), cd, act)

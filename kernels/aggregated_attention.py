@@ -18,19 +18,23 @@ k/v grads, no atomics). Only the batch-summed pool-bias grad uses atomics.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._autograd import backward_op
-from .dispatch import resolve, triton_available
-
-__all__ = ["aggregated_attention", "aggregated_attention_ref"]
+from ._autograd import BackwardOp, ForwardOp
+from ._layout import cdiv, next_pow2, sm_count
+from .dispatch import dispatcher, lazy_triton, resolve
 
 _EPS = 1e-12  # F.normalize's default clamp on the norm
 
 
-def _check_args(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token_bias,
-                height, width, num_heads, window_size):
+# ----------------------------------------------------------------------------- input checks
+
+def _check(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token_bias,
+           height, width, num_heads, window_size):
     if q.dim() != 3:
         raise ValueError(f"q must be (B, N, C); got shape {tuple(q.shape)}")
     B, N, C = q.shape
@@ -56,6 +60,8 @@ def _check_args(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, 
     return B, N, C, D, P, KK
 
 
+# ----------------------------------------------------------------------------- reference
+
 def _window_length_scale(height, width, window_size, pool_len, device):
     """log(#in-map window keys + pooled keys) per query: TransNeXt's length-aware scale, (N,)."""
     ones = torch.ones(1, 1, height, width, device=device)
@@ -77,8 +83,8 @@ def aggregated_attention_ref(q, kv, kv_pool, query_embedding, temperature, local
                              token_bias, height: int, width: int, num_heads: int, window_size: int = 3,
                              backend: str | None = None):
     """Plain PyTorch aggregated attention. q (B, N, C), kv (B, N, 2C), kv_pool (B, P, 2C) -> (B, N, C)."""
-    B, N, C, D, P, KK = _check_args(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens,
-                                    token_bias, height, width, num_heads, window_size)
+    B, N, C, D, P, KK = _check(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens,
+                               token_bias, height, width, num_heads, window_size)
     h = num_heads
     q_hat = F.normalize(q.reshape(B, N, h, D), dim=-1)                       # B N h D
     scale = F.softplus(temperature).reshape(1, 1, h, 1) * _window_length_scale(
@@ -102,14 +108,11 @@ def aggregated_attention_ref(q, kv, kv_pool, query_embedding, temperature, local
     return out.reshape(B, N, C).to(q.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Triton kernels (compiled lazily so the package imports without Triton).
+# ----------------------------------------------------------------------------- Triton kernels
 
-
-if triton_available():  # guarded: the package imports (and runs the reference) without Triton
-    import triton
-    import triton.language as tl
-
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton helpers and kernels (run once, on first use)."""
 
     @triton.jit
     def _normalize_rows(x, eps):
@@ -419,18 +422,14 @@ if triton_available():  # guarded: the package imports (and runs the reference) 
         tl.store(dkv_ptr, dk.to(DKV.dtype.element_ty), mask=m2)
         tl.store(dkv_ptr + C, dv.to(DKV.dtype.element_ty), mask=m2)
 
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+    return SimpleNamespace(fwd=fwd_kernel, bwd_query=bwd_query_kernel, bwd_pool=bwd_pool_kernel, bwd_key=bwd_key_kernel)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
+# ----------------------------------------------------------------------------- launchers
 
 def _blocks(D: int, P: int):
-    DP = max(16, _next_pow2(D))
-    BLOCK_P = min(64, max(16, _next_pow2(P)))
+    DP = max(16, next_pow2(D))
+    BLOCK_P = min(64, max(16, next_pow2(P)))
     return DP, BLOCK_P
 
 
@@ -441,6 +440,8 @@ def _dot_precision(q) -> str:
 
 
 _QUERY_LAUNCH = (32, 4)  # (queries per program, warps) of the query-side backward
+
+
 _KEY_BLOCK_N = 32  # keys per program of the key-side backward
 
 
@@ -450,7 +451,8 @@ def _pool_block_n(prec: str) -> int:
     return 32 if prec == "ieee" else 64
 
 
-def _fwd_impl(q, kv, kv_pool, qe, t, lb, pb, tok, tb, H, W, heads, window, need_lse):
+def _fwd_impl(q: Tensor, kv: Tensor, kv_pool: Tensor, qe: Tensor, t: Tensor, lb: Tensor, pb: Tensor, tok: Tensor,
+              tb: Tensor, H: int, W: int, heads: int, window: int, need_lse: bool) -> tuple[Tensor, Tensor]:
     B, N, C = q.shape
     P = kv_pool.shape[1]
     D = C // heads
@@ -458,12 +460,12 @@ def _fwd_impl(q, kv, kv_pool, qe, t, lb, pb, tok, tb, H, W, heads, window, need_
     BLOCK_N = 64 if DP <= 32 else 32
     out = torch.empty_like(q)
     lse = torch.empty(B * heads, N, device=q.device, dtype=torch.float32) if need_lse else out
-    grid = (_cdiv(N, BLOCK_N), B * heads)
-    fwd_kernel[grid](q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse,
-              N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
-              kv_pool.stride(0), kv_pool.stride(1), out.stride(0), out.stride(1), _EPS,
-              HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, STORE_LSE=need_lse,
-              PREC=_dot_precision(q), num_warps=4)
+    grid = (cdiv(N, BLOCK_N), B * heads)
+    _load().fwd[grid](q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse,
+                      N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
+                      kv_pool.stride(0), kv_pool.stride(1), out.stride(0), out.stride(1), _EPS,
+                      HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, STORE_LSE=need_lse,
+                      PREC=_dot_precision(q), num_warps=4)
     if not need_lse:
         lse = out.new_empty(0, dtype=torch.float32)
     return out, lse
@@ -477,21 +479,23 @@ def _normalize_backward(x, grad_hat):
     return torch.where(nrm > _EPS, dx, grad_hat / _EPS)
 
 
-def _bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, H, W, heads, window):
+def _bwd_impl(grad: Tensor, q: Tensor, kv: Tensor, kv_pool: Tensor, qe: Tensor, t: Tensor, lb: Tensor, pb: Tensor,
+              tok: Tensor, tb: Tensor, out: Tensor, lse: Tensor, H: int, W: int, heads: int, window: int
+              ) -> list[Tensor]:
     B, N, C = q.shape
     P = kv_pool.shape[1]
     D = C // heads
     KK = window * window
-    KKP = _next_pow2(KK)
+    KKP = next_pow2(KK)
     DP, BLOCK_P = _blocks(D, P)
     grad = grad.contiguous()
     prec = _dot_precision(q)
     BLOCK_N, query_warps = _QUERY_LAUNCH
-    n_blocks = _cdiv(N, BLOCK_N)
-    target = 16 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
-    b_chunks = max(1, min(B, _cdiv(target, n_blocks * heads)))
-    b_per_prog = _cdiv(B, b_chunks)
-    b_chunks = _cdiv(B, b_per_prog)
+    n_blocks = cdiv(N, BLOCK_N)
+    target = 16 * sm_count(q.device)
+    b_chunks = max(1, min(B, cdiv(target, n_blocks * heads)))
+    b_per_prog = cdiv(B, b_chunks)
+    b_chunks = cdiv(B, b_per_prog)
     dq = torch.empty_like(q)
     ds = torch.empty(B, heads, KK, N, device=q.device, dtype=torch.float32)
     aeff = torch.empty_like(ds)
@@ -499,26 +503,27 @@ def _bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, H, W, head
     dpb = torch.zeros(heads, N, P, device=q.device, dtype=torch.float32)
     width = 2 * KKP + 1 + DP + DP * KKP
     part = torch.empty(n_blocks * b_chunks * heads, width, device=q.device, dtype=torch.float32)
-    bwd_query_kernel[(n_blocks, heads, b_chunks)](
+    k = _load()
+    k.bwd_query[(n_blocks, heads, b_chunks)](
         q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, grad, lse, dq, ds, aeff, delta, dpb, part,
         B, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv_pool.stride(0),
         kv_pool.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), _EPS, b_per_prog,
         HEADS=heads, D=D, DP=DP, KS=window, KKP=KKP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         SINGLE_P=P <= BLOCK_P, PREC=prec, num_warps=query_warps)
     # split the query axis so the pooled-key grads use the whole GPU (one program per (b, h) idled it)
-    pool_programs = _cdiv(P, BLOCK_P) * B * heads
-    n_splits = max(1, min(_cdiv(N, 64), _cdiv(target, pool_programs)))
-    n_per_prog = _cdiv(_cdiv(N, n_splits), 64) * 64
-    n_splits = _cdiv(N, n_per_prog)
+    pool_programs = cdiv(P, BLOCK_P) * B * heads
+    n_splits = max(1, min(cdiv(N, 64), cdiv(target, pool_programs)))
+    n_per_prog = cdiv(cdiv(N, n_splits), 64) * 64
+    n_splits = cdiv(N, n_per_prog)
     dkvp_parts = torch.empty(n_splits, B, P, 2 * C, device=q.device, dtype=torch.float32)
-    bwd_pool_kernel[(_cdiv(P, BLOCK_P), B * heads, n_splits)](
+    k.bwd_pool[(cdiv(P, BLOCK_P), B * heads, n_splits)](
         q, kv_pool, qe, t, pb, grad, lse, delta, dkvp_parts, B, N, H, W, P, C, q.stride(0), q.stride(1),
         kv_pool.stride(0), kv_pool.stride(1), grad.stride(0), grad.stride(1), _EPS, n_per_prog,
         HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=_pool_block_n(prec), BLOCK_P=BLOCK_P, PREC=prec,
         num_warps=4)
     dkvp_hat = dkvp_parts.sum(0) if n_splits > 1 else dkvp_parts[0]
     dkv = torch.empty_like(kv)
-    bwd_key_kernel[(_cdiv(N, _KEY_BLOCK_N), B * heads)](
+    k.bwd_key[(cdiv(N, _KEY_BLOCK_N), B * heads)](
         q, kv, qe, t, grad, ds, aeff, dkv, N, H, W, P, C, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1),
         grad.stride(0), grad.stride(1), _EPS, HEADS=heads, D=D, DP=DP, KS=window, BLOCK_N=_KEY_BLOCK_N,
         num_warps=4)
@@ -532,41 +537,22 @@ def _bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, H, W, head
                               dkvp_hat[..., :C].reshape(B, P, heads, D))
     dkv_pool = torch.cat([dkp.reshape(B, P, C), dkvp_hat[..., C:]], dim=-1).to(kv_pool.dtype)
     params = [g.to(ref.dtype, copy=True) for g, ref in ((dqe, qe), (dt, t), (dlb, lb), (dpb, pb), (dtok, tok), (dtb, tb))]
-    return (dq, dkv, dkv_pool, *params)
+    return [dq, dkv, dkv_pool, *params]
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile, with fake (meta) shapes and autograd.
+# ----------------------------------------------------------------------------- op registration
 
-
-@torch.library.custom_op("metazoo::aggregated_attention_fwd", mutates_args=())
-def _aa_fwd_op(q: torch.Tensor, kv: torch.Tensor, kv_pool: torch.Tensor, qe: torch.Tensor, t: torch.Tensor,
-               lb: torch.Tensor, pb: torch.Tensor, tok: torch.Tensor, tb: torch.Tensor, height: int, width: int,
-               num_heads: int, window: int, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, need_lse)
-
-
-@_aa_fwd_op.register_fake
-def _(q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, need_lse):
+def _fwd_fake(q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, need_lse):
     B, N, _ = q.shape
     lse = q.new_empty((B * num_heads, N) if need_lse else (0,), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
-@backward_op("metazoo::aggregated_attention_bwd")
-def _aa_bwd_op(grad: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, kv_pool: torch.Tensor, qe: torch.Tensor,
-               t: torch.Tensor, lb: torch.Tensor, pb: torch.Tensor, tok: torch.Tensor, tb: torch.Tensor,
-               out: torch.Tensor, lse: torch.Tensor, height: int, width: int, num_heads: int,
-               window: int) -> list[torch.Tensor]:
-    return list(_bwd_impl(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, height, width, num_heads, window))
-
-
-@_aa_bwd_op.register_fake
-def _(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, height, width, num_heads, window):
+def _bwd_fake(grad, q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse, height, width, num_heads, window):
     return [torch.empty_like(x) for x in (q, kv, kv_pool, qe, t, lb, pb, tok, tb)]
 
 
-def _setup_context(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     q, kv, kv_pool, qe, t, lb, pb, tok, tb, height, width, num_heads, window, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, kv, kv_pool, qe, t, lb, pb, tok, tb, out, lse)
@@ -574,11 +560,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    grads = _aa_bwd_op(grad_out, *ctx.saved_tensors, *ctx.geometry)
+    grads = _bwd_op(grad_out, *ctx.saved_tensors, *ctx.geometry)
     return (*grads, None, None, None, None, None)
 
 
-_aa_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_bwd_op = BackwardOp("metazoo::aggregated_attention_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::aggregated_attention_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
 
 
 def _flops(q_shape, kv_pool_shape, num_heads, window):
@@ -603,6 +590,9 @@ def _register_flop_formulas():
 _register_flop_formulas()
 
 
+# ----------------------------------------------------------------------------- public dispatcher
+
+@dispatcher(aggregated_attention_ref)
 def aggregated_attention(q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias, tokens, token_bias,
                          height: int, width: int, num_heads: int, window_size: int = 3,
                          backend: str | None = None):
@@ -612,16 +602,16 @@ def aggregated_attention(q, kv, kv_pool, query_embedding, temperature, local_bia
     temperature (h,) before softplus, local_bias (h, k²), pool_bias (h, N, P), tokens (h, D, k²),
     token_bias (h, k²). Returns (B, N, C) in q's dtype.
     """
+    _check(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token_bias,
+           height, width, num_heads, window_size)
     if resolve(backend, q, kv, kv_pool) == "torch":
         return aggregated_attention_ref(q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias,
                                         tokens, token_bias, height, width, num_heads, window_size)
-    _check_args(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token_bias,
-                height, width, num_heads, window_size)
     need_lse = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias, tokens,
                                   token_bias))
     t = F.softplus(temperature.float())
-    out, _ = _aa_fwd_op(q.contiguous(), kv.contiguous(), kv_pool.contiguous(), query_embedding.contiguous(), t,
-                        local_bias.contiguous(), pool_bias.contiguous(), tokens.contiguous(),
-                        token_bias.contiguous(), height, width, num_heads, window_size, need_lse)
+    out, _ = _fwd(q.contiguous(), kv.contiguous(), kv_pool.contiguous(), query_embedding.contiguous(), t,
+                  local_bias.contiguous(), pool_bias.contiguous(), tokens.contiguous(), token_bias.contiguous(),
+                  height, width, num_heads, window_size, need_lse)
     return out

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 
 import torch
+import torch.fx
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "METAZOO_KERNELS"
@@ -47,17 +49,41 @@ def triton_available() -> bool:
 
 
 def lazy_triton(build):
-    """Decorate a kernel module's builder ``build(triton, tl) -> kernels``: it runs once, on the first
-    launch, so importing the module never imports Triton; later calls return the same kernels."""
+    """Decorate a kernel module's builder ``build(triton, tl) -> kernels`` (a namespace): it runs once,
+    on the first launch, so importing the module never imports Triton; later calls return the same
+    kernels.
+
+    The builder defines the ``@triton.jit`` helpers beside the kernels, in its own scope. Triton's
+    compiler resolves a kernel's calls through the kernel's globals and closure, so it finds them
+    there; its interpreter (``TRITON_INTERPRET=1``) re-executes each function's source against the
+    module globals only, so the helpers the kernels reach are also bound there (:func:`_publish`)."""
 
     @functools.cache
     def load():
         import triton
         import triton.language as tl
 
-        return build(triton, tl)
+        kernels = build(triton, tl)
+        _publish(vars(kernels).values(), build.__globals__)
+        return kernels
 
     return load
+
+
+def _publish(kernels, module_globals: dict) -> None:
+    """Bind the ``@triton.jit`` helpers in the closures of ``kernels`` (transitively) in ``module_globals``."""
+    from triton.runtime.jit import KernelInterface
+
+    for kernel in kernels:
+        if not isinstance(kernel, KernelInterface):  # e.g. a dtype table beside the kernels
+            continue
+        fn = kernel.fn
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            helper = cell.cell_contents
+            if isinstance(helper, KernelInterface):
+                if module_globals.setdefault(name, helper) is not helper:
+                    raise RuntimeError(f"Triton helper {name!r} would shadow the module global of that name")
+                _publish([helper], module_globals)
 
 
 def interpret_mode() -> bool:
@@ -111,3 +137,29 @@ def _resolve(backend: str | None, on_cuda: bool) -> str:
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter); "
             "use backend='torch' or move the tensors to a CUDA device")
     return "triton"
+
+
+def dispatcher(ref):
+    """Decorator of a kernel's public function (the one mixers call), given its reference ``ref``
+    (same signature). Eager and ``torch.compile`` calls run the function. Two tracers never enter it:
+
+    - TorchScript compiles a call to it as a stub that raises (``torch.jit.unused``), so a scripted
+      module compiles; its ``torch.jit.is_scripting()`` branch must compute the result in plain PyTorch.
+    - FX symbolic tracing (the first argument is a ``torch.fx.Proxy``) records one ``call_function``
+      node of ``ref`` instead of running the checks and the backend choice on proxies; the traced
+      graph then runs the reference on real tensors.
+    """
+    def wrap(fn):
+        first = next(iter(inspect.signature(fn).parameters))
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            lead = args[0] if args else kwargs.get(first)
+            if isinstance(lead, torch.fx.Proxy):
+                return lead.tracer.create_proxy("call_function", ref, args, kwargs)
+            return fn(*args, **kwargs)
+
+        call.reference = ref
+        return torch.jit.unused(call)
+
+    return wrap

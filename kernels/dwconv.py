@@ -10,16 +10,47 @@ activation.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._autograd import BackwardOp, ForwardOp, or_absent
 from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape
-from ._autograd import backward_op, eager_or_op, or_absent
-from .dispatch import lazy_triton, resolve
+from .dispatch import dispatcher, lazy_triton, resolve
 from .star_relu import star_relu_apply
 
+
+# ----------------------------------------------------------------------------- input checks
+
+def _check(x: Tensor, weight: Tensor, act_scale, act_bias, channels_first: bool):
+    C = x.shape[1] if channels_first else x.shape[-1]
+    K = weight.shape[-1]
+    if x.dim() != 4:
+        raise ValueError(f"dwconv2d: x must be 4-D (NCHW or NHWC), got shape {tuple(x.shape)}")
+    if tuple(weight.shape) != (C, 1, K, K) or K % 2 != 1:
+        raise ValueError(f"dwconv2d: weight must be (C, 1, K, K) with C={C} and odd K, got {tuple(weight.shape)}")
+    if (act_scale is None) != (act_bias is None):
+        raise ValueError("dwconv2d: act_scale and act_bias must be given together (StarReLU) or both None")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def dwconv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act_scale: Optional[Tensor] = None,
+                 act_bias: Optional[Tensor] = None, channels_first: bool = True,
+                 backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``conv2d(starrelu(x) if act else x)``, depthwise, same padding."""
+    _check(x, weight, act_scale, act_bias, channels_first)
+    if act_scale is not None:
+        x = (act_scale * torch.relu(x) ** 2 + act_bias).to(x.dtype)
+    xc = x if channels_first else x.permute(0, 3, 1, 2)
+    y = torch.nn.functional.conv2d(xc, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                                   padding=weight.shape[-1] // 2, groups=weight.shape[0])
+    return y if channels_first else y.permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
 
 @lazy_triton
 def _load(triton, tl):
@@ -79,8 +110,10 @@ def _load(triton, tl):
         tl.store(Y + b.to(tl.int64) * syb + (hs * syh + ws * syw)[:, None] + cs[None, :],
                  acc.to(Y.dtype.element_ty), mask=om)
 
-    return conv
+    return SimpleNamespace(conv=conv)
 
+
+# ----------------------------------------------------------------------------- launchers
 
 Tiles = tuple[int, int, int, int]  # (BLOCK_H, BLOCK_W, BLOCK_C, num_warps)
 
@@ -115,7 +148,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: O
                  act_bias: Optional[Tensor], tiles: Optional[Tiles] = None, channels_first: bool = False) -> Tensor:
     """Launch the forward conv on ``x`` (NHWC, or NCHW with ``channels_first``; channel dim
     unit-stride); returns a map of the same shape (contiguous NHWC, or NCHW channels_last)."""
-    conv = _load()
+    conv = _load().conv
     (B, H, W, C), sx = _nhwc(x, channels_first)
     K = weight.shape[-1]
     y = new_map(x, channels_first)
@@ -136,7 +169,7 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
                   ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Write the input gradient into ``dx`` (any strides with a unit-stride channel dim, layout as
     :func:`conv_forward`); return (dweight, dbias, dact_scale, dact_bias)."""
-    conv = _load()
+    conv = _load().conv
     (B, H, W, C), sx = _nhwc(x, channels_first)
     K = weight.shape[-1]
     g = dense_in_layout(g, channels_first)
@@ -164,29 +197,25 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
-            act_bias: Optional[Tensor], channels_first: bool) -> Tensor:
+              act_bias: Optional[Tensor], channels_first: bool) -> Tensor:
     return conv_forward(x, weight, bias, act_scale, act_bias, channels_first=channels_first)
 
 
-_fwd_op = torch.library.custom_op("metazoo::dwconv_fwd", mutates_args=())(_fwd_impl)
-
-
-@_fwd_op.register_fake
-def _(x, weight, bias, act_scale, act_bias, channels_first):
-    return new_map(x, channels_first)
-
-
-@backward_op("metazoo::dwconv_bwd")
-def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
-            act_bias: Optional[Tensor], channels_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
+              act_bias: Optional[Tensor], channels_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx = new_map(x, channels_first)
     dw, db, ds, dab = conv_backward(g, x, weight, has_bias, act_scale, act_bias, dx, channels_first=channels_first)
     f32 = torch.float32
     return dx, dw, or_absent(db, x, f32), or_absent(ds, x, f32), or_absent(dab, x, f32)
 
 
-@_bwd_op.register_fake
-def _(g, x, weight, has_bias, act_scale, act_bias, channels_first):
+# ----------------------------------------------------------------------------- op registration
+
+def _fwd_fake(x, weight, bias, act_scale, act_bias, channels_first):
+    return new_map(x, channels_first)
+
+
+def _bwd_fake(g, x, weight, has_bias, act_scale, act_bias, channels_first):
     C = x.shape[1] if channels_first else x.shape[-1]
     act = act_scale is not None
     f32 = torch.float32
@@ -209,34 +238,13 @@ def _backward(ctx, g):
             ds.to(act_scale.dtype) if act else None, dab.to(act_bias.dtype) if act else None, None)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+_bwd_op = BackwardOp("metazoo::dwconv_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::dwconv_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
 
 
-def _check(x: Tensor, weight: Tensor, act_scale, act_bias, channels_first: bool):
-    C = x.shape[1] if channels_first else x.shape[-1]
-    K = weight.shape[-1]
-    if x.dim() != 4:
-        raise ValueError(f"dwconv2d: x must be 4-D (NCHW or NHWC), got shape {tuple(x.shape)}")
-    if tuple(weight.shape) != (C, 1, K, K) or K % 2 != 1:
-        raise ValueError(f"dwconv2d: weight must be (C, 1, K, K) with C={C} and odd K, got {tuple(weight.shape)}")
-    if (act_scale is None) != (act_bias is None):
-        raise ValueError("dwconv2d: act_scale and act_bias must be given together (StarReLU) or both None")
+# ----------------------------------------------------------------------------- public dispatcher
 
-
-def dwconv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act_scale: Optional[Tensor] = None,
-                 act_bias: Optional[Tensor] = None, channels_first: bool = True,
-                 backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference: ``conv2d(starrelu(x) if act else x)``, depthwise, same padding."""
-    _check(x, weight, act_scale, act_bias, channels_first)
-    if act_scale is not None:
-        x = (act_scale * torch.relu(x) ** 2 + act_bias).to(x.dtype)
-    xc = x if channels_first else x.permute(0, 3, 1, 2)
-    y = torch.nn.functional.conv2d(xc, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
-                                   padding=weight.shape[-1] // 2, groups=weight.shape[0])
-    return y if channels_first else y.permute(0, 2, 3, 1)
-
-
+@dispatcher(dwconv2d_ref)
 def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, act_scale: Optional[Tensor] = None,
              act_bias: Optional[Tensor] = None, channels_first: bool = True,
              backend: Optional[str] = None) -> Tensor:

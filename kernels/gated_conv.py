@@ -11,6 +11,7 @@ for backward: ``h`` (hidden channels per pixel) is recomputed there instead of b
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -18,11 +19,52 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dwconv
+from ._autograd import BackwardOp, ForwardOp, grad_as, or_absent
 from ._layout import cdiv, next_pow2
-from ._autograd import backward_op, eager_or_op, grad_as, or_absent
 from ._linear import project, project_backward
-from .dispatch import lazy_triton, resolve
+from .dispatch import dispatcher, lazy_triton, resolve
 
+
+# ----------------------------------------------------------------------------- input checks
+
+def _check(u: Tensor, weight: Tensor, hidden: int):
+    cc = weight.shape[0]
+    if u.dim() != 4 or u.shape[-1] != 2 * hidden:
+        raise ValueError(f"gated_dwconv: u must be NHWC with 2*hidden={2 * hidden} channels, got {tuple(u.shape)}")
+    if not 0 < cc <= hidden or weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(f"gated_dwconv: weight must be (cc, 1, K, K) with 0 < cc <= hidden={hidden}, "
+                         f"got {tuple(weight.shape)}")
+
+
+def _check_linear(hidden: int, fc_weight: Tensor, fc_bias: Optional[Tensor]):
+    if fc_weight.dim() != 2 or fc_weight.shape[1] != hidden:
+        raise ValueError(f"gated_dwconv_linear: fc_weight must be (out, hidden={hidden}), got {tuple(fc_weight.shape)}")
+    if fc_bias is not None and tuple(fc_bias.shape) != (fc_weight.shape[0],):
+        raise ValueError(f"gated_dwconv_linear: fc_bias must be ({fc_weight.shape[0]},), got {tuple(fc_bias.shape)}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def gated_dwconv_ref(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
+                     backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: split, depthwise conv on the last ``cc`` channels, exact GELU gate, concat."""
+    _check(u, weight, hidden)
+    cc = weight.shape[0]
+    g, i, c = torch.split(u, (hidden, hidden - cc, cc), dim=-1)
+    c = torch.nn.functional.conv2d(c.permute(0, 3, 1, 2), weight.to(u.dtype),
+                                   bias.to(u.dtype) if bias is not None else None,
+                                   padding=weight.shape[-1] // 2, groups=cc).permute(0, 2, 3, 1)
+    return torch.nn.functional.gelu(g) * torch.cat((i, c), dim=-1)
+
+
+def gated_dwconv_linear_ref(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
+                            fc_bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``fc(gated_dwconv_ref(u, ...))``."""
+    _check_linear(hidden, fc_weight, fc_bias)
+    return F.linear(gated_dwconv_ref(u, weight, bias, hidden), fc_weight, fc_bias)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
 
 @lazy_triton
 def _load(triton, tl):
@@ -55,12 +97,14 @@ def _load(triton, tl):
         else:
             tl.store(HOUT + h_offs, (act * v).to(HOUT.dtype.element_ty), mask=mask)
 
-    return gate
+    return SimpleNamespace(gate=gate)
 
+
+# ----------------------------------------------------------------------------- launchers
 
 def _launch(u: Tensor, cv: Tensor, hidden: int, cc: int, h: Optional[Tensor], dh: Optional[Tensor],
             du: Optional[Tensor], dcv: Optional[Tensor]):
-    gate = _load()
+    gate = _load().gate
     M = u.numel() // u.shape[-1]
     bn = min(128, next_pow2(hidden))
     bm = max(1, 4096 // bn)
@@ -83,16 +127,8 @@ def _fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) ->
     return h
 
 
-_fwd_op = torch.library.custom_op("metazoo::gated_dwconv_fwd", mutates_args=())(_fwd_impl)
-
-
-@_fwd_op.register_fake
-def _(u, weight, bias, hidden):
-    return u.new_empty((*u.shape[:-1], hidden))
-
-
-@backward_op("metazoo::gated_dwconv_bwd")
-def _bwd_op(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd_impl(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
+              ) -> tuple[Tensor, Tensor, Tensor]:
     cc = weight.shape[0]
     c = _conv_part(u, cc)
     cv = dwconv.conv_forward(c, weight, bias, None, None)
@@ -103,8 +139,26 @@ def _bwd_op(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidde
     return du, dw, or_absent(db, u, torch.float32)
 
 
-@_bwd_op.register_fake
-def _(dh, u, weight, bias, hidden):
+def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
+                  fc_bias: Optional[Tensor]) -> Tensor:
+    return project(_fwd_impl(u, weight, bias, hidden), fc_weight, fc_bias)
+
+
+def _lin_bwd_impl(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
+                  has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    h = _fwd_impl(u, weight, bias, hidden)  # recomputed, never saved
+    dh, dfw, dfb = project_backward(dy, h, fc_weight, has_fc_bias)
+    du, dw, db = _bwd_op(dh, u, weight, bias, hidden)  # an eager call: db is None without a bias
+    return du, dw, or_absent(db, u, torch.float32), dfw, dfb
+
+
+# ----------------------------------------------------------------------------- op registration
+
+def _fwd_fake(u, weight, bias, hidden):
+    return u.new_empty((*u.shape[:-1], hidden))
+
+
+def _bwd_fake(dh, u, weight, bias, hidden):
     f32 = torch.float32
     return (torch.empty_like(u), weight.new_empty(weight.shape, dtype=f32),
             u.new_empty(weight.shape[0] if bias is not None else 0, dtype=f32))
@@ -122,68 +176,20 @@ def _backward(ctx, dh):
     return du, dw.to(weight.dtype), grad_as(db, bias), None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+_bwd_op = BackwardOp("metazoo::gated_dwconv_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::gated_dwconv_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
 
 
-def _check(u: Tensor, weight: Tensor, hidden: int):
-    cc = weight.shape[0]
-    if u.dim() != 4 or u.shape[-1] != 2 * hidden:
-        raise ValueError(f"gated_dwconv: u must be NHWC with 2*hidden={2 * hidden} channels, got {tuple(u.shape)}")
-    if not 0 < cc <= hidden or weight.dim() != 4 or weight.shape[1] != 1:
-        raise ValueError(f"gated_dwconv: weight must be (cc, 1, K, K) with 0 < cc <= hidden={hidden}, "
-                         f"got {tuple(weight.shape)}")
-
-
-def gated_dwconv_ref(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
-                     backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference: split, depthwise conv on the last ``cc`` channels, exact GELU gate, concat."""
-    _check(u, weight, hidden)
-    cc = weight.shape[0]
-    g, i, c = torch.split(u, (hidden, hidden - cc, cc), dim=-1)
-    c = torch.nn.functional.conv2d(c.permute(0, 3, 1, 2), weight.to(u.dtype),
-                                   bias.to(u.dtype) if bias is not None else None,
-                                   padding=weight.shape[-1] // 2, groups=cc).permute(0, 2, 3, 1)
-    return torch.nn.functional.gelu(g) * torch.cat((i, c), dim=-1)
-
-
-def gated_dwconv(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
-                 backend: Optional[str] = None) -> Tensor:
-    """``gelu(g) * cat(i, dwconv(c))`` for ``u = [g | i | c]`` (NHWC, ``2*hidden`` channels) -> NHWC hidden."""
-    _check(u, weight, hidden)
-    if resolve(backend, u) == "torch":
-        return gated_dwconv_ref(u, weight, bias, hidden)
-    return _fwd(u.contiguous(), weight, bias, int(hidden))
-
-
-def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
-                  fc_bias: Optional[Tensor]) -> Tensor:
-    return project(_fwd_impl(u, weight, bias, hidden), fc_weight, fc_bias)
-
-
-_lin_fwd_op = torch.library.custom_op("metazoo::gated_dwconv_linear_fwd", mutates_args=())(_lin_fwd_impl)
-
-
-@_lin_fwd_op.register_fake
-def _(u, weight, bias, hidden, fc_weight, fc_bias):
+def _lin_fwd_fake(u, weight, bias, hidden, fc_weight, fc_bias):
     return u.new_empty((*u.shape[:-1], fc_weight.shape[0]))
 
 
-@backward_op("metazoo::gated_dwconv_linear_bwd")
-def _lin_bwd_op(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
-                has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    h = _fwd_impl(u, weight, bias, hidden)  # recomputed, never saved
-    dh, dfw, dfb = project_backward(dy, h, fc_weight, has_fc_bias)
-    du, dw, db = _bwd_op(dh, u, weight, bias, hidden)  # an eager call: db is None without a bias
-    return du, dw, or_absent(db, u, torch.float32), dfw, dfb
-
-
-@_lin_bwd_op.register_fake
-def _(dy, u, weight, bias, hidden, fc_weight, has_fc_bias):
+def _lin_bwd_fake(dy, u, weight, bias, hidden, fc_weight, has_fc_bias):
     f32 = torch.float32
     return (torch.empty_like(u), weight.new_empty(weight.shape, dtype=f32),
             u.new_empty(weight.shape[0] if bias is not None else 0, dtype=f32),
-            fc_weight.new_empty(fc_weight.shape, dtype=f32), u.new_empty(fc_weight.shape[0] if has_fc_bias else 0, dtype=f32))
+            fc_weight.new_empty(fc_weight.shape, dtype=f32),
+            u.new_empty(fc_weight.shape[0] if has_fc_bias else 0, dtype=f32))
 
 
 def _lin_setup(ctx, inputs, output):
@@ -198,24 +204,23 @@ def _lin_backward(ctx, dy):
     return du, dw.to(weight.dtype), grad_as(db, bias), None, dfw.to(fc_weight.dtype), grad_as(dfb, fc_bias)
 
 
-_lin_fwd_op.register_autograd(_lin_backward, setup_context=_lin_setup)
-_lin_fwd = eager_or_op(_lin_fwd_op, _lin_fwd_impl, _lin_setup, _lin_backward)
+_lin_bwd_op = BackwardOp("metazoo::gated_dwconv_linear_bwd", _lin_bwd_impl, _lin_bwd_fake)
+_lin_fwd = ForwardOp("metazoo::gated_dwconv_linear_fwd", _lin_fwd_impl, _lin_fwd_fake, _lin_setup, _lin_backward)
 
 
-def _check_linear(hidden: int, fc_weight: Tensor, fc_bias: Optional[Tensor]):
-    if fc_weight.dim() != 2 or fc_weight.shape[1] != hidden:
-        raise ValueError(f"gated_dwconv_linear: fc_weight must be (out, hidden={hidden}), got {tuple(fc_weight.shape)}")
-    if fc_bias is not None and tuple(fc_bias.shape) != (fc_weight.shape[0],):
-        raise ValueError(f"gated_dwconv_linear: fc_bias must be ({fc_weight.shape[0]},), got {tuple(fc_bias.shape)}")
+# ----------------------------------------------------------------------------- public dispatcher
+
+@dispatcher(gated_dwconv_ref)
+def gated_dwconv(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int,
+                 backend: Optional[str] = None) -> Tensor:
+    """``gelu(g) * cat(i, dwconv(c))`` for ``u = [g | i | c]`` (NHWC, ``2*hidden`` channels) -> NHWC hidden."""
+    _check(u, weight, hidden)
+    if resolve(backend, u) == "torch":
+        return gated_dwconv_ref(u, weight, bias, hidden)
+    return _fwd(u.contiguous(), weight, bias, int(hidden))
 
 
-def gated_dwconv_linear_ref(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
-                            fc_bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference: ``fc(gated_dwconv_ref(u, ...))``."""
-    _check_linear(hidden, fc_weight, fc_bias)
-    return F.linear(gated_dwconv_ref(u, weight, bias, hidden), fc_weight, fc_bias)
-
-
+@dispatcher(gated_dwconv_linear_ref)
 def gated_dwconv_linear(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                         fc_bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """``linear(gated_dwconv(u, ...), fc_weight, fc_bias)`` keeping only ``u`` for backward (NHWC)."""

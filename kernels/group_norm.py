@@ -6,17 +6,35 @@ skips its own statistics pass.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._autograd import BackwardOp, ForwardOp
 from ._layout import cdiv, dense_in_layout, next_pow2
-from ._autograd import backward_op, eager_or_op
-from .dispatch import lazy_triton, resolve
+from .dispatch import dispatcher, lazy_triton, resolve
 
 _FLAT = 4096
 
+
+# ----------------------------------------------------------------------------- input checks
+
+def _check(x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"group_norm1: x must be NCHW, got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def group_norm1_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                    moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference: ``F.group_norm(x, 1, ...)`` on NCHW (``moments`` is only a hint, unused)."""
+    return torch.nn.functional.group_norm(x, 1, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
 
 @lazy_triton
 def _load(triton, tl):
@@ -120,8 +138,11 @@ def _load(triton, tl):
         dx = rstd * (wg - sa - xhat * sb)
         tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
-    return (moments, apply, bwd_reduce, bwd_apply, finalize)
+    return SimpleNamespace(moments=moments, apply=apply, bwd_reduce=bwd_reduce, bwd_apply=bwd_apply,
+                           finalize=finalize)
 
+
+# ----------------------------------------------------------------------------- launchers
 
 def finish_moments(parts: Tensor, B: int, n: int, sample_stride: int, elem_stride: int, second: int,
                    pivot: Tensor, pivot_stride: int, N: int, eps: Optional[float] = None
@@ -129,7 +150,7 @@ def finish_moments(parts: Tensor, B: int, n: int, sample_stride: int, elem_strid
     """Per-sample fp32 (mean, var, rstd or None) of a value from ``n`` partial sums per sample of
     ``v - pivot`` (at ``parts + b*sample_stride + i*elem_stride``) and of its square (``+ second``),
     over ``N`` values; one launch instead of a chain of small reductions on the host."""
-    finalize = _load()[4]
+    finalize = _load().finalize
     f32 = torch.float32
     mean = torch.empty(B, dtype=f32, device=parts.device)
     var = torch.empty(B, dtype=f32, device=parts.device)
@@ -143,7 +164,7 @@ def finish_moments(parts: Tensor, B: int, n: int, sample_stride: int, elem_strid
 def sample_moments(x: Tensor, eps: Optional[float] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Per-sample fp32 (mean, biased variance, ``rsqrt(var + eps)`` when ``eps`` is given) of a
     contiguous (B, ...) tensor: Triton tile sums, then one finishing launch."""
-    moments = _load()[0]
+    moments = _load().moments
     B = x.shape[0]
     N = x.numel() // B
     n_tiles = cdiv(N, _FLAT)
@@ -153,8 +174,8 @@ def sample_moments(x: Tensor, eps: Optional[float] = None) -> tuple[Tensor, Tens
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean: Optional[Tensor],
-            var: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    apply = _load()[1]
+              var: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    apply = _load().apply
     if mean is None or var is None:
         mean, _, rstd = sample_moments(x, eps)
     else:
@@ -167,18 +188,8 @@ def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mea
     return y, mean, rstd
 
 
-_fwd_op = torch.library.custom_op("metazoo::group_norm1_fwd", mutates_args=())(_fwd_impl)
-
-
-@_fwd_op.register_fake
-def _(x, weight, bias, eps, mean, var):
-    B = x.shape[0]
-    return torch.empty_like(x), x.new_empty(B, dtype=torch.float32), x.new_empty(B, dtype=torch.float32)
-
-
-@backward_op("metazoo::group_norm1_bwd")
-def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _, _, bwd_reduce, bwd_apply, _ = _load()
+def _bwd_impl(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    k = _load()
     B, C = x.shape[0], x.shape[1]
     N = x.numel() // B
     HW = N // C
@@ -189,16 +200,22 @@ def _bwd_op(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) ->
     chunks = cdiv(HW, rows_per_prog)
     ps = torch.empty((B, chunks, 2), dtype=torch.float32, device=x.device)
     pc = torch.empty((B, chunks, 2, C), dtype=torch.float32, device=x.device)
-    bwd_reduce[(B, chunks)](g, x, mean, rstd, weight, ps, pc, HW, C, rows_per_prog, BLOCK_R=br, BLOCK_C=bc,
-                            num_warps=4)
+    k.bwd_reduce[(B, chunks)](g, x, mean, rstd, weight, ps, pc, HW, C, rows_per_prog, BLOCK_R=br, BLOCK_C=bc,
+                              num_warps=4)
     dx = torch.empty_like(x)
-    bwd_apply[(B, cdiv(N, _FLAT))](g, x, mean, rstd, weight, ps, chunks, 1.0 / N, dx, N, C, BLOCK=_FLAT,
-                                   BLOCK_CH=max(16, next_pow2(chunks)), num_warps=8)
+    k.bwd_apply[(B, cdiv(N, _FLAT))](g, x, mean, rstd, weight, ps, chunks, 1.0 / N, dx, N, C, BLOCK=_FLAT,
+                                     BLOCK_CH=max(16, next_pow2(chunks)), num_warps=8)
     return dx, pc[:, :, 0].sum((0, 1)), pc[:, :, 1].sum((0, 1))
 
 
-@_bwd_op.register_fake
-def _(g, x, weight, mean, rstd):
+# ----------------------------------------------------------------------------- op registration
+
+def _fwd_fake(x, weight, bias, eps, mean, var):
+    B = x.shape[0]
+    return torch.empty_like(x), x.new_empty(B, dtype=torch.float32), x.new_empty(B, dtype=torch.float32)
+
+
+def _bwd_fake(g, x, weight, mean, rstd):
     C = x.shape[1]
     return torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
 
@@ -216,21 +233,17 @@ def _backward(ctx, g, g_mean, g_rstd):
     return dx, dw.to(weight.dtype), (db.to(weight.dtype) if ctx.has_bias else None), None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+_bwd_op = BackwardOp("metazoo::group_norm1_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::group_norm1_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
 
 
-def group_norm1_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
-                    moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference: ``F.group_norm(x, 1, ...)`` on NCHW (``moments`` is only a hint, unused)."""
-    return torch.nn.functional.group_norm(x, 1, weight, bias, eps)
+# ----------------------------------------------------------------------------- public dispatcher
 
-
+@dispatcher(group_norm1_ref)
 def group_norm1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
                 moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
     """One-group GroupNorm of an NCHW map. ``moments`` = per-sample (mean, var) of ``x`` when already known."""
-    if x.dim() != 4:
-        raise ValueError(f"group_norm1: x must be NCHW, got shape {tuple(x.shape)}")
+    _check(x)
     if resolve(backend, x) == "torch":
         return group_norm1_ref(x, weight, bias, eps)
     mean, var = moments if moments is not None else (None, None)

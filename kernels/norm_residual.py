@@ -8,15 +8,57 @@ training is host-bound).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._autograd import BackwardOp, ForwardOp, absent, grad_as
 from ._layout import cdiv, dense_in_layout, next_pow2, param_grid, stand_in
-from ._autograd import absent, backward_op, eager_or_op, grad_as
-from .dispatch import lazy_triton, resolve
+from .dispatch import dispatcher, lazy_triton, resolve
 
+
+# ----------------------------------------------------------------------------- input checks
+
+def _check(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], channels_first: bool) -> None:
+    if y is None and weight is None:
+        raise ValueError("norm_residual needs y (a residual branch) or weight (a norm); got neither")
+    if channels_first and x.dim() != 4:
+        raise ValueError(f"norm_residual: channels_first=True expects an NCHW tensor, got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def norm_residual_ref(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
+                      ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
+                      backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Plain PyTorch reference (timm's op order): returns ``(out, n)`` (``n`` is None without ``weight``)."""
+    shape = (-1, 1, 1) if channels_first else (-1,)
+    out = x
+    if y is not None:
+        out = (x * rs.view(shape) if rs is not None else x) + (y * ls.view(shape) if ls is not None else y)
+    if weight is None:
+        return out, None
+    o = out.permute(0, 2, 3, 1) if channels_first else out
+    n = torch.nn.functional.layer_norm(o, (o.shape[-1],), weight, bias, eps)
+    return out, (n.permute(0, 3, 1, 2) if channels_first else n)
+
+
+def layer_norm_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,
+                   channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+    """Reference of :func:`layer_norm`."""
+    return norm_residual_ref(x, None, None, None, weight, bias, eps, channels_first)[1]
+
+
+def scale_add_ref(x: Tensor, y: Tensor, rs: Optional[Tensor], ls: Optional[Tensor], channels_first: bool = False,
+                  backend: Optional[str] = None) -> Tensor:
+    """Reference of :func:`scale_add`."""
+    return norm_residual_ref(x, y, rs, ls, None, None, 0.0, channels_first)[0]
+
+
+# ----------------------------------------------------------------------------- Triton kernels
 
 @lazy_triton
 def _load(triton, tl):
@@ -114,8 +156,10 @@ def _load(triton, tl):
         if HAS_LS:
             tl.store(PLS + poffs, tl.sum(acc_ls, axis=0), mask=cmask)
 
-    return (fwd, bwd)
+    return SimpleNamespace(fwd=fwd, bwd=bwd)
 
+
+# ----------------------------------------------------------------------------- launchers
 
 def _blocks(C: int, tile: int = 4096):
     """Rows per program and padded channel block; the backward uses smaller tiles (2-D accumulators)."""
@@ -125,9 +169,8 @@ def _blocks(C: int, tile: int = 4096):
 
 
 def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
-            weight: Optional[Tensor], bias: Optional[Tensor], eps: float, channels_first: bool
+              weight: Optional[Tensor], bias: Optional[Tensor], eps: float, channels_first: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fwd, _ = _load()
     C = x.shape[1] if channels_first else x.shape[-1]
     M = x.numel() // C
     # (promote_types is itself a dispatched op: skip it in the common same-dtype case)
@@ -139,35 +182,18 @@ def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional
     mean = torch.empty(M, dtype=f32, device=x.device) if has_norm else absent(x, f32)
     rstd = torch.empty(M, dtype=f32, device=x.device) if has_norm else absent(x, f32)
     bm, bc, nw = _blocks(C)
-    fwd[(cdiv(M, bm),)](
+    _load().fwd[(cdiv(M, bm),)](
         x, *(stand_in(t, x) for t in (y, rs, ls, weight, bias, out, n, mean, rstd)), M, C, eps,
         HAS_Y=y is not None, HAS_RS=rs is not None, HAS_LS=ls is not None, HAS_NORM=has_norm,
         HAS_B=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
     return out, n, mean, rstd
 
 
-_fwd_op = torch.library.custom_op("metazoo::norm_residual_fwd", mutates_args=())(_fwd_impl)
-
-
-@_fwd_op.register_fake
-def _(x, y, rs, ls, weight, bias, eps, channels_first):
-    C = x.shape[1] if channels_first else x.shape[-1]
-    M = x.numel() // C
-    dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
-    out = torch.empty_like(x, dtype=dtype) if y is not None else x.new_empty(0)
-    has_norm = weight is not None
-    n = torch.empty_like(x, dtype=dtype) if has_norm else x.new_empty(0)
-    mean = x.new_empty(M if has_norm else 0, dtype=torch.float32)
-    return out, n, mean, x.new_empty(M if has_norm else 0, dtype=torch.float32)
-
-
-@backward_op("metazoo::norm_residual_bwd")
-def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor],
-            out: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor],
-            has_bias: bool, mean: Tensor, rstd: Tensor, has_y: bool, x_dtype: torch.dtype, y_dtype: torch.dtype,
-            channels_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor],
+              out: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor],
+              has_bias: bool, mean: Tensor, rstd: Tensor, has_y: bool, x_dtype: torch.dtype, y_dtype: torch.dtype,
+              channels_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # x / y / out arrive only where backward reads them (scale grads, the norm); shapes come from the grads
-    _, bwd = _load()
     ref = g_out if g_out is not None else g_n
     C = ref.shape[1] if channels_first else ref.shape[-1]
     M = ref.numel() // C
@@ -184,7 +210,7 @@ def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor],
 
     pw, pb = partial(has_norm), partial(has_norm and has_bias)
     prs, pls = partial(has_rs), partial(has_ls)
-    bwd[(grid,)](
+    _load().bwd[(grid,)](
         *(stand_in(t, ref) for t in (g_out, g_n, x, y, out, rs, ls, weight, mean, rstd)), dx,
         *(stand_in(t, ref) for t in (dy, pw, pb, prs, pls)), M, C, n_tiles,
         HAS_GO=g_out is not None, HAS_Y=has_y, HAS_RS=has_rs, HAS_LS=has_ls, HAS_NORM=has_norm,
@@ -196,8 +222,20 @@ def _bwd_op(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor],
     return dx, dy, reduce(prs), reduce(pls), reduce(pw), reduce(pb)
 
 
-@_bwd_op.register_fake
-def _(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y, x_dtype, y_dtype, channels_first):
+# ----------------------------------------------------------------------------- op registration
+
+def _fwd_fake(x, y, rs, ls, weight, bias, eps, channels_first):
+    C = x.shape[1] if channels_first else x.shape[-1]
+    M = x.numel() // C
+    dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
+    out = torch.empty_like(x, dtype=dtype) if y is not None else x.new_empty(0)
+    has_norm = weight is not None
+    n = torch.empty_like(x, dtype=dtype) if has_norm else x.new_empty(0)
+    mean = x.new_empty(M if has_norm else 0, dtype=torch.float32)
+    return out, n, mean, x.new_empty(M if has_norm else 0, dtype=torch.float32)
+
+
+def _bwd_fake(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y, x_dtype, y_dtype, channels_first):
     ref = g_out if g_out is not None else g_n
     C = ref.shape[1] if channels_first else ref.shape[-1]
     has_norm = weight is not None and g_n is not None
@@ -236,55 +274,35 @@ def _backward(ctx, g_out, g_n, g_mean, g_rstd):
             grad_as(db, weight) if ctx.has_bias else None, None, None)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+_bwd_op = BackwardOp("metazoo::norm_residual_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::norm_residual_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
 
 
-def norm_residual_ref(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
-                      ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
-                      bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
-                      backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Plain PyTorch reference (timm's op order): returns ``(out, n)`` (``n`` is None without ``weight``)."""
-    shape = (-1, 1, 1) if channels_first else (-1,)
-    out = x
-    if y is not None:
-        out = (x * rs.view(shape) if rs is not None else x) + (y * ls.view(shape) if ls is not None else y)
-    if weight is None:
-        return out, None
-    o = out.permute(0, 2, 3, 1) if channels_first else out
-    n = torch.nn.functional.layer_norm(o, (o.shape[-1],), weight, bias, eps)
-    return out, (n.permute(0, 3, 1, 2) if channels_first else n)
+# ----------------------------------------------------------------------------- public dispatchers
 
-
+@dispatcher(norm_residual_ref)
 def norm_residual(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
                   ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
                   backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``out = x*rs + y*ls`` (terms optional) and ``n = LayerNorm_C(out)``; returns ``(out, n)``."""
-    if y is None and weight is None:
-        raise ValueError("norm_residual needs y (a residual branch) or weight (a norm); got neither")
+    _check(x, y, weight, channels_first)
     if resolve(backend, x) == "torch":
         return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first)
-    if channels_first and x.dim() != 4:
-        raise ValueError(f"norm_residual: channels_first=True expects an NCHW tensor, got shape {tuple(x.shape)}")
     xr = dense_in_layout(x, channels_first)
     yr = dense_in_layout(y, channels_first) if y is not None else None
     out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps), bool(channels_first))
     return (out if y is not None else x), (n if weight is not None else None)
 
 
+@dispatcher(layer_norm_ref)
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,
                channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
     """LayerNorm over channels (last dim, or dim 1 of NCHW when ``channels_first``)."""
     return norm_residual(x, None, None, None, weight, bias, eps, channels_first, backend)[1]
 
 
-def layer_norm_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,
-                   channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
-    """Reference of :func:`layer_norm`."""
-    return norm_residual_ref(x, None, None, None, weight, bias, eps, channels_first)[1]
-
-
+@dispatcher(scale_add_ref)
 def scale_add(x: Tensor, y: Tensor, rs: Optional[Tensor], ls: Optional[Tensor], channels_first: bool = False,
               backend: Optional[str] = None) -> Tensor:
     """Residual update ``x*rs + y*ls`` in one pass (scales optional, per channel)."""

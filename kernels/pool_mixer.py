@@ -8,20 +8,44 @@ bias cancels exactly (its gradient is zero). The pass also returns the per-sampl
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._autograd import BackwardOp, ForwardOp, absent
 from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape, stand_in
-from ._autograd import absent, backward_op, eager_or_op
-from .dispatch import resolve, triton_available
+from .dispatch import dispatcher, lazy_triton, resolve
 from .group_norm import finish_moments, sample_moments
 
 
-if triton_available():  # guarded: the package (and the reference path) works without Triton
-    import triton
-    import triton.language as tl
+# ----------------------------------------------------------------------------- input checks
+
+def _check(x: Tensor, pool_size: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"pool_mixer: x must be NCHW, got shape {tuple(x.shape)}")
+    if pool_size % 2 != 1:
+        raise ValueError(f"pool_mixer: pool_size must be odd, got {pool_size}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def pool_mixer_ref(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
+                   ls: Optional[Tensor] = None, rs: Optional[Tensor] = None, pool_size: int = 3,
+                   backend: Optional[str] = None) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """Plain PyTorch reference on NCHW: ``(x*rs + ls*(avgpool(n) - n), None)`` with ``n = GroupNorm1(x)``."""
+    n = torch.nn.functional.group_norm(x, 1, norm_weight, norm_bias, eps)
+    p = torch.nn.functional.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
+    branch = (p - n) * ls.view(-1, 1, 1) if ls is not None else p - n
+    return (x * rs.view(-1, 1, 1) if rs is not None else x) + branch, None
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton helpers and kernels (run once, on first use)."""
 
     @triton.jit
     def _tile(H, W, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -125,6 +149,10 @@ if triton_available():  # guarded: the package (and the reference path) works wi
             dx += g
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=om)
 
+    return SimpleNamespace(fwd=fwd, bwd_reduce=bwd_reduce, bwd_apply=bwd_apply)
+
+
+# ----------------------------------------------------------------------------- launchers
 
 def _grid(x: Tensor):
     B, H, W, C = nhwc_shape(x)
@@ -133,25 +161,42 @@ def _grid(x: Tensor):
 
 
 def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
-            rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     mean, _, rstd = sample_moments(x, eps)
     grid, bw, bc = _grid(x)
     out = torch.empty_like(x)
     ps = torch.empty((grid[0], grid[1] * grid[2], 2), dtype=torch.float32, device=x.device)
-    fwd[grid](x, mean, rstd, norm_weight, stand_in(ls, x), stand_in(rs, x), out, ps, *nhwc_shape(x)[1:],
-              P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
-              num_warps=4)
+    _load().fwd[grid](x, mean, rstd, norm_weight, stand_in(ls, x), stand_in(rs, x), out, ps, *nhwc_shape(x)[1:],
+                      P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
+                      num_warps=4)
     B = x.shape[0]
     n = ps.numel() // (2 * B)  # partials per sample, (sum, sum of squares) of out - mean interleaved
     out_mean, out_var, _ = finish_moments(ps, B, n, 2 * n, 2, 1, mean, 1, x.numel() // B)
     return out, mean, rstd, out_mean, out_var
 
 
-_fwd_op = torch.library.custom_op("metazoo::pool_mixer_fwd", mutates_args=())(_fwd_impl)
+def _bwd_impl(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor, ls: Optional[Tensor],
+              rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, H, W, C = nhwc_shape(x)
+    grid, bw, bc = _grid(x)
+    pc = torch.empty((grid[0] * grid[1], 2, C), dtype=torch.float32, device=x.device)
+    ps = torch.empty((B, H * grid[1] * grid[2]), dtype=torch.float32, device=x.device)
+    flags = dict(P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
+    k = _load()
+    k.bwd_reduce[grid](g, x, rstd, norm_weight, stand_in(ls, x), pc, ps, H, W, C, **flags)
+    dx = torch.empty_like(x)
+    k.bwd_apply[grid](g, x, mean, rstd, ps.sum(1), 1.0 / (x.numel() // B), norm_weight, stand_in(ls, x),
+                      stand_in(rs, x), dx, H, W, C, **flags)
+    s = pc[:, 0].sum(0)
+    dw = s * ls.float() if ls is not None else s
+    dls = s * norm_weight.float() if ls is not None else absent(x, torch.float32)
+    drs = pc[:, 1].sum(0) if rs is not None else absent(x, torch.float32)
+    return dx, dw, dls, drs
 
 
-@_fwd_op.register_fake
-def _(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
+# ----------------------------------------------------------------------------- op registration
+
+def _fwd_fake(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
     B = x.shape[0]
 
     def vec():
@@ -160,27 +205,7 @@ def _(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
     return torch.empty_like(x), vec(), vec(), vec(), vec()
 
 
-@backward_op("metazoo::pool_mixer_bwd")
-def _bwd_op(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor, ls: Optional[Tensor],
-            rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    B, H, W, C = nhwc_shape(x)
-    grid, bw, bc = _grid(x)
-    pc = torch.empty((grid[0] * grid[1], 2, C), dtype=torch.float32, device=x.device)
-    ps = torch.empty((B, H * grid[1] * grid[2]), dtype=torch.float32, device=x.device)
-    flags = dict(P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
-    bwd_reduce[grid](g, x, rstd, norm_weight, stand_in(ls, x), pc, ps, H, W, C, **flags)
-    dx = torch.empty_like(x)
-    bwd_apply[grid](g, x, mean, rstd, ps.sum(1), 1.0 / (x.numel() // B), norm_weight, stand_in(ls, x),
-                    stand_in(rs, x), dx, H, W, C, **flags)
-    s = pc[:, 0].sum(0)
-    dw = s * ls.float() if ls is not None else s
-    dls = s * norm_weight.float() if ls is not None else absent(x, torch.float32)
-    drs = pc[:, 1].sum(0) if rs is not None else absent(x, torch.float32)
-    return dx, dw, dls, drs
-
-
-@_bwd_op.register_fake
-def _(g, x, mean, rstd, norm_weight, ls, rs, pool_size):
+def _bwd_fake(g, x, mean, rstd, norm_weight, ls, rs, pool_size):
     C = x.shape[1]
 
     def vec(flag):
@@ -206,29 +231,19 @@ def _backward(ctx, g, *_):
             drs.to(rs.dtype) if rs is not None else None, None)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, _fwd_impl, _setup, _backward)
+_bwd_op = BackwardOp("metazoo::pool_mixer_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::pool_mixer_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
 
 
-def pool_mixer_ref(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
-                   ls: Optional[Tensor] = None, rs: Optional[Tensor] = None, pool_size: int = 3,
-                   backend: Optional[str] = None) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """Plain PyTorch reference on NCHW: ``(x*rs + ls*(avgpool(n) - n), None)`` with ``n = GroupNorm1(x)``."""
-    n = torch.nn.functional.group_norm(x, 1, norm_weight, norm_bias, eps)
-    p = torch.nn.functional.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
-    branch = (p - n) * ls.view(-1, 1, 1) if ls is not None else p - n
-    return (x * rs.view(-1, 1, 1) if rs is not None else x) + branch, None
+# ----------------------------------------------------------------------------- public dispatcher
 
-
+@dispatcher(pool_mixer_ref)
 def pool_mixer(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
                ls: Optional[Tensor] = None, rs: Optional[Tensor] = None, pool_size: int = 3,
                backend: Optional[str] = None) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
     """PoolFormer token-mixer half-block on NCHW. Returns ``(out, moments of out or None)``; pass the
     moments to :func:`metazoo.kernels.group_norm.group_norm1` to skip its statistics pass."""
-    if x.dim() != 4:
-        raise ValueError(f"pool_mixer: x must be NCHW, got shape {tuple(x.shape)}")
-    if pool_size % 2 != 1:
-        raise ValueError(f"pool_mixer: pool_size must be odd, got {pool_size}")
+    _check(x, pool_size)
     if resolve(backend, x) == "torch":
         return pool_mixer_ref(x, norm_weight, norm_bias, eps, ls, rs, pool_size)
     out, _, _, out_mean, out_var = _fwd(dense_in_layout(x, True), norm_weight, norm_bias, float(eps),

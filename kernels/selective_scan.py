@@ -19,28 +19,23 @@ and its derivatives use a per-program 1/A, so the loop body has no divisions.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .dispatch import interpret_mode, resolve, triton_available
-
-__all__ = ["selective_scan", "selective_scan_ref"]
+from ._autograd import BackwardOp, ForwardOp, or_absent
+from ._layout import cdiv, next_pow2
+from .dispatch import dispatcher, interpret_mode, lazy_triton, resolve
 
 _SERIES_BELOW = 0.1  # |x| under which φ and φ' use their Taylor series (no cancellation)
 
 
-# ----------------------------------------------------------------------------- reference
+# ----------------------------------------------------------------------------- input checks
 
-def _phi_ref(x: torch.Tensor) -> torch.Tensor:
-    """φ(x) = (e^x - 1)/x with φ(0) = 1, differentiable everywhere."""
-    small = x.abs() < 1e-6
-    xs = torch.where(small, torch.ones_like(x), x)
-    return torch.where(small, 1 + 0.5 * x, torch.expm1(xs) / xs)
-
-
-def _check_inputs(u, delta, A, B, C, D, delta_bias):
+def _check(u, delta, A, B, C, D, delta_bias):
     """Validate shapes; return (B4, C4) as (batch, G, N, L) views."""
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, D, L); got shape {tuple(u.shape)}")
@@ -66,9 +61,18 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias):
     return out[0], out[1]
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+# ----------------------------------------------------------------------------- reference
+
+def _phi_ref(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = (e^x - 1)/x with φ(0) = 1, differentiable everywhere."""
+    small = x.abs() < 1e-6
+    xs = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, 1 + 0.5 * x, torch.expm1(xs) / xs)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
     """Sequential PyTorch S6 scan (the truth the kernel is tested against); differentiable."""
-    B4, C4 = _check_inputs(u, delta, A, B, C, D, delta_bias)
+    B4, C4 = _check(u, delta, A, B, C, D, delta_bias)
     dtype_out = u.dtype
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     bsz, dim, seqlen = u.shape
@@ -97,10 +101,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
 # ----------------------------------------------------------------------------- Triton kernels
 
-if triton_available():  # guarded: the package (and the reference path) works without Triton
-    import triton
-    import triton.language as tl
-
+@lazy_triton
+def _load(triton, tl):
+    """Build this module's Triton helpers and kernels (run once, on first use)."""
 
     @triton.jit
     def _lin_combine(a1, b1, a2, b2):
@@ -324,6 +327,10 @@ if triton_available():  # guarded: the package (and the reference path) works wi
         if HAS_BIAS:
             tl.store(dbias_ptr + bi * DT + offs_d, dbias_acc, mask=mask_d)
 
+    return SimpleNamespace(fwd=fwd_kernel, bwd=bwd_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
 
 def _launch_cfg(dim_per_group: int, n: int):
     """(BLOCK_D, BLOCK_N, CHUNK, num_warps): small tiles in the interpreter, GPU-sized otherwise.
@@ -331,10 +338,10 @@ def _launch_cfg(dim_per_group: int, n: int):
     Narrow groups (the channel mixer's 4 streams) get fewer warps, so that each thread keeps
     ``_GPU_CFG``'s share of the tile (the steps of a chunk for a few (channel, state) pairs).
     """
-    block_n = max(2, 1 << (n - 1).bit_length())
+    block_n = max(2, next_pow2(n))
     if interpret_mode():
         return 4, block_n, 16, 1
-    block_d = min(_GPU_CFG["block_d"], 1 << (dim_per_group - 1).bit_length())
+    block_d = min(_GPU_CFG["block_d"], next_pow2(dim_per_group))
     full = _GPU_CFG["block_d"] * 16 * _GPU_CFG["chunk"]  # the tile the warp count was tuned for (N = 16)
     warps = max(1, _GPU_CFG["num_warps"] * block_d * block_n * _GPU_CFG["chunk"] // full)
     return block_d, block_n, _GPU_CFG["chunk"], min(warps, _GPU_CFG["num_warps"])
@@ -350,18 +357,20 @@ def _bc_strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _scan_fwd(u, delta, A, B4, C4, D, delta_bias, delta_softplus: bool, save_states: bool):
+def _fwd_impl(u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],
+              delta_bias: Optional[Tensor], delta_softplus: bool, save_states: bool) -> tuple[Tensor, Tensor]:
+    """y and the chunk-start states (a placeholder unless ``save_states``)."""
     bsz, dim, seqlen = u.shape
     groups, n = B4.shape[1], A.shape[1]
     dg = dim // groups
     block_d, block_n, chunk, warps = _launch_cfg(dg, n)
-    n_chunks = -(-seqlen // chunk)
+    n_chunks = cdiv(seqlen, chunk)
     y = torch.empty((bsz, dim, seqlen), device=u.device, dtype=u.dtype)
     states = torch.empty((bsz, dim, n_chunks, block_n) if save_states else (1,), device=u.device,
                          dtype=torch.float32)
     dummy = A
-    grid = (bsz * groups, -(-dg // block_d))
-    fwd_kernel[grid](
+    grid = (bsz * groups, cdiv(dg, block_d))
+    _load().fwd[grid](
         u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
         y, states, seqlen, dg, groups, n, n_chunks,
         *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B4), *_bc_strides(C4), *y.stride(),
@@ -371,7 +380,10 @@ def _scan_fwd(u, delta, A, B4, C4, D, delta_bias, delta_softplus: bool, save_sta
     return y, states
 
 
-def _scan_bwd(dy, u, delta, A, B4, C4, D, delta_bias, states, delta_softplus: bool):
+def _bwd_impl(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B4: Tensor, C4: Tensor, D: Optional[Tensor],
+              delta_bias: Optional[Tensor], states: Tensor, delta_softplus: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias); the last two absent without D / delta_bias."""
     bsz, dim, seqlen = u.shape
     groups, n = B4.shape[1], A.shape[1]
     dg = dim // groups
@@ -388,8 +400,8 @@ def _scan_bwd(dy, u, delta, A, B4, C4, D, delta_bias, states, delta_softplus: bo
     dD = torch.empty((bsz, dim), device=dev, dtype=torch.float32) if D is not None else None
     dbias = torch.empty((bsz, dim), device=dev, dtype=torch.float32) if delta_bias is not None else None
     dummy = A
-    grid = (bsz * groups, -(-dg // block_d))
-    bwd_kernel[grid](
+    grid = (bsz * groups, cdiv(dg, block_d))
+    _load().bwd[grid](
         u, delta, A, B4, C4, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
         dy, states, du, ddelta, dA, dB, dC, dD if dD is not None else dA, dbias if dbias is not None else dA,
         seqlen, dg, groups, n, n_chunks,
@@ -398,74 +410,57 @@ def _scan_bwd(dy, u, delta, A, B4, C4, D, delta_bias, states, delta_softplus: bo
         BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, SERIES_BELOW=_SERIES_BELOW, ATOMIC_BC=atomic,
         num_warps=warps)
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B4.dtype), dC.to(C4.dtype),
-            dD.sum(0).to(D.dtype) if D is not None else None,
-            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)
+            or_absent(dD.sum(0).to(D.dtype) if D is not None else None, u),
+            or_absent(dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, u))
 
 
-# ----------------------------------------------------------------------------- torch.library ops
+# ----------------------------------------------------------------------------- op registration
 
-@torch.library.custom_op("metazoo::selective_scan_fwd", mutates_args=())
-def _op_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-            D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
-            save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: y and the chunk-start states (empty placeholder unless save_states)."""
-    return _scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states)
-
-
-@_op_fwd.register_fake
-def _op_fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states):
+def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states):
     bsz, dim, seqlen = u.shape
     _, block_n, chunk, _ = _launch_cfg(dim // B.shape[1], A.shape[1])
-    shape = (bsz, dim, -(-seqlen // chunk), block_n) if save_states else (1,)
+    shape = (bsz, dim, cdiv(seqlen, chunk), block_n) if save_states else (1,)
     return u.new_empty(u.shape), u.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("metazoo::selective_scan_bwd", mutates_args=())
-def _op_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-            C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-            states: torch.Tensor, delta_softplus: bool) -> list[torch.Tensor]:
-    """Triton backward: [du, ddelta, dA, dB, dC] + [dD] if D + [ddelta_bias] if delta_bias."""
-    grads = _scan_bwd(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus)
-    return [g for g in grads if g is not None]
+def _bwd_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
+    like = [u, delta, A, B, C, D, delta_bias]
+    return tuple(t.new_empty(t.shape) if t is not None else u.new_empty(0) for t in like)
 
 
-@_op_bwd.register_fake
-def _op_bwd_fake(dy, u, delta, A, B, C, D, delta_bias, states, delta_softplus):
-    out = [u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-           C.new_empty(C.shape)]
-    out += [t.new_empty(t.shape) for t in (D, delta_bias) if t is not None]
-    return out
+def _setup(ctx, inputs, output):
+    u, delta, A, B4, C4, D, delta_bias, delta_softplus, save_states = inputs
+    _, states = output
+    ctx.mark_non_differentiable(states)
+    if save_states:
+        ctx.save_for_backward(u, delta, A, B4, C4, D, delta_bias, states)
+    ctx.delta_softplus = delta_softplus
 
 
-class SelectiveScanFn(torch.autograd.Function):
-    """Autograd wrapper around the Triton forward/backward ops."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B4, C4, D, delta_bias, delta_softplus):
-        need = any(ctx.needs_input_grad[:7])
-        y, states = _op_fwd(u, delta, A, B4, C4, D, delta_bias, delta_softplus, need)
-        if need:
-            ctx.save_for_backward(u, delta, A, B4, C4, D, delta_bias, states)
-        ctx.delta_softplus = delta_softplus
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        u, delta, A, B4, C4, D, delta_bias, states = ctx.saved_tensors
-        grads = _op_bwd(dy.contiguous(), u, delta, A, B4, C4, D, delta_bias, states, ctx.delta_softplus)
-        du, ddelta, dA, dB, dC = grads[:5]
-        rest = iter(grads[5:])
-        dD = next(rest) if D is not None else None
-        dbias = next(rest) if delta_bias is not None else None
-        return du, ddelta, dA, dB, dC, dD, dbias, None
+def _backward(ctx, dy, _dstates):
+    u, delta, A, B4, C4, D, delta_bias, states = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dbias = _bwd_op(dy.contiguous(), u, delta, A, B4, C4, D, delta_bias, states,
+                                                ctx.delta_softplus)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dbias if delta_bias is not None else None,
+            None, None)
 
 
+_bwd_op = BackwardOp("metazoo::selective_scan_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::selective_scan_fwd", _fwd_impl, _fwd_fake, _setup, _backward)
+
+
+# ----------------------------------------------------------------------------- public dispatcher
+
+@dispatcher(selective_scan_ref)
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
     """S6 selective scan y (batch, D, L); Triton on CUDA (or the interpreter), else the reference.
 
     ``backend`` is 'auto' | 'torch' | 'triton' (see :mod:`metazoo.kernels.dispatch`).
     """
-    B4, C4 = _check_inputs(u, delta, A, B, C, D, delta_bias)
+    B4, C4 = _check(u, delta, A, B, C, D, delta_bias)
     if resolve(backend, u, delta, A, B4, C4) == "torch":
         return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    return SelectiveScanFn.apply(u, delta, A, B4, C4, D, delta_bias, bool(delta_softplus))
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A, B, C, D, delta_bias))
+    y, _ = _fwd(u, delta, A, B4, C4, D, delta_bias, bool(delta_softplus), save)
+    return y

@@ -5,17 +5,35 @@ backward; this keeps only ``x`` and reduces the scalar gradients in the same pas
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._autograd import BackwardOp, ForwardOp
 from ._layout import cdiv, param_grid
-from ._autograd import backward_op, eager_or_op
-from .dispatch import lazy_triton, resolve
+from .dispatch import dispatcher, lazy_triton, resolve
 
 _BLOCK = 2048
 
+
+# ----------------------------------------------------------------------------- input checks
+
+def _check(scale: Tensor, bias: Tensor) -> None:
+    if scale.numel() != 1 or bias.numel() != 1:
+        raise ValueError(f"star_relu: scale and bias must hold one element each, "
+                         f"got {scale.numel()} and {bias.numel()}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def star_relu_ref(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = None) -> Tensor:
+    """Plain PyTorch reference (timm's expression)."""
+    return scale * torch.relu(x) ** 2 + bias
+
+
+# ----------------------------------------------------------------------------- Triton kernels
 
 @lazy_triton
 def _load(triton, tl):
@@ -46,8 +64,10 @@ def _load(triton, tl):
         tl.store(PS + pid, tl.sum(acc_s, axis=0))
         tl.store(PB + pid, tl.sum(acc_b, axis=0))
 
-    return (fwd, bwd)
+    return SimpleNamespace(fwd=fwd, bwd=bwd)
 
+
+# ----------------------------------------------------------------------------- launchers
 
 def _dense(x: Tensor) -> Tensor:
     """Elementwise kernels walk storage: accept contiguous or channels_last tensors as they are."""
@@ -58,35 +78,29 @@ def _dense(x: Tensor) -> Tensor:
 
 def star_relu_apply(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     """Launch the forward kernel (no autograd) on a dense ``x``; also used to recompute activations."""
-    fwd, _ = _load()
     x = _dense(x)
     y = torch.empty_like(x)
-    fwd[(cdiv(x.numel(), _BLOCK),)](x, scale, bias, y, x.numel(), BLOCK=_BLOCK, num_warps=8)
+    _load().fwd[(cdiv(x.numel(), _BLOCK),)](x, scale, bias, y, x.numel(), BLOCK=_BLOCK, num_warps=8)
     return y
 
 
-_fwd_op = torch.library.custom_op("metazoo::star_relu_fwd", mutates_args=())(star_relu_apply)
-
-
-@_fwd_op.register_fake
-def _(x, scale, bias):
-    return torch.empty_like(x)
-
-
-@backward_op("metazoo::star_relu_bwd")
-def _bwd_op(g: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _, bwd = _load()
+def _bwd_impl(g: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n_tiles = cdiv(x.numel(), _BLOCK)
     grid = param_grid(n_tiles, x.device)
     dx = torch.empty_like(x)
     ps = torch.empty(grid, dtype=torch.float32, device=x.device)
     pb = torch.empty_like(ps)
-    bwd[(grid,)](g, x, scale, dx, ps, pb, x.numel(), n_tiles, BLOCK=_BLOCK, num_warps=8)
+    _load().bwd[(grid,)](g, x, scale, dx, ps, pb, x.numel(), n_tiles, BLOCK=_BLOCK, num_warps=8)
     return dx, ps.sum().reshape(1), pb.sum().reshape(1)
 
 
-@_bwd_op.register_fake
-def _(g, x, scale):
+# ----------------------------------------------------------------------------- op registration
+
+def _fwd_fake(x, scale, bias):
+    return torch.empty_like(x)
+
+
+def _bwd_fake(g, x, scale):
     return torch.empty_like(x), scale.new_empty(1, dtype=torch.float32), scale.new_empty(1, dtype=torch.float32)
 
 
@@ -104,19 +118,16 @@ def _backward(ctx, g):
     return dx, ds.to(scale.dtype), db.to(ctx.bias_dtype)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
-_fwd = eager_or_op(_fwd_op, star_relu_apply, _setup, _backward)
+_bwd_op = BackwardOp("metazoo::star_relu_bwd", _bwd_impl, _bwd_fake)
+_fwd = ForwardOp("metazoo::star_relu_fwd", star_relu_apply, _fwd_fake, _setup, _backward)
 
 
-def star_relu_ref(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference (timm's expression)."""
-    return scale * torch.relu(x) ** 2 + bias
+# ----------------------------------------------------------------------------- public dispatcher
 
-
+@dispatcher(star_relu_ref)
 def star_relu(x: Tensor, scale: Tensor, bias: Tensor, backend: Optional[str] = None) -> Tensor:
     """``scale * relu(x)**2 + bias`` with one-element ``scale``/``bias``; any layout, output dtype of ``x``."""
-    if scale.numel() != 1 or bias.numel() != 1:
-        raise ValueError(f"star_relu: scale and bias must hold one element each, got {scale.numel()} and {bias.numel()}")
+    _check(scale, bias)
     if resolve(backend, x) == "torch":
         return star_relu_ref(x, scale, bias)
     return _fwd(_dense(x), scale, bias)

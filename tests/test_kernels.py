@@ -266,9 +266,14 @@ class _OpLog(TorchDispatchMode):
         return out
 
 
-def test_channels_last_maps_are_read_in_place():
+def test_channels_last_maps_are_read_in_place(monkeypatch):
     """NCHW maps in channels_last memory go through the row kernels with no permute or copy, forward
     and backward (each such view is a host-side op), and come out channels_last, equal to the reference."""
+    from metazoo.kernels import _autograd
+
+    # The logging mode below is a dispatch mode, which routes calls to the registered ops; log what
+    # plain eager runs instead (as bench/op_count.py does).
+    monkeypatch.setattr(_autograd, "_traced", lambda args: False)
     cl = torch.channels_last
     x = _rand(2, 12, 5, 6, scale=2.0, shift=1.0).to(memory_format=cl).requires_grad_()
     y = _rand(2, 12, 5, 6).to(memory_format=cl)
@@ -394,6 +399,171 @@ def test_backward_op_is_direct_in_eager_and_registered_when_traced():
     with FakeTensorMode():
         out = op(torch.ones(3), 2)
     assert calls == ["Tensor"] and tuple(out.shape) == (3,)
+
+
+
+def _contract_cases():
+    """Every public dispatcher of metazoo.kernels: (dispatcher, reference, op name, inputs maker)."""
+    from metazoo.kernels.aff_filter import aff_filter, aff_filter_ref
+    from metazoo.kernels.aggregated_attention import aggregated_attention, aggregated_attention_ref
+    from metazoo.kernels.norm_residual import layer_norm, layer_norm_ref, scale_add, scale_add_ref
+    from metazoo.kernels.selective_scan import selective_scan, selective_scan_ref
+
+    def leaf(*shape, scale=1.0, shift=0.0):
+        return _rand(*shape, scale=scale, shift=shift).requires_grad_()
+
+    def scan():
+        return (leaf(1, 4, 6), leaf(1, 4, 6, scale=0.5), (-torch.rand(4, 2) - 0.5).requires_grad_(), leaf(1, 2, 6),
+                leaf(1, 2, 6), leaf(4), None, True)
+
+    def aff():
+        return leaf(1, 8, 3, 2, 2), leaf(2, 2, 4, 4, scale=0.3), leaf(2, 2, 4), leaf(2, 2, 4, 4, scale=0.3), leaf(2, 2, 4)
+
+    def attention():
+        return (leaf(1, 9, 8), leaf(1, 9, 16), leaf(1, 4, 16), leaf(2, 4), leaf(2), leaf(2, 9), leaf(2, 9, 4),
+                leaf(2, 4, 9), leaf(2, 9), 3, 3, 2, 3)
+
+    return {
+        "star_relu": (star_relu, star_relu_ref, "star_relu", lambda: (leaf(2, 3, 5), leaf(1), leaf(1))),
+        "act_linear": (act_linear, act_linear_ref, "act_linear",
+                       lambda: (leaf(2, 3, 8), leaf(6, 8), leaf(6), "star_relu", leaf(1), leaf(1))),
+        "dwconv2d": (dwconv2d, dwconv2d_ref, "dwconv", lambda: (leaf(1, 6, 4, 5), leaf(6, 1, 3, 3), leaf(6))),
+        "gated_dwconv": (gated_dwconv, gated_dwconv_ref, "gated_dwconv",
+                         lambda: (leaf(1, 3, 4, 16), leaf(5, 1, 3, 3), leaf(5), 8)),
+        "gated_dwconv_linear": (gated_dwconv_linear, gated_dwconv_linear_ref, "gated_dwconv_linear",
+                                lambda: (leaf(1, 3, 4, 16), leaf(5, 1, 3, 3), None, 8, leaf(7, 8), leaf(7))),
+        "group_norm1": (group_norm1, group_norm1_ref, "group_norm1", lambda: (leaf(2, 6, 4, 3), leaf(6), leaf(6))),
+        "norm_residual": (norm_residual, norm_residual_ref, "norm_residual",
+                          lambda: (leaf(2, 5, 8), leaf(2, 5, 8), leaf(8), leaf(8), leaf(8), leaf(8))),
+        "layer_norm": (layer_norm, layer_norm_ref, "norm_residual", lambda: (leaf(2, 5, 8), leaf(8), leaf(8))),
+        "scale_add": (scale_add, scale_add_ref, "norm_residual", lambda: (leaf(2, 5, 8), leaf(2, 5, 8), leaf(8), None)),
+        "pool_mixer": (pool_mixer, pool_mixer_ref, "pool_mixer",
+                       lambda: (leaf(1, 6, 4, 3), leaf(6), leaf(6), 1e-5, leaf(6), leaf(6))),
+        "selective_scan": (selective_scan, selective_scan_ref, "selective_scan", scan),
+        "aff_filter": (aff_filter, aff_filter_ref, "aff_filter", aff),
+        "aggregated_attention": (aggregated_attention, aggregated_attention_ref, "aggregated_attention", attention),
+    }
+
+
+DISPATCHERS = sorted(_contract_cases())
+
+
+def _loss(out):
+    """Sum of every floating tensor in a dispatcher's (possibly nested) result."""
+    flat = torch.utils._pytree.tree_leaves(out)
+    return sum(o.float().sum() for o in flat if torch.is_tensor(o) and o.is_floating_point())
+
+
+def _kernel_ops():
+    """Every ForwardOp / BackwardOp instance of the kernel modules, with the module holding it."""
+    import importlib
+    import pkgutil
+
+    import metazoo.kernels as kernels
+    from metazoo.kernels._autograd import BackwardOp, ForwardOp
+
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"metazoo.kernels.{info.name}")
+        for name, value in vars(mod).items():
+            if isinstance(value, (ForwardOp, BackwardOp)):
+                yield value
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_eager_call_runs_the_autograd_function_without_the_op(name, monkeypatch):
+    """Eager forward and backward run the kernels through the autograd.Function and direct backward
+    calls, never through torch.library dispatch (which costs host time on every call)."""
+    fn, ref, _, make = _contract_cases()[name]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call entered a registered op")
+
+    for op in _kernel_ops():
+        monkeypatch.setattr(op, "op", refuse)
+    args = make()
+    out = fn(*args, backend="triton")
+    first = torch.utils._pytree.tree_leaves(out)[0]
+    assert type(first.grad_fn).__name__ == "_EagerBackward", type(first.grad_fn).__name__
+    leaves = [a for a in args if torch.is_tensor(a)]
+    grads = torch.autograd.grad(_loss(out), leaves, allow_unused=True)
+    assert grads[0] is not None and torch.isfinite(grads[0]).all(), name
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_compiled_call_sees_the_registered_op(name):
+    """torch.compile(fullgraph=True) traces the registered forward op and, in the backward graph,
+    the registered backward op (fake impls and autograd registered), with the eager values."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    fn, _, op, make = _contract_cases()[name]
+    torch._dynamo.reset()  # one lambda's code object serves every case: stay under the recompile limit
+    graphs = {}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    args = make()
+    leaves = [a for a in args if torch.is_tensor(a)]
+    eager = torch.autograd.grad(_loss(fn(*args, backend="triton")), leaves)
+    compiled = torch.compile(lambda *a: _loss(fn(*a, backend="triton")), fullgraph=True,
+                             backend=aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw")))
+    traced = torch.autograd.grad(compiled(*args), leaves)
+    assert f"metazoo.{op}_fwd.default" in graphs["fw"], sorted(graphs["fw"])
+    assert f"metazoo.{op}_bwd.default" in graphs["bw"], sorted(graphs["bw"])
+    for e, t in zip(eager, traced):
+        assert rel_err(t, e) < 1e-5
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_fx_symbolic_trace_records_the_reference(name):
+    """Under FX symbolic tracing a dispatcher is one node calling its reference (no checks or backend
+    choice run on proxies); the traced graph computes the reference's result."""
+    fn, ref, _, make = _contract_cases()[name]
+    args = [a.detach() if torch.is_tensor(a) else a for a in make()]
+
+    class Caller(torch.nn.Module):
+        """Takes the activation (the first argument) as input, holds the other tensors."""
+
+        def __init__(self):
+            super().__init__()
+            for i, a in enumerate(args[1:], 1):
+                if torch.is_tensor(a):
+                    self.register_buffer(f"a{i}", a)
+
+        def forward(self, x):
+            rest = [getattr(self, f"a{i}") if torch.is_tensor(a) else a for i, a in enumerate(args[1:], 1)]
+            return fn(x, *rest, backend="triton")
+
+    gm = torch.fx.symbolic_trace(Caller())
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [ref]
+    got, want = torch.utils._pytree.tree_leaves(gm(args[0])), torch.utils._pytree.tree_leaves(ref(*args))
+    assert len(got) == len(want) and all(g is w is None or torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_torchscript_compiles_callers_of_the_dispatchers():
+    """Scripting a module that calls a dispatcher compiles (the dispatcher is ``torch.jit.unused``);
+    its ``torch.jit.is_scripting()`` branch computes the result in plain PyTorch."""
+    for name in DISPATCHERS:
+        assert torch._jit_internal.is_ignored_fn(_contract_cases()[name][0]), name
+
+    class Caller(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(_rand(8))
+
+        def forward(self, x, y):
+            if torch.jit.is_scripting():
+                return x + y
+            out, n = norm_residual(x, y, None, None, self.w)
+            return star_relu(out, self.w[:1], self.w[1:2]) + (n if n is not None else out)
+
+    x, y = _rand(2, 8), _rand(2, 8)
+    scripted = torch.jit.script(Caller())
+    assert torch.equal(scripted(x, y), x + y)
 
 
 def _blocks():

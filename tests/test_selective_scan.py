@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from metazoo.kernels import use_backend
-from metazoo.kernels.selective_scan import _launch_cfg, _op_fwd, selective_scan, selective_scan_ref
+from metazoo.kernels.selective_scan import _fwd, _launch_cfg, selective_scan, selective_scan_ref
 
 CHUNK = _launch_cfg(4, 4)[2]  # the chunk the interpreter runs with (16)
 TOL = {torch.float32: 5e-5, torch.bfloat16: 2e-2}
@@ -128,5 +128,5 @@ def test_custom_op_registration():
     gen = torch.Generator().manual_seed(5)
     s = dict(bsz=1, dim=2, seqlen=5, n=2, groups=1, softplus=True, has_d=True, has_bias=False)
     u, delta, A, B, C, D, _ = _inputs(s, torch.float32, gen)
-    torch.library.opcheck(_op_fwd, (u, delta, A, B, C, D, None, True, True),
+    torch.library.opcheck(_fwd.op, (u, delta, A, B, C, D, None, True, True),
                           test_utils=("test_schema", "test_faketensor"))
