@@ -10,7 +10,7 @@ from torch import nn
 
 from ..layers.activations import SquaredReLU
 from ..layers.norms import LayerNorm, LayerNorm2d
-from ._common import check_input_size
+from ._common import check_global_pool, check_input_size
 
 TOTAL_STRIDE = 32
 
@@ -139,9 +139,7 @@ class NormMlpHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
                  mlp_ratio: float = 4, hidden_norm: bool = True, act_layer=nn.GELU):
         super().__init__()
-        if pool_type not in ("", "avg"):
-            raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: 'avg', ''")
-        self.pool_type = pool_type
+        self.pool_type = check_global_pool(pool_type)
         self.in_features = dim
         hidden = int(mlp_ratio * dim)
         self.norm = LayerNorm(dim)
@@ -156,9 +154,7 @@ class NormMlpHead(nn.Module):
     def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
         """Replace the classifier (dropping the norm and hidden MLP when ``reset_other``)."""
         if pool_type is not None:
-            if pool_type not in ("", "avg"):
-                raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: 'avg', ''")
-            self.pool_type = pool_type
+            self.pool_type = check_global_pool(pool_type)
         if reset_other:
             self.norm, self.pre_logits = nn.Identity(), nn.Identity()
             self.num_features = self.in_features
@@ -207,19 +203,13 @@ class NormPoolHead(nn.Module):
         super().__init__()
         self.in_features = self.num_features = dim
         self.norm = LayerNorm(dim)
-        self.pool_type = self._check_pool(pool_type)
+        self.pool_type = check_global_pool(pool_type)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    @staticmethod
-    def _check_pool(pool_type: str) -> str:
-        if pool_type not in ("", "avg"):
-            raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: 'avg', ''")
-        return pool_type
-
     def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
         if pool_type is not None:
-            self.pool_type = self._check_pool(pool_type)
+            self.pool_type = check_global_pool(pool_type)
         if reset_other:
             self.norm = nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
