@@ -133,7 +133,19 @@ class PoolNormHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class NormMlpHead(nn.Module):
+class _ResetClassifier:
+    """``reset`` of the NHWC heads: new pool type, the layers before the classifier dropped on
+    ``reset_other`` (``_reset_other``), a new classifier on ``num_features``."""
+
+    def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
+        if pool_type is not None:
+            self.pool_type = check_global_pool(pool_type)
+        if reset_other:
+            self._reset_other()
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class NormMlpHead(_ResetClassifier, nn.Module):
     """MambaOut head on NHWC: mean over H, W, LayerNorm, fc + act (+ LayerNorm), dropout, classifier."""
 
     def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
@@ -151,14 +163,9 @@ class NormMlpHead(nn.Module):
         self.head_dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
 
-    def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
-        """Replace the classifier (dropping the norm and hidden MLP when ``reset_other``)."""
-        if pool_type is not None:
-            self.pool_type = check_global_pool(pool_type)
-        if reset_other:
-            self.norm, self.pre_logits = nn.Identity(), nn.Identity()
-            self.num_features = self.in_features
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _reset_other(self) -> None:
+        self.norm, self.pre_logits = nn.Identity(), nn.Identity()
+        self.num_features = self.in_features
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: NHWC features -> logits (or the hidden MLP features with ``pre_logits``)."""
@@ -196,7 +203,7 @@ class SepConvDownsample(nn.Module):
         return self.proj(x.permute(0, 2, 3, 1))
 
 
-class NormPoolHead(nn.Module):
+class NormPoolHead(_ResetClassifier, nn.Module):
     """LayerNorm, global average pool, dropout, linear classifier; NHWC features."""
 
     def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0):
@@ -207,12 +214,8 @@ class NormPoolHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
-        if pool_type is not None:
-            self.pool_type = check_global_pool(pool_type)
-        if reset_other:
-            self.norm = nn.Identity()
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _reset_other(self) -> None:
+        self.norm = nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: NHWC -> logits (or pooled features with ``pre_logits``)."""
