@@ -11,9 +11,10 @@ import argparse
 
 import timm
 
-from ._common import load_checkpoint, save_state_dict
+from ._common import load_checkpoint, model_name, save_state_dict
 from .affnet import VARIANTS, convert_official
 
+NAMES = [model_name("affnet", size) for size in VARIANTS]
 _PROBE = "layer_5.0.block.red_1x1.block.conv.weight"  # its output channels = the last stage width
 
 
@@ -22,19 +23,20 @@ def detect_variant(state_dict) -> str:
     if _PROBE not in state_dict:
         raise ValueError(f"not an official AFFNet checkpoint: key {_PROBE!r} is missing")
     width = state_dict[_PROBE].shape[0]
-    for name, v in VARIANTS.items():
-        if v.widths[-1] == width:
+    last = {name: row["widths"][-1] for name, row in zip(NAMES, VARIANTS.values())}
+    for name, w in last.items():
+        if w == width:
             return name
     raise ValueError(f"last stage width {width} matches no variant; accepted: "
-                     + ", ".join(f"{n} ({v.widths[-1]})" for n, v in VARIANTS.items()))
+                     + ", ".join(f"{n} ({w})" for n, w in last.items()))
 
 
 def convert_file(src: str, dst: str, variant: str | None = None) -> str:
     """Read ``src`` (weights only), convert, verify with a strict load, write ``dst``; returns the variant."""
     sd = load_checkpoint(src)
     variant = variant or detect_variant(sd)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is unknown; accepted: {', '.join(VARIANTS)}")
+    if variant not in NAMES:
+        raise ValueError(f"variant={variant!r} is unknown; accepted: {', '.join(NAMES)}")
     model = timm.create_model(variant)
     ours = convert_official(sd, tuple(len(s.blocks) for s in model.stages))
     model.load_state_dict(ours, strict=True)
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", help="official checkpoint (.pt)")
     p.add_argument("dst", help="output .safetensors")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default=None, help="default: detected from widths")
+    p.add_argument("--variant", choices=NAMES, default=None, help="default: detected from widths")
     args = p.parse_args(argv)
     print(f"{args.src} -> {args.dst} ({convert_file(args.src, args.dst, args.variant)})")
 

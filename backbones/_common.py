@@ -1,15 +1,17 @@
-"""Shared plumbing for every family: safe checkpoint loading, argument validation, timm builds."""
+"""Shared plumbing for every family: registration from the variant table, safe checkpoint loading,
+argument validation, timm builds."""
 from __future__ import annotations
 
 import os
 import pickle
 import re
+import sys
 from collections import defaultdict
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
+from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, register_model
 from timm.models._registry import _model_to_module
 
 PREFIX = "mz_"
@@ -25,24 +27,61 @@ def list_families() -> dict[str, list[str]]:
     return dict(out)
 
 
+def model_name(family: str, size: str) -> str:
+    """Registered name of one variant: ``mz_<family>_<size>`` (``mz_<family>`` for the size ``""``)."""
+    return f"{PREFIX}{family}_{size}" if size else f"{PREFIX}{family}"
+
+
+def register_family(module: str, variants: Mapping[str, Mapping[str, Any]], create: Callable[..., torch.nn.Module],
+                    family: str | None = None) -> list[str]:
+    """Register one timm entry function per row of ``variants`` (size -> keyword arguments of ``create``).
+
+    ``mz_<family>_<size>(pretrained=False, **kwargs)`` calls ``create(name, pretrained, **{**row, **kwargs})``:
+    as in timm, ``create_model`` keyword arguments override the row. The function is attributed to
+    ``module`` (``__module__``, module attribute), so timm finds the module's ``default_cfgs`` (pretrained
+    tags) and :func:`list_families` files it under the module's name. ``family`` defaults to that name.
+    """
+    mod = sys.modules[module]
+    family = family or module.rsplit(".", 1)[-1]
+    names = [model_name(family, size) for size in variants]
+    for name, (size, row) in zip(names, variants.items()):
+        entry = _entry_function(name, dict(row), create)
+        entry.__module__ = module
+        entry.__doc__ = f"``{name}``: row {size!r} of the variant table, built by ``{create.__module__}.{create.__name__}``."
+        setattr(mod, name, register_model(entry))
+    return names
+
+
+def _entry_function(name: str, row: dict, create: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    """timm entry function ``name(pretrained=False, **kwargs)`` building ``row`` overridden by ``kwargs``."""
+    def entry(pretrained: bool = False, **kwargs):
+        return create(name, pretrained, **{**row, **kwargs})
+    entry.__name__ = entry.__qualname__ = name
+    return entry
+
+
+def unwrap_state_dict(obj: Any, use_ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint object: unwraps ``model`` / ``state_dict`` / ... containers
+    (``WRAPPER_KEYS``; the EMA ones only with ``use_ema``), strips wrapper prefixes, keeps tensors."""
+    keys = WRAPPER_KEYS if use_ema else tuple(k for k in WRAPPER_KEYS if "ema" not in k)
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((k for k in keys if k in obj), None)
+        if inner is None:
+            raise ValueError(f"{source} holds no tensors under any of {keys}")
+        obj = obj[inner]
+    return {strip_prefixes(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
 def load_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file without executing pickled code.
 
-    Unwraps the usual ``model`` / ``state_dict`` containers and strips ``module.``, ``backbone.``
-    and ``_orig_mod.`` prefixes. A pickle that needs anything beyond tensors and plain containers
-    raises (``weights_only=True``).
+    Unwrapped by :func:`unwrap_state_dict`. A pickle that needs anything beyond tensors and plain
+    containers raises (``weights_only=True``).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    sd = read_tensors(path)
-    keys = WRAPPER_KEYS if use_ema else tuple(k for k in WRAPPER_KEYS if "ema" not in k)
-    while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        inner = next((k for k in keys if k in sd), None)
-        if inner is None:
-            raise ValueError(f"checkpoint {path} holds no tensors under any of {keys}")
-        sd = sd[inner]
-    return {strip_prefixes(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return unwrap_state_dict(read_tensors(path), use_ema, source=f"checkpoint {path}")
 
 
 def read_tensors(path: str) -> object:
@@ -117,6 +156,13 @@ def check_input_size(x: torch.Tensor, min_size: int, name: str = "input") -> Non
     if h < min_size or w < min_size:
         raise ValueError(f"{name} spatial size {h}x{w} is smaller than the total stride; "
                          f"accepted: height and width >= {min_size}")
+
+
+def check_global_pool(pool_type: str, accepted: tuple[str, ...] = ("avg", "")) -> str:
+    """``global_pool`` must be one of ``accepted`` (``""``: no pooling); returns it."""
+    if pool_type not in accepted:
+        raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
+    return pool_type
 
 
 def check_in_chans(state_dict: Mapping[str, torch.Tensor], first_conv: str, model: torch.nn.Module) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..layers.activations import SquaredReLU
 from ..layers.norms import LayerNorm, LayerNorm2d
-from ._common import check_input_size
+from ._common import check_global_pool, check_input_size
 
 TOTAL_STRIDE = 32
 
@@ -133,15 +133,25 @@ class PoolNormHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class NormMlpHead(nn.Module):
+class _ResetClassifier:
+    """``reset`` of the NHWC heads: new pool type, the layers before the classifier dropped on
+    ``reset_other`` (``_reset_other``), a new classifier on ``num_features``."""
+
+    def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
+        if pool_type is not None:
+            self.pool_type = check_global_pool(pool_type)
+        if reset_other:
+            self._reset_other()
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class NormMlpHead(_ResetClassifier, nn.Module):
     """MambaOut head on NHWC: mean over H, W, LayerNorm, fc + act (+ LayerNorm), dropout, classifier."""
 
     def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
                  mlp_ratio: float = 4, hidden_norm: bool = True, act_layer=nn.GELU):
         super().__init__()
-        if pool_type not in ("", "avg"):
-            raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: 'avg', ''")
-        self.pool_type = pool_type
+        self.pool_type = check_global_pool(pool_type)
         self.in_features = dim
         hidden = int(mlp_ratio * dim)
         self.norm = LayerNorm(dim)
@@ -153,16 +163,9 @@ class NormMlpHead(nn.Module):
         self.head_dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
 
-    def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
-        """Replace the classifier (dropping the norm and hidden MLP when ``reset_other``)."""
-        if pool_type is not None:
-            if pool_type not in ("", "avg"):
-                raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: 'avg', ''")
-            self.pool_type = pool_type
-        if reset_other:
-            self.norm, self.pre_logits = nn.Identity(), nn.Identity()
-            self.num_features = self.in_features
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _reset_other(self) -> None:
+        self.norm, self.pre_logits = nn.Identity(), nn.Identity()
+        self.num_features = self.in_features
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: NHWC features -> logits (or the hidden MLP features with ``pre_logits``)."""
@@ -200,29 +203,19 @@ class SepConvDownsample(nn.Module):
         return self.proj(x.permute(0, 2, 3, 1))
 
 
-class NormPoolHead(nn.Module):
+class NormPoolHead(_ResetClassifier, nn.Module):
     """LayerNorm, global average pool, dropout, linear classifier; NHWC features."""
 
     def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         self.in_features = self.num_features = dim
         self.norm = LayerNorm(dim)
-        self.pool_type = self._check_pool(pool_type)
+        self.pool_type = check_global_pool(pool_type)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    @staticmethod
-    def _check_pool(pool_type: str) -> str:
-        if pool_type not in ("", "avg"):
-            raise ValueError(f"global_pool={pool_type!r} is not supported; accepted: 'avg', ''")
-        return pool_type
-
-    def reset(self, num_classes: int, pool_type: str | None = None, reset_other: bool = False) -> None:
-        if pool_type is not None:
-            self.pool_type = self._check_pool(pool_type)
-        if reset_other:
-            self.norm = nn.Identity()
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _reset_other(self) -> None:
+        self.norm = nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: NHWC -> logits (or pooled features with ``pre_logits``)."""

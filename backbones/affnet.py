@@ -1,6 +1,6 @@
 """AFFNet (Huang et al., ICCV 2023): MobileNetV2 stages, then AFF stages mixing tokens in the frequency domain.
 
-Spec sheet: the variant table, our module tree (timm style), the official (ml-cvnets) checkpoint
+Family file: the variant table, our module tree (timm style), the official (ml-cvnets) checkpoint
 key map, and the ``mz_affnet*`` registrations. Official checkpoints are OneDrive folders, not
 direct links: pass a downloaded file with ``pretrained_cfg_overlay=dict(file=...)``.
 
@@ -11,49 +11,35 @@ An AFF block is ``x + AFF(norm2(MV2(norm1(x))))`` (the MV2 block keeps its own r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from timm.layers import ClassifierHead, ConvNormAct, DropPath, make_divisible
-from timm.models import register_model
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 from torch import nn
 
-from metazoo.mixers.aff import AFFMixer
 from metazoo.layers.norms import GroupNorm1
+from metazoo.mixers.aff import AFFMixer
 
-from ._common import build, check_input_size, strip_prefixes
+from ._common import build, check_input_size, model_name, register_family, unwrap_state_dict
+from ._timm_api import TimmBackboneMixin
 
 __all__ = ["AFFNet", "checkpoint_filter_fn", "convert_official", "VARIANTS"]
 
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the official table (``mode`` is the official config's name)."""
-    mode: str
-    widths: tuple[int, ...]       # stage output channels (layer_1..layer_5)
-    mv2_expand: int               # expansion of the MobileNetV2 blocks (and AFF-stage downsamples)
-    depths: tuple[int, ...] = (1, 3, 2, 4, 3)  # MV2 blocks (stages 0-1), AFF blocks (stages 2-4)
-    ffn_ratio: float = 2.0        # expansion of the MV2 block inside each AFF block
-    fuse: bool = True             # 1x1 fusion conv of [stage input, projection] (official ``no_fuse``)
-
-
-VARIANTS = {
-    "mz_affnet_et": Variant("xx_small", (32, 48, 64, 104, 144), mv2_expand=2),
-    "mz_affnet_t": Variant("x_small", (32, 48, 96, 160, 192), mv2_expand=4),
-    "mz_affnet": Variant("small", (32, 64, 128, 256, 320), mv2_expand=4),
+VARIANTS = {  # size ("" registers mz_affnet): AFFNet arguments; official config name, params, MACs at 256 px
+    "et": dict(widths=(32, 48, 64, 104, 144), mv2_expand=2),  # xx_small, 1.4M, 0.4G
+    "t": dict(widths=(32, 48, 96, 160, 192), mv2_expand=4),   # x_small, 2.6M, 0.8G
+    "": dict(widths=(32, 64, 128, 256, 320), mv2_expand=4),   # small, 5.5M, 1.5G
 }
 STEM_WIDTH, HEAD_EXPAND, HEAD_MAX = 16, 4, 960
 NUM_MV2_STAGES = 2
 
-OFFICIAL_URLS = {  # model/log/config folders linked from the official README (microsoft/TokenMixers)
-    "mz_affnet_et": "https://1drv.ms/f/s!AjKVODXuNei2gRohpLEiih31-T24?e=KSOEZ5",
-    "mz_affnet_t": "https://1drv.ms/f/s!AjKVODXuNei2gR3bxUACGV1s-NCt?e=WrEVTC",
-    "mz_affnet": "https://1drv.ms/f/s!AjKVODXuNei2gRckRc6eJ4kB8dW3?e=7comla",
-}
+OFFICIAL_URLS = {model_name("affnet", size): url for size, url in {  # model/log/config folders linked from
+    "et": "https://1drv.ms/f/s!AjKVODXuNei2gRohpLEiih31-T24?e=KSOEZ5",  # the official README (microsoft/TokenMixers)
+    "t": "https://1drv.ms/f/s!AjKVODXuNei2gR3bxUACGV1s-NCt?e=WrEVTC",
+    "": "https://1drv.ms/f/s!AjKVODXuNei2gRckRc6eJ4kB8dW3?e=7comla",
+}.items()}
 ACT_LAYERS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
@@ -74,6 +60,15 @@ class ChannelLayerNorm(nn.LayerNorm):
         std, mean = torch.std_mean(xf, dim=1, keepdim=True, unbiased=False)
         y = (xf - mean) / (std + self.eps)
         return torch.addcmul(self.bias.view(1, -1, 1, 1), y, self.weight.view(1, -1, 1, 1)).to(x.dtype)
+
+
+class Stem(ConvNormAct):
+    """3x3 stride-2 conv, BN, act; rejects inputs smaller than the network's total stride (32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: NCHW image."""
+        check_input_size(x, 32)
+        return super().forward(x)
 
 
 NORM_LAYERS = {"layer_norm": ChannelLayerNorm, "layer_norm_2d": lambda c: GroupNorm1(c, eps=1e-5)}
@@ -154,10 +149,13 @@ class AFFStage(nn.Module):
         return self.fusion(torch.cat((x, y), dim=1)) if self.fusion is not None else y
 
 
-class AFFNet(nn.Module):
+class AFFNet(TimmBackboneMixin, nn.Module):
     """AFFNet classifier/backbone with timm's model API (NCHW in, features at strides 2..32)."""
 
-    def __init__(self, widths=VARIANTS["mz_affnet"].widths, depths=(1, 3, 2, 4, 3), mv2_expand: float = 4,
+    block_groups = coarse_block_groups = [(r"^stages\.(\d+)", None), (r"^final_conv", (99999,))]
+    no_weight_decay_pattern = r"\.mixer\.b[12]$"  # the filter biases: 2-D, so timm's 1-D rule would decay them
+
+    def __init__(self, widths=VARIANTS[""]["widths"], depths=(1, 3, 2, 4, 3), mv2_expand: float = 4,
                  ffn_ratio: float = 2.0, fuse: bool = True, in_chans: int = 3, num_classes: int = 1000,
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  act: str = "relu", norm: str = "layer_norm", num_freq_blocks: int = 8, lambd: float = 0.01,
@@ -172,7 +170,8 @@ class AFFNet(nn.Module):
         act_layer, norm_layer = ACT_LAYERS[act], NORM_LAYERS[norm]
         mixer_kwargs = dict(num_blocks=num_freq_blocks, lambd=lambd, act=act, filter_dtype=filter_dtype)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
-        self.stem = ConvNormAct(in_chans, STEM_WIDTH, 3, stride=2, act_layer=act_layer)
+        self.grad_checkpointing = False
+        self.stem = Stem(in_chans, STEM_WIDTH, 3, stride=2, act_layer=act_layer)
         n_aff = sum(depths[NUM_MV2_STAGES:])
         dpr = [drop_path_rate * i / max(n_aff - 1, 1) for i in range(n_aff)]  # linear rule over AFF blocks
         stages, prev, reduction, self.feature_info = [], STEM_WIDTH, 2, []
@@ -190,6 +189,7 @@ class AFFNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = min(HEAD_EXPAND * prev, HEAD_MAX)
         self.final_conv = ConvNormAct(prev, self.num_features, 1, act_layer=act_layer)
+        self.head_layer = ClassifierHead
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
 
@@ -203,66 +203,14 @@ class AFFNet(nn.Module):
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^final_conv", (99999,))])
+    def _forward_final(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_conv(x)
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The filter biases (2-D tensors, so timm's 1-D rule would otherwise decay them)."""
-        return {n for n, _ in self.named_parameters() if re.search(r"\.mixer\.b[12]$", n)}
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs at ``indices`` (timm semantics); ``norm`` is accepted for API parity (no-op)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; accepted: NCHW")
-        check_input_size(x, 32, "x")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.final_conv(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        """Drop stages after the last index taken (and the head) for feature extraction."""
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
+        """``reset_other`` also drops the 1x1 expansion conv before the head (as pruning needs)."""
+        if reset_other:
             self.final_conv = nn.Identity()
-            self.reset_classifier(0, "")
-        return take
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, 32, "x")
-        return self.final_conv(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        super().reset_classifier(num_classes, global_pool, reset_other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,8 +280,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: AFFNet) -> 
 
     Accepts ml-cvnets' training checkpoints too (weights under ``model_state_dict``, DDP prefixes).
     """
-    if isinstance(state_dict.get("model_state_dict"), dict):
-        state_dict = {strip_prefixes(k): v for k, v in state_dict["model_state_dict"].items()}
+    state_dict = unwrap_state_dict(state_dict)
     if "stem.conv.weight" in state_dict:
         return state_dict
     depths = tuple(len(s.blocks) for s in model.stages)
@@ -351,9 +298,7 @@ def _cfg(**kwargs) -> dict:
                 paper_ids="arXiv:2307.14008", **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    f"{name}.in1k": _cfg(origin_url=url) for name, url in OFFICIAL_URLS.items()
-})
+default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg(origin_url=url) for name, url in OFFICIAL_URLS.items()})
 
 
 def _require_local_file(variant: str, pretrained: bool, kwargs: dict) -> None:
@@ -369,25 +314,8 @@ def _require_local_file(variant: str, pretrained: bool, kwargs: dict) -> None:
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AFFNet:
     _require_local_file(variant, pretrained, kwargs)
-    v = VARIANTS[variant]
-    model_args = dict(widths=v.widths, depths=v.depths, mv2_expand=v.mv2_expand, ffn_ratio=v.ffn_ratio, fuse=v.fuse)
-    return build(AFFNet, variant, pretrained, num_stages=len(v.widths), pretrained_filter_fn=checkpoint_filter_fn,
-                 **dict(model_args, **kwargs))
+    return build(AFFNet, variant, pretrained, num_stages=len(kwargs["widths"]),
+                 pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-@register_model
-def mz_affnet_et(pretrained: bool = False, **kwargs) -> AFFNet:
-    """AFFNet-ET (official ``xx_small``): 1.4M params, 0.4G MACs at 256x256."""
-    return _create("mz_affnet_et", pretrained, **kwargs)
-
-
-@register_model
-def mz_affnet_t(pretrained: bool = False, **kwargs) -> AFFNet:
-    """AFFNet-T (official ``x_small``): 2.6M params, 0.8G MACs at 256x256."""
-    return _create("mz_affnet_t", pretrained, **kwargs)
-
-
-@register_model
-def mz_affnet(pretrained: bool = False, **kwargs) -> AFFNet:
-    """AFFNet (official ``small``): 5.5M params, 1.5G MACs at 256x256."""
-    return _create("mz_affnet", pretrained, **kwargs)
+register_family(__name__, VARIANTS, _create)

@@ -6,17 +6,17 @@ from functools import partial
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from torch import nn
 
 from ..mixers.gated_cnn import GatedCNNBlock
-from ._common import build, check_in_chans, mirror_timm_cfgs, rename_keys
+from ._common import build, check_in_chans, mirror_timm_cfgs, register_family, rename_keys, unwrap_state_dict
 from ._layers import ConvStem, DownsamplingNHWC, NormMlpHead
 from .metaformer import MetaFormer
 
 T_DIMS, B_DIMS = (96, 192, 384, 576), (128, 256, 512, 768)
 _RW = dict(stem_mid_norm=False, downsample="conv_nf", ls_init_value=1e-6, head_fn="norm_mlp")
-VARIANTS = {
+VARIANTS = {  # size: _create arguments
     "femto": dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288)),
     "kobe": dict(depths=(3, 3, 15, 3), dims=(48, 96, 192, 288)),
     "tiny": dict(depths=(3, 3, 9, 3), dims=T_DIMS),
@@ -45,6 +45,7 @@ _OFFICIAL_RULES = [
 
 def checkpoint_filter_fn(state_dict: dict, model) -> dict:
     """Accept timm's layout as is; convert the official release's layout."""
+    state_dict = unwrap_state_dict(state_dict)
     if "downsample_layers.0.conv1.weight" in state_dict:
         state_dict = rename_keys(state_dict, _OFFICIAL_RULES)
     check_in_chans(state_dict, "stem.conv1", model)
@@ -60,68 +61,19 @@ def _cfg(url: str = "", **kwargs) -> dict:
 
 default_cfgs = generate_default_cfgs(mirror_timm_cfgs([f"mambaout_{s}" for s in VARIANTS], _cfg))
 
+BLOCK_ARGS = ("expansion_ratio", "kernel_size", "conv_ratio", "ls_init_value")  # GatedCNNBlock arguments
 
-def _create(size: str, pretrained: bool, **kwargs):
-    spec = dict(VARIANTS[size])
-    spec.update({k: kwargs.pop(k) for k in list(kwargs) if k in spec})  # timm: kwargs override the variant
-    depths, dims = spec.pop("depths"), spec.pop("dims")
-    act_name = spec.pop("act_layer", "gelu")
-    act = nn.GELU if act_name == "gelu" else get_act_layer(act_name)  # nn.GELU: the fused gated-conv path
-    stem_mid_norm = spec.pop("stem_mid_norm", True)
-    norm_first = spec.pop("downsample", "conv") == "conv_nf"
-    hidden_norm = spec.pop("head_fn", "default") == "default"
-    return build(MetaFormer, f"mz_mambaout_{size}", pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                 depths=depths, dims=dims, block_layer=GatedCNNBlock, block_kwargs=dict(act_layer=act, **spec),
+
+def _create(variant: str, pretrained: bool, *, depths, dims, act_layer: str = "gelu", stem_mid_norm: bool = True,
+            downsample: str = "conv", head_fn: str = "default", **kwargs):
+    """Build one variant from its row (timm's MambaOut arguments) plus timm's arguments."""
+    act = nn.GELU if act_layer == "gelu" else get_act_layer(act_layer)  # nn.GELU: the fused gated-conv path
+    block_kwargs = dict(act_layer=act, **{k: kwargs.pop(k) for k in BLOCK_ARGS if k in kwargs})
+    return build(MetaFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                 depths=depths, dims=dims, block_layer=GatedCNNBlock, block_kwargs=block_kwargs,
                  stem_layer=partial(ConvStem, mid_norm=stem_mid_norm, act_layer=act),
-                 downsample_layer=partial(DownsamplingNHWC, norm_first=norm_first),
-                 head_layer=partial(NormMlpHead, hidden_norm=hidden_norm), output_fmt="NHWC", **kwargs)
+                 downsample_layer=partial(DownsamplingNHWC, norm_first=downsample == "conv_nf"),
+                 head_layer=partial(NormMlpHead, hidden_norm=head_fn == "default"), output_fmt="NHWC", **kwargs)
 
 
-@register_model
-def mz_mambaout_femto(pretrained=False, **kwargs):
-    return _create("femto", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_kobe(pretrained=False, **kwargs):
-    return _create("kobe", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_tiny(pretrained=False, **kwargs):
-    return _create("tiny", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_small(pretrained=False, **kwargs):
-    return _create("small", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_base(pretrained=False, **kwargs):
-    return _create("base", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_small_rw(pretrained=False, **kwargs):
-    return _create("small_rw", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_base_short_rw(pretrained=False, **kwargs):
-    return _create("base_short_rw", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_base_tall_rw(pretrained=False, **kwargs):
-    return _create("base_tall_rw", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_base_wide_rw(pretrained=False, **kwargs):
-    return _create("base_wide_rw", pretrained, **kwargs)
-
-
-@register_model
-def mz_mambaout_base_plus_rw(pretrained=False, **kwargs):
-    return _create("base_plus_rw", pretrained, **kwargs)
+register_family(__name__, VARIANTS, _create)

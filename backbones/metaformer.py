@@ -11,8 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..kernels.group_norm import group_norm1
@@ -23,6 +22,7 @@ from ..mixers.identity import IdentityMixer
 from ..mixers.mlp import Mlp
 from ..layers.norms import GroupNorm1, LayerNorm, LayerNorm2d
 from ..mixers.pooling import Pooling
+from ._timm_api import TimmBackboneMixin
 
 
 class MetaFormerBlock(nn.Module):
@@ -150,10 +150,11 @@ def _per_stage(value, n: int, name: str) -> list:
     return [value] * n
 
 
-class MetaFormer(nn.Module):
+class MetaFormer(TimmBackboneMixin, nn.Module):
     """Hierarchical MetaFormer: ``stem_layer(in_chans, dims[0])``, ``downsample_layer(d_in, d_out)``
     before stages 1.., ``block_layer[i](dim=, drop_path=, **block_kwargs[i])``, ``head_layer(dim,
-    num_classes, pool_type=, drop_rate=)``. ``output_fmt`` is the layout between stages."""
+    num_classes, pool_type=, drop_rate=)``. ``output_fmt`` is the layout between stages. timm's model API
+    comes from :class:`TimmBackboneMixin`."""
 
     def __init__(self, depths: Sequence[int], dims: Sequence[int], *, stem_layer, downsample_layer, head_layer,
                  block_layer=MetaFormerBlock, block_kwargs: dict | Sequence[dict] = (), in_chans: int = 3,
@@ -197,65 +198,6 @@ class MetaFormer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # ---- timm model API -------------------------------------------------------------------
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Scales, norms and biases (1-D parameters) are excluded from weight decay."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
-        device = next(self.parameters()).device
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, reset_other=reset_other)
-        self.head.to(device)
-        self.head_hidden_size = self.head.num_features
-
-    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Final features plus the outputs of the stages picked by ``indices`` (timm semantics)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt={output_fmt!r}; accepted: 'NCHW', 'NHWC'")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        native = getattr(self, "output_fmt", "NCHW")
-        x = self.stem(x)
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
-            if i in take_indices:
-                y = x
-                if native != output_fmt:
-                    y = y.permute(0, 3, 1, 2) if native == "NHWC" else y.permute(0, 2, 3, 1)
-                intermediates.append(y.contiguous() if native != output_fmt else y)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        """Drop stages after the last one ``indices`` needs (and the head)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.feature_info[max_index]["num_chs"]
-            self.head = self.head_layer(self.num_features, 0, pool_type="avg").to(next(self.parameters()).device)
-        if prune_head or prune_end:
-            self.reset_classifier(0, "", reset_other=True)
-        return take_indices
-
     @torch.jit.ignore
     def reparameterize(self) -> "MetaFormer":
         """Inference form: every block folds a re-parameterisable token mixer away (RIFormer); in place."""
@@ -265,16 +207,3 @@ class MetaFormer(nn.Module):
         return self
 
     switch_to_deploy = reparameterize  # mmpretrain's name for the same switch
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (NCHW) -> last-stage features in the model's layout."""
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

@@ -5,43 +5,15 @@ from __future__ import annotations
 
 from functools import partial
 
-from timm.models import register_model
-
 from ..mixers.identity import IdentityMixer
 from ..mixers.random_mixing import RandomMixing
-from . import _sail
-from .identityformer import SPEC, VARIANTS, sail_cfgs
+from . import _metaformer_baselines as baselines
+from ._common import register_family
+from .identityformer import SIZES, SPEC, sail_cfgs
 
-default_cfgs = sail_cfgs("randformer")
 # tokens of stages 3 and 4 at the 224 px training size (strides 16 and 32)
 MIXERS = [IdentityMixer, IdentityMixer, partial(RandomMixing, num_tokens=14 * 14), partial(RandomMixing, num_tokens=7 * 7)]
+VARIANTS = {size: dict(**dd, **SPEC, token_mixers=MIXERS) for size, dd in SIZES.items()}  # baselines.create
 
-
-def _create(size: str, pretrained: bool, **kwargs):
-    spec = dict(**VARIANTS[size], **SPEC, token_mixers=MIXERS)
-    return _sail.create(f"mz_randformer_{size}", pretrained, spec, **kwargs)
-
-
-@register_model
-def mz_randformer_s12(pretrained=False, **kwargs):
-    return _create("s12", pretrained, **kwargs)
-
-
-@register_model
-def mz_randformer_s24(pretrained=False, **kwargs):
-    return _create("s24", pretrained, **kwargs)
-
-
-@register_model
-def mz_randformer_s36(pretrained=False, **kwargs):
-    return _create("s36", pretrained, **kwargs)
-
-
-@register_model
-def mz_randformer_m36(pretrained=False, **kwargs):
-    return _create("m36", pretrained, **kwargs)
-
-
-@register_model
-def mz_randformer_m48(pretrained=False, **kwargs):
-    return _create("m48", pretrained, **kwargs)
+default_cfgs = sail_cfgs("randformer")
+register_family(__name__, VARIANTS, baselines.create)

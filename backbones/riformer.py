@@ -6,18 +6,21 @@ the deploy form runs no token mixer at all. Weights: OpenMMLab mmpretrain (``bac
 from __future__ import annotations
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from torch import nn
 
 from ..layers.norms import GroupNorm1
 from ..mixers.affine import Affine, fold_affine
 from ..mixers.identity import IdentityMixer
-from . import _sail
-from ._common import rename_keys, strip_prefixes
-from .identityformer import VARIANTS as SIZES
+from . import _metaformer_baselines as baselines
+from ._common import register_family, rename_keys, unwrap_state_dict
+from .poolformer import SIZES
 
-VARIANTS = {s: dict(**SIZES[s], layer_scale_init_values=ls)
-            for s, ls in (("s12", 1e-5), ("s24", 1e-5), ("s36", 1e-6), ("m36", 1e-6), ("m48", 1e-6))}
+# PoolFormer v1's macro design (GroupNorm(1) with bias, GELU MLP with bias, layer scale, linear head),
+# the affine mixer, and a head that normalises the map before pooling
+SPEC = dict(token_mixers=Affine, norm_layers=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True, res_scale_init_values=None,
+            mlp_head=False, head_kwargs=dict(norm_layer=GroupNorm1, norm_first=True))
+VARIANTS = {size: dict(**dd, **SPEC) for size, dd in SIZES.items()}  # size: _create arguments
 
 _MM = "https://download.openmmlab.com/mmclassification/v1/riformer/riformer-"
 _FILES = {  # size: (224 px file, 384 px file), configs/riformer/metafile.yml of mmpretrain
@@ -34,8 +37,8 @@ def _cfgs() -> dict:
     out = {}
     for s, (f224, f384) in _FILES.items():
         small = s.startswith("s")
-        out[f"mz_riformer_{s}.mmpretrain_in1k"] = _sail.make_cfg(url=f"{_MM}{f224}.pth", crop_pct=0.9 if small else 0.95)
-        out[f"mz_riformer_{s}.mmpretrain_in1k_384"] = _sail.make_cfg(
+        out[f"mz_riformer_{s}.mmpretrain_in1k"] = baselines.make_cfg(url=f"{_MM}{f224}.pth", crop_pct=0.9 if small else 0.95)
+        out[f"mz_riformer_{s}.mmpretrain_in1k_384"] = baselines.make_cfg(
             url=f"{_MM}{f384}.pth", input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=0.9 if small else 0.95)
     return generate_default_cfgs(out)
 
@@ -63,38 +66,15 @@ def _to_model_form(sd: dict, model: nn.Module) -> dict:
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """mmpretrain layout (``backbone.network.*``, ``backbone.norm6``, ``head.fc``) or ours -> ours."""
-    sd = rename_keys({strip_prefixes(k): v for k, v in state_dict.items()}, [(r"^norm6\.", "norm.")])
-    return _to_model_form(_sail.checkpoint_filter_fn(sd, model), model)
+    sd = rename_keys(unwrap_state_dict(state_dict), [(r"^norm6\.", "norm.")])
+    return _to_model_form(baselines.checkpoint_filter_fn(sd, model), model)
 
 
-def _create(size: str, pretrained: bool, deploy: bool = False, **kwargs):
+def _create(variant: str, pretrained: bool, deploy: bool = False, **kwargs):
     """``deploy=True`` builds the inference form directly (identity mixer; either checkpoint form loads)."""
-    spec = dict(**VARIANTS[size], token_mixers=IdentityMixer if deploy else Affine, norm_layers=GroupNorm1,
-                mlp_act=nn.GELU, mlp_bias=True, res_scale_init_values=None, mlp_head=False,
-                head_kwargs=dict(norm_layer=GroupNorm1, norm_first=True))
-    return _sail.create(f"mz_riformer_{size}", pretrained, spec, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    if deploy:
+        kwargs["token_mixers"] = IdentityMixer
+    return baselines.create(variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-@register_model
-def mz_riformer_s12(pretrained=False, **kwargs):
-    return _create("s12", pretrained, **kwargs)
-
-
-@register_model
-def mz_riformer_s24(pretrained=False, **kwargs):
-    return _create("s24", pretrained, **kwargs)
-
-
-@register_model
-def mz_riformer_s36(pretrained=False, **kwargs):
-    return _create("s36", pretrained, **kwargs)
-
-
-@register_model
-def mz_riformer_m36(pretrained=False, **kwargs):
-    return _create("m36", pretrained, **kwargs)
-
-
-@register_model
-def mz_riformer_m48(pretrained=False, **kwargs):
-    return _create("m48", pretrained, **kwargs)
+register_family(__name__, VARIANTS, _create)

@@ -1,6 +1,6 @@
 """TransNeXt (Shi, CVPR 2024): aggregated attention + Convolutional GLU, four overlapping-patch stages.
 
-Spec sheet: variant table, official checkpoint handling, timm registration. Module and parameter
+Family file: variant table, official checkpoint handling, timm registration. Module and parameter
 names equal the official ``classification/transnext.py`` so its ``.pth`` files load with
 ``strict=True`` (only the ``model`` wrapper is removed). Runs at any input size >= 32: the
 position-bias tables are rebuilt (cached) for the actual feature size; at the construction size
@@ -12,28 +12,27 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs
 from timm.models._manipulate import checkpoint
 
 from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention, relative_position_table
 from metazoo.mixers.convglu import ConvGLU
 
-from ._common import build, check_in_chans, check_input_size, strip_prefixes
+from ._common import build, check_global_pool, check_in_chans, check_input_size, register_family, unwrap_state_dict
+from ._timm_api import TimmBackboneMixin
 
 __all__ = ["TransNeXt", "checkpoint_filter_fn", "VARIANTS"]
 
 MIN_INPUT = 32
 NUM_STAGES = 4
 
-VARIANTS = {
-    # name: embed dims, heads, depths, sr ratios, window sizes (None: plain attention), mlp ratios
+VARIANTS = {  # size: TransNeXt arguments (embed dims, heads, depths; sr ratios, window sizes, image sizes)
     "micro": dict(embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2)),
     "tiny": dict(embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24), depths=(2, 2, 15, 2)),
     "small": dict(embed_dims=(72, 144, 288, 576), num_heads=(3, 6, 12, 24), depths=(5, 5, 22, 5)),
     "base": dict(embed_dims=(96, 192, 384, 768), num_heads=(4, 8, 16, 32), depths=(5, 5, 23, 5)),
     "micro_aaaa": dict(embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2),
-                       sr_ratios=(16, 8, 4, 2), window_sizes=(3, 3, 3, 3)),
+                       sr_ratios=(16, 8, 4, 2), window_sizes=(3, 3, 3, 3), img_size=256, pretrain_size=256),
 }
 
 
@@ -88,7 +87,7 @@ class TransNeXtBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x), height, width))
 
 
-class TransNeXt(nn.Module):
+class TransNeXt(TimmBackboneMixin, nn.Module):
     """Four stages of overlapping patch embedding + TransNeXt blocks + LayerNorm; mean-pool head.
 
     ``img_size`` only seeds the cached position tables; any input >= 32 px runs. ``pretrain_size``
@@ -96,8 +95,17 @@ class TransNeXt(nn.Module):
     coordinates: keep 224 when running 224-pretrained weights at another size. ``recompute``
     (training only; True, False, or a subset of ``("gate", "pool")``) recomputes the cheap ConvGLU
     gate and/or pooled-key branches in the backward instead of storing their full-resolution
-    intermediates (both: about 35% less activation memory).
+    intermediates (both: about 35% less activation memory). Module names are the official ones
+    (``patch_embed<i>``, ``block<i>``, ``norm<i>``, a bare ``head`` Linear), so the stage and head
+    hooks of :class:`TimmBackboneMixin` are overridden.
     """
+
+    stem_group = r"^patch_embed1\."
+    coarse_block_groups = r"^(?:patch_embed|block|norm)(\d+)"
+    block_groups = [(r"^patch_embed(\d+)", (-1,)), (r"^block(\d+)\.(\d+)", None), (r"^norm(\d+)", (99999,))]
+    # the official list: query embeddings, local biases, position-bias MLPs, temperatures
+    no_weight_decay_pattern = r"query_embedding|relative_pos_bias_local|cpb|temperature"
+    head_layer = None
 
     def __init__(self, img_size: int = 224, pretrain_size: int | None = None, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", embed_dims=(48, 96, 192, 384),
@@ -107,9 +115,7 @@ class TransNeXt(nn.Module):
                  recompute=True):
         super().__init__()
         recompute = recompute_parts(recompute)  # validated once; the blocks take the parsed set
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r} is not supported; accepted: 'avg', ''")
-        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
+        self.num_classes, self.global_pool, self.in_chans = num_classes, check_global_pool(global_pool), in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.embed_dims, self.sr_ratios, self.num_stages = tuple(embed_dims), tuple(sr_ratios), NUM_STAGES
         self.grad_checkpointing = False
@@ -153,35 +159,42 @@ class TransNeXt(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # --- timm API -------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        """Official keyword list: query embeddings, local biases, position-bias MLPs, temperatures."""
-        keys = ("query_embedding", "relative_pos_bias_local", "cpb", "temperature")
-        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        if coarse:
-            return dict(stem=r"^patch_embed1\.", blocks=r"^(?:patch_embed|block|norm)(\d+)")
-        return dict(stem=r"^patch_embed1\.", blocks=[(r"^patch_embed(\d+)", (-1,)), (r"^block(\d+)\.(\d+)", None),
-                                                     (r"^norm(\d+)", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
+    # --- timm API: the bare Linear head and the official stage layout ---------------------------
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False):
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r} is not supported; accepted: 'avg', ''")
-            self.global_pool = global_pool
+            self.global_pool = check_global_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def _num_stages(self) -> int:
+        return self.num_stages
+
+    def _forward_stages(self, x: torch.Tensor, last: int, take: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """NCHW image -> NCHW output of stage ``last`` (after its LayerNorm), plus the stages in ``take``."""
+        check_input_size(x, MIN_INPUT)
+        tables = self._position_tables(x.shape[-2], x.shape[-1])
+        taken = []
+        for i in range(last + 1):
+            x = self._stage(i, x, tables[i])
+            if i in take:
+                taken.append(x)
+        return x, taken
+
+    def _keep_stages(self, n: int) -> None:
+        for i in range(n, self.num_stages):
+            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
+                delattr(self, name)
+        self.num_stages = n
 
     # --- forward --------------------------------------------------------------------------------
     def _stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
@@ -221,58 +234,12 @@ class TransNeXt(nn.Module):
         x = getattr(self, f"norm{i + 1}")(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """NCHW image -> NCHW stride-32 features after the last stage's norm."""
-        check_input_size(x, MIN_INPUT)
-        tables = self._position_tables(x.shape[-2], x.shape[-1])
-        for i in range(self.num_stages):
-            x = self._stage(i, x, tables[i])
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Per-stage NCHW outputs (after each stage's own LayerNorm) for ``indices`` (timm semantics)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; accepted: 'NCHW'")
-        check_input_size(x, MIN_INPUT)
-        take_indices, max_index = feature_take_indices(self.num_stages, indices)
-        intermediates = []
-        last = max_index if stop_early or intermediates_only else self.num_stages - 1
-        tables = self._position_tables(x.shape[-2], x.shape[-1])
-        for i in range(last + 1):
-            x = self._stage(i, x, tables[i])
-            if i in take_indices:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        """Drop the stages after the last requested one (and the head)."""
-        take_indices, max_index = feature_take_indices(self.num_stages, indices)
-        for i in range(max_index + 1, self.num_stages):
-            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
-                delattr(self, name)
-        self.num_stages = max_index + 1
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
 
 def checkpoint_filter_fn(state_dict, model: TransNeXt):
     """Official checkpoints already use our names: unwrap ``model``, strip wrapper prefixes, drop
     derived tables (none are persistent in the official files, older exports may hold them)."""
-    if "model" in state_dict:
-        state_dict = state_dict["model"]
     derived = ("relative_pos_index", "relative_coords_table", "seq_length_scale", "padding_mask")
-    out = {strip_prefixes(k): v for k, v in state_dict.items() if not k.split(".")[-1].startswith(derived)}
+    out = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.split(".")[-1].startswith(derived)}
     check_in_chans(out, "patch_embed1.proj", model)
     return out
 
@@ -303,38 +270,14 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> TransNeXt:
-    arch = f"mz_transnext_{variant}"
+    """A ``<model>.in1k_384`` tag builds its tables at 384 px unless ``img_size`` is given."""
     if "img_size" not in kwargs and isinstance(kwargs.get("pretrained_cfg"), str):
-        tag_cfg = default_cfgs[arch].cfgs.get(kwargs["pretrained_cfg"])
+        tag_cfg = default_cfgs[variant].cfgs.get(kwargs["pretrained_cfg"])
         if tag_cfg is not None:
             kwargs["img_size"] = tag_cfg.input_size[-1]
-    if variant == "micro_aaaa":
-        kwargs.setdefault("img_size", 256)
-    kwargs.setdefault("pretrain_size", 224 if variant != "micro_aaaa" else 256)
-    return build(TransNeXt, arch, pretrained, num_stages=NUM_STAGES, pretrained_filter_fn=checkpoint_filter_fn,
-                 feature_cfg=dict(feature_cls="getter"), **{**VARIANTS[variant], **kwargs})
+    kwargs.setdefault("pretrain_size", 224)
+    return build(TransNeXt, variant, pretrained, num_stages=NUM_STAGES, pretrained_filter_fn=checkpoint_filter_fn,
+                 feature_cfg=dict(feature_cls="getter"), **kwargs)
 
 
-@register_model
-def mz_transnext_micro(pretrained: bool = False, **kwargs) -> TransNeXt:
-    return _create("micro", pretrained, **kwargs)
-
-
-@register_model
-def mz_transnext_tiny(pretrained: bool = False, **kwargs) -> TransNeXt:
-    return _create("tiny", pretrained, **kwargs)
-
-
-@register_model
-def mz_transnext_small(pretrained: bool = False, **kwargs) -> TransNeXt:
-    return _create("small", pretrained, **kwargs)
-
-
-@register_model
-def mz_transnext_base(pretrained: bool = False, **kwargs) -> TransNeXt:
-    return _create("base", pretrained, **kwargs)
-
-
-@register_model
-def mz_transnext_micro_aaaa(pretrained: bool = False, **kwargs) -> TransNeXt:
-    return _create("micro_aaaa", pretrained, **kwargs)
+register_family(__name__, VARIANTS, _create)

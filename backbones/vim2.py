@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ..mixers.mambamixer import SelectiveChannelMixer, SelectiveTokenMixer
 from ..layers.norms import LayerNorm
-from ._common import build
+from ._common import build, register_family
 from ._layers import NormPoolHead, PatchifyStem, SepConvDownsample
 from .metaformer import MetaFormer
 
 # dims, token mixers and channel mixers per stage (paper table); block width (token-mixer
 # expansion and channel-mixer width, in units of dim) per stage: 2, 2, 2, 1.
-VARIANTS = {
+VARIANTS = {  # size: ViM2 arguments
     "t": dict(dims=(96, 192, 384, 768), token_mixers=(2, 2, 6, 2), channel_mixers=(1, 1, 3, 1)),
     "s": dict(dims=(96, 192, 384, 768), token_mixers=(2, 2, 18, 2), channel_mixers=(1, 1, 9, 1)),
     "b": dict(dims=(128, 256, 512, 1024), token_mixers=(2, 2, 18, 2), channel_mixers=(1, 1, 9, 1)),
@@ -94,6 +94,8 @@ class ViM2(MetaFormer):
     """ViM2 on the MetaFormer skeleton: 4x4 patchify stem, four NHWC stages (one
     :class:`WeightedAverageStack` each), separable-conv downsampling, norm + GAP + linear head."""
 
+    block_groups = [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.0\.mixers\.(\d+)", None)]
+
     def __init__(self, dims=(96, 192, 384, 768), token_mixers=(2, 2, 6, 2), channel_mixers=(1, 1, 3, 1),
                  widths=WIDTHS, d_state: int = 16, drop_path_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  **kwargs):
@@ -109,11 +111,6 @@ class ViM2(MetaFormer):
         super().__init__(depths=(1,) * len(dims), dims=dims, stem_layer=PatchifyStem,
                          downsample_layer=SepConvDownsample, head_layer=NormPoolHead,
                          block_layer=_stack_block, block_kwargs=block_kwargs, output_fmt="NHWC", **kwargs)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.0\.mixers\.(\d+)", None)])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -139,24 +136,12 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = generate_default_cfgs({f"mz_vim2_{s}": _cfg() for s in VARIANTS})
 
 
-def _create(size: str, pretrained: bool, **kwargs):
+def _create(variant: str, pretrained: bool, **kwargs):
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and not any(overlay.get(k) for k in ("file", "url", "hf_hub_id", "state_dict")):
-        raise RuntimeError(f"mz_vim2_{size}: no pretrained ViM2 weights exist (the paper released none); "
+        raise RuntimeError(f"{variant}: no pretrained ViM2 weights exist (the paper released none); "
                            "use pretrained=False, or pass pretrained_cfg_overlay=dict(file=<your checkpoint>)")
-    return build(ViM2, f"mz_vim2_{size}", pretrained, **{**VARIANTS[size], **kwargs})
+    return build(ViM2, variant, pretrained, **kwargs)
 
 
-@register_model
-def mz_vim2_t(pretrained=False, **kwargs):
-    return _create("t", pretrained, **kwargs)
-
-
-@register_model
-def mz_vim2_s(pretrained=False, **kwargs):
-    return _create("s", pretrained, **kwargs)
-
-
-@register_model
-def mz_vim2_b(pretrained=False, **kwargs):
-    return _create("b", pretrained, **kwargs)
+register_family(__name__, VARIANTS, _create)

@@ -16,10 +16,8 @@ from collections import defaultdict
 
 import torch
 
+from metazoo.bench.models import MODELS
 from metazoo.kernels import use_backend
-
-MODELS = {"poolformer_s12": "mz_poolformer_s12", "convformer_s18": "mz_convformer_s18",
-          "caformer_s18": "mz_caformer_s18", "mambaout_tiny": "mz_mambaout_tiny"}
 
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:

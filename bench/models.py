@@ -173,7 +173,7 @@ def check_against_timm(name: str, batch: int = 8) -> dict:
 def check_against_official(name: str, batch: int = 8) -> dict:
     """The official model's state dict, converted on load into ours: fp32 logits relative error (TF32 off),
     and for RIFormer-style models the deploy form against the training form."""
-    from metazoo.backbones import _sail
+    from metazoo.backbones import _metaformer_baselines as baselines
 
     defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -182,7 +182,7 @@ def check_against_official(name: str, batch: int = 8) -> dict:
     with torch.no_grad():
         if name in OFFICIAL and _official is not None:
             ref, ours = build(name, "official_eager").eval(), build(name, "ours_eager").eval()
-            ours.load_state_dict(_sail.checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
+            ours.load_state_dict(baselines.checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
             want = ref(x)
             res["logits_rel_err_vs_official_fp32"] = ((ours(x) - want).norm() / want.norm()).item()
         if name in DEPLOY:

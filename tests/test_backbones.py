@@ -176,3 +176,25 @@ def test_tags_and_num_classes():
     assert m.num_classes == 21841 and m.pretrained_cfg["hf_hub_id"] == "timm/caformer_s18.sail_in22k"
     m = timm.create_model("mz_caformer_b36.sail_in22k_ft_in1k_384")
     assert m.pretrained_cfg["input_size"] == (3, 384, 384)
+
+
+def test_family_registration_from_the_variant_table():
+    """register_family: one entry function per VARIANTS row, attributed to the family module."""
+    from metazoo.backbones import list_families, poolformer
+    from timm.models import model_entrypoint
+    fn = model_entrypoint("mz_poolformerv2_m36")
+    assert fn is poolformer.mz_poolformerv2_m36
+    assert (fn.__module__, fn.__name__, fn.__qualname__) == (poolformer.__name__, "mz_poolformerv2_m36", "mz_poolformerv2_m36")
+    assert sorted(list_families()["poolformer"]) == sorted(
+        [f"mz_poolformer_{s}" for s in poolformer.VARIANTS] + [f"mz_poolformerv2_{s}" for s in poolformer.VARIANTS_V2])
+    assert timm.create_model("mz_poolformerv2_s12", depths=(1, 1, 1, 1)).feature_info[3]["num_chs"] == 512
+
+
+def test_unwrap_state_dict():
+    from metazoo.backbones._common import unwrap_state_dict
+    w, e = torch.zeros(1), torch.ones(1)
+    ckpt = {"epoch": 3, "state_dict_ema": {"x": e}, "model": {"module._orig_mod.x": w, "step": 1}}
+    assert unwrap_state_dict(ckpt) == {"x": w}
+    assert unwrap_state_dict(ckpt, use_ema=True) == {"x": e}
+    with pytest.raises(ValueError, match="no tensors"):
+        unwrap_state_dict({"epoch": 3})

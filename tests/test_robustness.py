@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from metazoo.train.checkpoint import list_checkpoints, load_checkpoint, load_latest_intact, save_checkpoint
+from metazoo.train.checkpoint import list_checkpoints, load_latest_intact, load_training_state, save_checkpoint
 from metazoo.train.config import RunError, check_config
 from metazoo.train.preflight import check_classes, check_img_size, probe_writable, scan_split
 
@@ -355,7 +355,7 @@ def test_resume_falls_back_to_the_last_intact_checkpoint(tmp_path):
     newest = tmp_path / "epoch_0001" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:20])
     with pytest.raises(ValueError, match=f"checkpoint {newest} cannot be read"):
-        load_checkpoint(tmp_path / "epoch_0001")
+        load_training_state(tmp_path / "epoch_0001")
     said = []
     path, (model, _, state) = load_latest_intact(tmp_path, report=said.append)
     assert path.name == "epoch_0000" and state["epoch"] == 0 and torch.equal(model["w"], w["w"])

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from metazoo.datasets import shapes
-from metazoo.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, remove_interrupted,
+from metazoo.train.checkpoint import (latest_checkpoint, list_checkpoints, load_training_state, remove_interrupted,
                                       save_checkpoint)
 
 TINY_MODEL = "mz_poolformerv2_s12"
@@ -168,7 +168,7 @@ def test_checkpoint_roundtrip_and_keep_last(tmp_path):
     for epoch in range(4):
         save_checkpoint(tmp_path, epoch, weights, _state(epoch), {"model": "m"}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_0002", "epoch_0003"]
-    model, ema, state = load_checkpoint(latest_checkpoint(tmp_path))
+    model, ema, state = load_training_state(latest_checkpoint(tmp_path))
     assert ema is None and state["epoch"] == 3 and torch.equal(model["w"], weights["w"])
 
 
@@ -192,7 +192,7 @@ def test_half_written_checkpoint_never_replaces_previous(tmp_path):
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert any(p.name.startswith(".tmp-epoch_0001") for p in tmp_path.iterdir())  # the partial save exists
     assert latest_checkpoint(tmp_path).name == "epoch_0000"
-    model, _, state = load_checkpoint(latest_checkpoint(tmp_path))
+    model, _, state = load_training_state(latest_checkpoint(tmp_path))
     assert torch.equal(model["w"], good["w"]) and state["epoch"] == 0
     remove_interrupted(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_0000"]

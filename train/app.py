@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import load_checkpoint, load_latest_intact, remove_interrupted, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_latest_intact, load_training_state, remove_interrupted, rng_state, save_checkpoint, set_rng_state
 from .config import RunError, check_config, config_error, register_configs
 from .data import build_loaders
 from .distill import Distiller
@@ -153,7 +153,7 @@ def _find_resume(cfg: DictConfig, ckpt_dir: Path, dist: DistEnv) -> tuple[str | 
             return None, None
         path = chosen[0]
     try:
-        return path, load_checkpoint(path)
+        return path, load_training_state(path)
     except ValueError as err:
         raise config_error("ckpt.resume", str(err)) from err
 

@@ -140,7 +140,7 @@ def remove_interrupted(ckpt_dir: str | os.PathLike) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
+def load_training_state(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
     """(model weights, EMA weights or None, state) from a checkpoint folder; never unpickles code.
     Any read error names the file (``ValueError``; a refused pickle stays an ``UnpicklingError``)."""
     from metazoo.backbones._common import read_tensors
@@ -156,11 +156,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
 
 
 def load_latest_intact(ckpt_dir: str | os.PathLike, report=print) -> tuple[Path, tuple] | None:
-    """(folder, ``load_checkpoint`` result) of the newest checkpoint that reads back, or None if there
+    """(folder, ``load_training_state`` result) of the newest checkpoint that reads back, or None if there
     is none; every unreadable newer one is reported and passed over, never deleted."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_training_state(path)
         except (ValueError, pickle.UnpicklingError) as err:
             report(f"[metazoo.train] resume: {path.name} is unreadable ({err}); trying the previous checkpoint")
     return None

@@ -1,8 +1,8 @@
-"""Shared recipe of the sail-sg MetaFormer baselines (PoolFormer v1/v2, ConvFormer, CAFormer,
-IdentityFormer, RandFormer; RIFormer reuses it):
-how a variant row becomes ``MetaFormer`` arguments, their pretrained cfg defaults, and the
-conversion of the official checkpoint layouts (``network.*`` for PoolFormer v1,
-``downsample_layers.*`` / ``stages.i.j`` for the MetaFormer-baselines release) to ours."""
+"""The sail-sg MetaFormer baselines (PoolFormer v1/v2, ConvFormer, CAFormer, IdentityFormer,
+RandFormer; RIFormer reuses it): the builder their variant rows are arguments of (``create``), their
+pretrained-cfg defaults (``make_cfg``), and the conversion of the official checkpoint layouts
+(``network.*`` for PoolFormer v1, ``downsample_layers.*`` / ``stages.i.j`` for the
+MetaFormer-baselines release) to ours."""
 from __future__ import annotations
 
 from functools import partial
@@ -12,20 +12,15 @@ from torch import nn
 
 from ..layers.activations import StarReLU
 from ..mixers.attention import Attention
-from ._common import build, check_in_chans, match_shapes, rename_keys
+from ._common import build, check_in_chans, match_shapes, rename_keys, unwrap_state_dict
 from ._layers import Downsampling, PatchStem, PoolNormHead
 from .metaformer import MetaFormer, MetaFormerBlock, _per_stage
 
 # official PoolFormer v1: network.{0,2,4,6} are stages, network.{1,3,5} the downsamplings between them
 _POOLFORMER_V1_RULES = [
     (r"^patch_embed\.proj\.", "stem.conv."),
-    (r"^network\.1\.proj\.", "stages.1.downsample.conv."),
-    (r"^network\.3\.proj\.", "stages.2.downsample.conv."),
-    (r"^network\.5\.proj\.", "stages.3.downsample.conv."),
-    (r"^network\.0\.(\d+)\.", r"stages.0.blocks.\1."),
-    (r"^network\.2\.(\d+)\.", r"stages.1.blocks.\1."),
-    (r"^network\.4\.(\d+)\.", r"stages.2.blocks.\1."),
-    (r"^network\.6\.(\d+)\.", r"stages.3.blocks.\1."),
+    *[(rf"^network\.{2 * i - 1}\.proj\.", f"stages.{i}.downsample.conv.") for i in (1, 2, 3)],
+    *[(rf"^network\.{2 * i}\.(\d+)\.", rf"stages.{i}.blocks.\1.") for i in range(4)],
     (r"\.layer_scale_([12])$", r".layer_scale\1.scale"),
     (r"^norm\.", "head.norm."),
     (r"^head\.(weight|bias)$", r"head.fc.\1"),
@@ -45,6 +40,7 @@ _METAFORMER_RULES = [
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """Accept timm's layout as is; convert the two official sail-sg layouts (Linear -> 1x1 conv shapes)."""
+    state_dict = unwrap_state_dict(state_dict)
     if "network.0.0.mlp.fc1.weight" in state_dict:
         state_dict = rename_keys(state_dict, _POOLFORMER_V1_RULES)
     elif "downsample_layers.0.conv.weight" in state_dict:
@@ -61,16 +57,12 @@ def make_cfg(url: str = "", **kwargs) -> dict:
             "classifier": "head.fc", "first_conv": "stem.conv", "license": "apache-2.0", **kwargs}
 
 
-def create(variant: str, pretrained: bool, spec: dict, **kwargs) -> MetaFormer:
-    """Build one variant from its spec-sheet row ``spec``; ``kwargs`` are timm's (num_classes, in_chans,
-    ...) and, as in timm, may override any spec entry (e.g. ``depths``/``dims`` for a custom size)."""
-    return _create(variant, pretrained, **{**spec, **kwargs})
-
-
-def _create(variant: str, pretrained: bool, *, depths, dims, token_mixers, norm_layers, mlp_act=StarReLU,
-            mlp_bias: bool = False, downsample_norm=None, layer_scale_init_values=None,
-            res_scale_init_values=(None, None, 1.0, 1.0), mlp_head: bool = True, proj_drop_rate: float = 0.0,
-            head_kwargs: dict | None = None, pretrained_filter_fn=checkpoint_filter_fn, **kwargs) -> MetaFormer:
+def create(variant: str, pretrained: bool, *, depths, dims, token_mixers, norm_layers, mlp_act=StarReLU,
+           mlp_bias: bool = False, downsample_norm=None, layer_scale_init_values=None,
+           res_scale_init_values=(None, None, 1.0, 1.0), mlp_head: bool = True, proj_drop_rate: float = 0.0,
+           head_kwargs: dict | None = None, pretrained_filter_fn=checkpoint_filter_fn, **kwargs) -> MetaFormer:
+    """Build one variant: a family's table row plus timm's arguments (num_classes, in_chans, ...).
+    ``token_mixers``, ``norm_layers`` and the scale inits take one value or one per stage."""
     n = len(depths)
     mixers = _per_stage(token_mixers, n, "token_mixers")
     norms = _per_stage(norm_layers, n, "norm_layers")
