@@ -188,9 +188,9 @@ def _row(model, label, role, infer, train, mem, **extra) -> dict:
 
 def _rows_models(d: dict) -> list[dict]:
     """bench/models.py: ours vs timm (eager, compiled); the timm rows are the anchor."""
-    roles = {"ours_eager": "ours", "ours_compile": "ours", "timm_eager": "anchor", "timm_compile": "anchor",
-             "official_eager": "anchor", "official_compile": "anchor", "ours_deploy_eager": "ours",
-             "ours_deploy_compile": "ours"}
+    roles = {"ours_eager": "ours", "ours_compile": "ours", "ours_compile_ro": "ours", "timm_eager": "anchor",
+             "timm_compile": "anchor", "timm_compile_ro": "anchor", "official_eager": "anchor",
+             "official_compile": "anchor", "ours_deploy_eager": "ours", "ours_deploy_compile": "ours"}
     return [_row(f"mz_{r['model']}", r["impl"], roles.get(r["impl"], "other"), r.get("infer_img_s"),
                  r.get("train_img_s"), r.get("train_peak_gib")) for r in d.get("rows", [])]
 

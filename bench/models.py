@@ -1,27 +1,34 @@
-"""Model benchmark: metazoo (eager with Triton kernels, and torch.compile) vs timm (eager, torch.compile),
-or vs the official sail-sg code (``--official-dir``) for IdentityFormer/RandFormer, which timm lacks.
+"""Model benchmark: metazoo (eager with Triton kernels, torch.compile, CUDA graphs) vs timm (the same three).
 
-Inference img/s at batch 256 and training-step img/s at batch 128 (AdamW, cross-entropy), peak
-training memory, bf16 autocast, channels_last inputs and weights. Before timing, our model is loaded
-with timm's (or the official model's, converted) weights and its outputs are compared. RIFormer also
-runs in its deploy form (``ours_deploy_*``: ``reparameterize()``, no token mixer). Writes JSON and a
-Markdown table under ``--out``; ``--combine`` merges JSON files of several runs into one table.
+At the family's published recipe drop path (``--drop-path`` overrides), for each model and row:
+inference img/s (batch 256) and one training step (batch 128, fused AdamW, cross-entropy) in img/s,
+wall ms vs GPU-busy ms per step (torch.profiler: summed device kernel time), MFU (fwd+bwd model
+FLOPs per step over the GPU's bf16 dense peak), peak training memory; bf16 autocast, channels_last
+inputs and weights. Rows: timm/ours x eager, torch.compile, torch.compile(mode="reduce-overhead").
+``--check`` first loads timm's weights into ours and compares logits and gradients (drop path 0:
+masks are random). JSON is rewritten after every row, so a cut run keeps what it measured;
+``--combine`` merges JSON files of several runs (one model per run keeps a GPU call short).
+IdentityFormer/RandFormer, which timm lacks, compare with the official sail-sg code (``--official-dir``);
+RIFormer also runs in its deploy form (``ours_deploy_*``: ``reparameterize()``, no token mixer).
 
-    python bench/models.py --impls ours_eager,timm_eager --out $OUT
+    python bench/models.py --models poolformer_s12 --out $OUT
     python bench/models.py --models identityformer_s12,randformer_s12,riformer_s12 \
         --impls ours_eager,ours_compile,ours_deploy_eager,ours_deploy_compile,official_eager \
         --official-dir /path/to/sail-sg/metaformer --check --out $OUT
     python bench/models.py --profile timm_eager --out $OUT   # torch.profiler table of train steps
     python bench/models.py --combine a.json b.json --out bench/results
+    python bench/models.py --device cpu --iters 1 --warmup 1 --infer-batch 2 --train-batch 2 --size 64  # smoke
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +38,18 @@ MODELS = {  # timm name -> ours
     "convformer_s18": "mz_convformer_s18",
     "caformer_s18": "mz_caformer_s18",
     "mambaout_tiny": "mz_mambaout_tiny",
+    "caformer_b36": "mz_caformer_b36",
 }
 OFFICIAL = {"identityformer_s12": "mz_identityformer_s12", "randformer_s12": "mz_randformer_s12"}  # sail-sg names
 DEPLOY = {"riformer_s12": "mz_riformer_s12"}  # re-parameterisable: also timed in the deploy form
 OURS = {**MODELS, **OFFICIAL, **DEPLOY}
-IMPLS = ("ours_eager", "ours_compile", "timm_eager", "timm_compile", "official_eager", "official_compile",
-         "ours_deploy_eager", "ours_deploy_compile")
+# drop path of models without a recipe file (sail-sg/metaformer scripts/{identity,rand}former/*_s12.sh)
+DROP_PATH = {"identityformer_s12": 0.1, "randformer_s12": 0.1}
+TRAIN_BATCH = {"caformer_b36": 64}  # per-model training batch where 128 does not fit timm eager on 80 GB
+IMPLS = ("timm_eager", "timm_compile", "timm_compile_ro", "ours_eager", "ours_compile", "ours_compile_ro",
+         "official_eager", "official_compile", "ours_deploy_eager", "ours_deploy_compile")
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM), by device-name substring
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipe"
 _official = None  # the imported official metaformer_baselines module (--official-dir)
 
 
@@ -72,21 +85,50 @@ def applicable(name: str, impl: str) -> bool:
     return True
 
 
-def build(name: str, impl: str) -> torch.nn.Module:
+def recipe_drop_path(name: str) -> float:
+    """Drop-path rate of ``mz_<name>`` in ``configs/recipe/<family>.yaml`` (the published training recipe)."""
+    import yaml
+
+    if name in DROP_PATH:
+        return DROP_PATH[name]
+    ours = OURS[name]
+    path = RECIPES / f"{ours[3:].rsplit('_', 1)[0]}.yaml"
+    per_model = yaml.safe_load(path.read_text()).get("per_model", {}) if path.exists() else {}
+    if "drop_path_rate" not in per_model.get(ours, {}):
+        raise ValueError(f"--drop-path: no recipe drop path for {ours} in {path}; pass --drop-path")
+    return float(per_model[ours]["drop_path_rate"])
+
+
+def build(name: str, impl: str, drop_path: float, device: str) -> torch.nn.Module:
     import timm
 
     import metazoo  # noqa: F401  (registers mz_* models)
 
     if impl.startswith("official"):
-        model = getattr(_official, name)(num_classes=1000)
+        model = getattr(_official, name)(num_classes=1000, drop_path_rate=drop_path)
     else:
-        model = timm.create_model(OURS[name] if impl.startswith("ours") else name, num_classes=1000)
+        model = timm.create_model(OURS[name] if impl.startswith("ours") else name, num_classes=1000,
+                                  drop_path_rate=drop_path)
         if impl.startswith("ours_deploy"):
             model.reparameterize()
-    return model.cuda().to(memory_format=torch.channels_last)
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
-def _sync_time(fn, iters: int) -> float:
+def compile_model(model: torch.nn.Module, impl: str, device: str) -> torch.nn.Module:
+    """The row's compilation; off CUDA (smoke runs) dynamo traces with the eager backend (no inductor, no graphs)."""
+    if impl.endswith("eager"):
+        return model
+    if device != "cuda":
+        return torch.compile(model, backend="eager")
+    return torch.compile(model, mode="reduce-overhead" if impl.endswith("_ro") else None)
+
+
+def _seconds(fn, iters: int, device: str) -> float:
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return time.perf_counter() - t0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
@@ -96,29 +138,38 @@ def _sync_time(fn, iters: int) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def bench_inference(model, batch: int, warmup: int, iters: int) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _input(batch: int, size: int, device: str) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+
+
+def bench_inference(model, batch: int, size: int, warmup: int, iters: int, device: str) -> float:
     model.eval()
-    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    x = _input(batch, size, device)
 
     def step():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
             model(x)
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    return batch * iters / _sync_time(step, iters)
+    _sync(device)
+    return batch * iters / _seconds(step, iters, device)
 
 
-def make_train_step(model, batch: int, size: int = 224):
-    """One AdamW training step (bf16 autocast, cross-entropy) on a fixed channels_last batch."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
+def make_train_step(model, batch: int, size: int = 224, device: str = "cuda"):
+    """One fused-AdamW training step (bf16 autocast, cross-entropy) on a fixed channels_last batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = _input(batch, size, device)
+    y = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -126,24 +177,62 @@ def make_train_step(model, batch: int, size: int = 224):
     return step
 
 
-def bench_train(model, batch: int, warmup: int, iters: int) -> tuple[float, float]:
+def busy_ms(step, steps: int, device: str) -> float | None:
+    """Summed device kernel time per step over ``steps`` profiled steps (None off CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cuda":
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return us / 1e3 / steps
+
+
+def bench_train(model, batch: int, size: int, warmup: int, iters: int, device: str) -> dict:
     model.train()
-    step = make_train_step(model, batch)
+    step = make_train_step(model, batch, size, device)
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    ips = batch * iters / _sync_time(step, iters)
-    return ips, torch.cuda.max_memory_allocated() / 2 ** 30
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = _seconds(step, iters, device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+    return dict(train_img_s=batch * iters / sec, train_wall_ms=1e3 * sec / iters, train_peak_gib=peak,
+                train_gpu_busy_ms=busy_ms(step, min(iters, 3), device))
 
 
-def check_against_timm(name: str, batch: int = 8) -> dict:
+def train_flops(name: str, batch: int, size: int) -> int:
+    """Model FLOPs of one training forward + backward (timm's model on the meta device; kernel-independent)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=1000)
+        x = torch.randn(batch, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().sum().backward()
+    return counter.get_total_flops()
+
+
+def peak_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    dev = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in dev), None)
+
+
+def check_against_timm(name: str, device: str, size: int, batch: int = 8) -> dict:
     """Load timm's weights into ours; relative error of logits and parameter gradients, in fp32 (TF32 off:
-    tight) and under bf16 autocast (as benchmarked)."""
-    ours, ref = build(name, "ours_eager"), build(name, "timm_eager")
+    tight) and under bf16 autocast (as benchmarked). Drop path 0: its masks are random."""
+    ours, ref = build(name, "ours_eager", 0.0, device), build(name, "timm_eager", 0.0, device)
     load = ours.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
+    x = _input(batch, size, device)
+    y = torch.randint(0, 1000, (batch,), device=device)
 
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -156,7 +245,7 @@ def check_against_timm(name: str, batch: int = 8) -> dict:
         for tag, m in (("ours", ours), ("timm", ref)):
             m.train()
             m.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16"):
                 logits = m(x)
             F.cross_entropy(logits.float(), y).backward()
             out[tag] = (logits.float(), {k: p.grad.float() for k, p in m.named_parameters() if p.grad is not None})
@@ -170,23 +259,23 @@ def check_against_timm(name: str, batch: int = 8) -> dict:
     return res
 
 
-def check_against_official(name: str, batch: int = 8) -> dict:
+def check_against_official(name: str, device: str, size: int, batch: int = 8) -> dict:
     """The official model's state dict, converted on load into ours: fp32 logits relative error (TF32 off),
     and for RIFormer-style models the deploy form against the training form."""
     from metazoo.backbones import _metaformer_baselines as baselines
 
     defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    x = torch.randn(batch, 3, size, size, device=device)
     res = {}
     with torch.no_grad():
         if name in OFFICIAL and _official is not None:
-            ref, ours = build(name, "official_eager").eval(), build(name, "ours_eager").eval()
+            ref, ours = build(name, "official_eager", 0.0, device).eval(), build(name, "ours_eager", 0.0, device).eval()
             ours.load_state_dict(baselines.checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
             want = ref(x)
             res["logits_rel_err_vs_official_fp32"] = ((ours(x) - want).norm() / want.norm()).item()
         if name in DEPLOY:
-            ours = build(name, "ours_eager").eval()
+            ours = build(name, "ours_eager", 0.0, device).eval()
             want = ours(x)
             got = ours.reparameterize()(x)
             res["deploy_vs_training_rel_err_fp32"] = ((got - want).norm() / want.norm()).item()
@@ -194,46 +283,59 @@ def check_against_official(name: str, batch: int = 8) -> dict:
     return res
 
 
-def run_one(name: str, impl: str, args) -> dict:
-    torch.cuda.empty_cache()
+def run_one(name: str, impl: str, args, drop_path: float, flops: int) -> dict:
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
-    model = build(name, impl)
     t0 = time.time()
-    if impl.endswith("compile"):
-        model = torch.compile(model)
-    row = dict(model=name, impl=impl)
-    row["infer_img_s"] = bench_inference(model, args.infer_batch, args.warmup, args.iters)
-    row["train_img_s"], row["train_peak_gib"] = bench_train(model, args.train_batch, args.warmup, args.iters)
+    model = compile_model(build(name, impl, drop_path, args.device), impl, args.device)
+    batch = args.train_batch or TRAIN_BATCH.get(name, 128)
+    row = dict(model=name, impl=impl, drop_path=drop_path, infer_batch=args.infer_batch, train_batch=batch)
+    row["infer_img_s"] = bench_inference(model, args.infer_batch, args.size, args.warmup, args.iters, args.device)
+    row.update(bench_train(model, batch, args.size, args.warmup, args.iters, args.device))
+    peak = peak_tflops(args.device)
+    row["train_flops_per_step"] = flops * batch
+    row["train_mfu"] = flops * batch / (row["train_wall_ms"] * 1e-3) / (peak * 1e12) if peak else None
     row["wall_s"] = time.time() - t0
     del model
     return row
 
 
-def profile(out_dir: str, names, impl: str) -> None:
-    """torch.profiler table (top CUDA-time ops) of one bf16 channels_last training step per model."""
+def profile(out_dir: str, names, impl: str, args) -> None:
+    """torch.profiler table (top device-time ops) of one bf16 channels_last training step per model."""
     from torch.profiler import ProfilerActivity, profile
 
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with open(os.path.join(out_dir, f"profile_{impl}.txt"), "w") as f:
         for name in names:
-            model = build(name, impl).train()
-            step = make_train_step(model, 128)
+            drop_path = recipe_drop_path(name) if args.drop_path is None else args.drop_path
+            batch = args.train_batch or TRAIN_BATCH.get(name, 128)
+            model = build(name, impl, drop_path, args.device).train()
+            step = make_train_step(model, batch, args.size, args.device)
             for _ in range(3):
                 step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _sync(args.device)
+            with profile(activities=acts) as prof:
                 step()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-            f.write(f"### {name} ({impl}): one training step, batch 128, bf16 autocast, channels_last\n{table}\n\n")
+                _sync(args.device)
+            key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+            f.write(f"### {name} ({impl}, drop path {drop_path}): one training step, batch {batch}, bf16 autocast, "
+                    f"channels_last\n{table}\n\n")
             print(f"### {name}\n{table}", flush=True)
             del model, step
 
 
+def _x(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def markdown(rows: list[dict], checks: dict) -> str:
     by = {(r["model"], r["impl"]): r for r in rows}
-    lines = ["| model | impl | infer img/s (b256) | train img/s (b128) | train peak GiB | infer vs anchor compiled | "
-             "train vs anchor compiled | mem vs anchor eager |", "|---|---|---|---|---|---|---|---|"]
-    for name in OURS:
+    lines = ["| model (drop path) | impl | infer img/s | train img/s | train wall / GPU-busy ms | MFU | "
+             "train peak GiB | infer vs anchor compiled | train vs anchor compiled | mem vs anchor eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
         anchor = "official" if name in OFFICIAL else "timm"  # RIFormer: no anchor row
         tc, te = by.get((name, f"{anchor}_compile")), by.get((name, f"{anchor}_eager"))
         for impl in IMPLS:
@@ -242,9 +344,12 @@ def markdown(rows: list[dict], checks: dict) -> str:
                 continue
             ri = f"{r['infer_img_s'] / tc['infer_img_s']:.2f}x" if tc else "-"
             rt = f"{r['train_img_s'] / tc['train_img_s']:.2f}x" if tc else "-"
-            rm = f"{r['train_peak_gib'] / te['train_peak_gib']:.2f}x" if te else "-"
-            lines.append(f"| {name} | {impl} | {r['infer_img_s']:.0f} | {r['train_img_s']:.0f} | "
-                         f"{r['train_peak_gib']:.2f} | {ri} | {rt} | {rm} |")
+            rm = f"{r['train_peak_gib'] / te['train_peak_gib']:.2f}x" if te and r.get("train_peak_gib") else "-"
+            mfu = f"{100 * r['train_mfu']:.1f}%" if r.get("train_mfu") else "-"
+            lines.append(f"| {name} ({r.get('drop_path', 0.0)}) | {impl} | {r['infer_img_s']:.0f} | "
+                         f"{r['train_img_s']:.0f} | {_x(r.get('train_wall_ms'), '.1f')} / "
+                         f"{_x(r.get('train_gpu_busy_ms'), '.1f')} | {mfu} | "
+                         f"{_x(r.get('train_peak_gib'), '.2f')} | {ri} | {rt} | {rm} |")
     if checks:
         lines += ["", "| model | mode | logits rel err vs timm | grad rel err median / max (param) |", "|---|---|---|---|"]
         for name, c in checks.items():
@@ -260,42 +365,69 @@ def markdown(rows: list[dict], checks: dict) -> str:
 
 
 def write(out_dir: str, rows, checks, meta, stem="models"):
-    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows, checks=checks), f, indent=1)
+    """JSON and Markdown of the rows so far (each written to a temp file, then renamed)."""
     md = markdown(rows, checks)
-    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        f.write(md)
+    for ext, text in (("json", json.dumps(dict(meta=meta, rows=rows, checks=checks), indent=1)), ("md", md)):
+        path = os.path.join(out_dir, f"{stem}.{ext}")
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
     return md
 
 
-def main():
+def git_commit() -> str:
+    """The measured commit: ``git rev-parse HEAD`` of this checkout, else ``$METAZOO_COMMIT``."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=RECIPES.parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("METAZOO_COMMIT", "unknown")
+
+
+def _choices(arg: str, value: str, accepted) -> list[str]:
+    items = [v for v in value.split(",") if v]
+    if set(items) - set(accepted):
+        raise ValueError(f"{arg}: unknown {sorted(set(items) - set(accepted))}; accepted: {', '.join(accepted)}")
+    return items
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--models", default=",".join(MODELS), help=f"accepted: {', '.join(OURS)}")
     ap.add_argument("--official-dir", default=None,
                     help="folder holding sail-sg's metaformer_baselines.py (official_* rows for IdentityFormer/RandFormer)")
     ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--drop-path", type=float, default=None,
+                    help="default: the recipe's (configs/recipe/<family>.yaml)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu for a smoke run of the code path")
+    ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--infer-batch", type=int, default=256)
-    ap.add_argument("--train-batch", type=int, default=128)
+    ap.add_argument("--train-batch", type=int, default=0, help="default: 128 (64 for caformer_b36)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--commit", default=None, help="default: git rev-parse HEAD, else $METAZOO_COMMIT")
     ap.add_argument("--profile", default="", help="only write torch.profiler tables of this impl (timm_eager, ours_eager)")
-    ap.add_argument("--check", action="store_true", help="compare ours with timm (same weights) first")
+    ap.add_argument("--check", action="store_true", help="compare ours with timm (same weights, drop path 0) first")
     ap.add_argument("--combine", nargs="*", help="merge these JSON results into one table")
     ap.add_argument("--stem", default="models")
-    args = ap.parse_args()
-    names = [n for n in args.models.split(",") if n]
-    unknown = set(names) - set(OURS)
-    if unknown:
-        raise ValueError(f"--models: unknown {sorted(unknown)}; accepted: {', '.join(OURS)}")
+    args = ap.parse_args(argv)
+    if args.device not in ("cuda", "cpu"):
+        raise ValueError(f"--device: {args.device!r}; accepted: cuda, cpu")
+    if args.drop_path is not None and not 0.0 <= args.drop_path < 1.0:
+        raise ValueError(f"--drop-path: {args.drop_path}; accepted: 0 <= p < 1")
+    args.names = _choices("--models", args.models, OURS)
     if args.official_dir is not None:
         if not os.path.isfile(os.path.join(args.official_dir, "metaformer_baselines.py")):
             raise ValueError(f"--official-dir={args.official_dir!r} holds no metaformer_baselines.py; accepted: "
                              "a copy of github.com/sail-sg/metaformer")
         load_official(args.official_dir)
-    impls = [i for i in args.impls.split(",") if i]
-    if set(impls) - set(IMPLS):
-        raise ValueError(f"--impls: unknown {sorted(set(impls) - set(IMPLS))}; accepted: {', '.join(IMPLS)}")
+    args.impl_list = _choices("--impls", args.impls, IMPLS)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.combine:
         rows, checks, metas = [], {}, []
@@ -309,23 +441,28 @@ def main():
         return
     torch.backends.cudnn.benchmark = True
     if args.profile:
-        profile(args.out, names, args.profile)
+        profile(args.out, args.names, args.profile, args)
         return
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                infer_batch=args.infer_batch, train_batch=args.train_batch, iters=args.iters, warmup=args.warmup,
-                dtype="bf16 autocast", memory_format="channels_last", kernels=os.environ.get("METAZOO_KERNELS", "auto"))
-    checks = {}
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = dict(device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), size=args.size,
+                infer_batch=args.infer_batch, iters=args.iters, warmup=args.warmup, optimizer="AdamW fused",
+                dtype="bf16 autocast", memory_format="channels_last", kernels=os.environ.get("METAZOO_KERNELS", "auto"),
+                commit=args.commit or git_commit(), peak_bf16_tflops=peak_tflops(args.device))
+    checks, rows = {}, []
     if args.check:
-        for name in names:
-            checks[name] = check_against_timm(name) if name in MODELS else check_against_official(name)
+        for name in args.names:
+            checks[name] = (check_against_timm(name, args.device, args.size) if name in MODELS
+                            else check_against_official(name, args.device, args.size))
             print(name, json.dumps(checks[name]), flush=True)
-    rows = []
-    for name in names:
-        for impl in impls:
+            write(args.out, rows, checks, meta, args.stem)
+    for name in args.names:
+        drop_path = recipe_drop_path(name) if args.drop_path is None else args.drop_path
+        flops = train_flops(name if name in MODELS else OURS[name], 1, args.size)
+        for impl in args.impl_list:
             if not applicable(name, impl):
                 print(f"skip {name} {impl}: no such implementation here", flush=True)
                 continue
-            row = run_one(name, impl, args)
+            row = run_one(name, impl, args, drop_path, flops)
             rows.append(row)
             print(json.dumps(row), flush=True)
             write(args.out, rows, checks, meta, args.stem)

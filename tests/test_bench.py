@@ -1,0 +1,51 @@
+"""bench/models.py on CPU (smoke mode): every row's code path, the recipe drop paths, FLOPs, JSON and --combine."""
+import json
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from metazoo.bench import models as bench
+
+
+def test_recipe_drop_paths_are_the_published_ones():
+    # sail-sg/poolformer and sail-sg/metaformer training scripts, yuweihao/MambaOut README
+    assert {n: bench.recipe_drop_path(n) for n in bench.MODELS} == {
+        "poolformer_s12": 0.1, "convformer_s18": 0.2, "caformer_s18": 0.15, "mambaout_tiny": 0.2, "caformer_b36": 0.6}
+
+
+def test_bad_arguments_name_the_flag():
+    with pytest.raises(ValueError, match="--models"):
+        bench.parse_args(["--models", "resnet50"])
+    with pytest.raises(ValueError, match="--impls"):
+        bench.parse_args(["--impls", "ours_fast"])
+    with pytest.raises(ValueError, match="--drop-path"):
+        bench.parse_args(["--drop-path", "1.0"])
+
+
+def test_train_flops_are_forward_plus_backward():
+    with FlopCounterMode(display=False) as fwd:
+        timm.create_model("poolformer_s12", num_classes=1000)(torch.randn(1, 3, 32, 32))
+    step = bench.train_flops("poolformer_s12", 1, 32)
+    # backward of every conv / linear is two products of its forward's size; the stem needs no input grad
+    assert 2.8 * fwd.get_total_flops() < step <= 3 * fwd.get_total_flops()
+
+
+@pytest.mark.parametrize("impls", [("timm_eager", "ours_eager"), pytest.param(bench.IMPLS, marks=pytest.mark.slow)])
+def test_smoke_run_writes_every_row_and_combines(tmp_path, impls):
+    bench.main(["--device", "cpu", "--models", "poolformer_s12", "--impls", ",".join(impls), "--iters", "1",
+                "--warmup", "0", "--infer-batch", "1", "--train-batch", "1", "--size", "32", "--out", str(tmp_path),
+                "--commit", "abc"])
+    d = json.loads((tmp_path / "models.json").read_text())
+    assert d["meta"]["commit"] == "abc" and d["meta"]["optimizer"] == "AdamW fused"
+    rows = {r["impl"]: r for r in d["rows"]}
+    assert tuple(rows) == impls
+    flops = bench.train_flops("poolformer_s12", 1, 32)
+    for r in rows.values():
+        assert r["drop_path"] == 0.1 and r["train_batch"] == 1 and r["train_flops_per_step"] == flops
+        assert r["infer_img_s"] > 0 and r["train_img_s"] == pytest.approx(1e3 / r["train_wall_ms"])
+        assert r["train_mfu"] is None and r["train_gpu_busy_ms"] is None  # no GPU: no peak, no kernels
+    bench.main(["--combine", str(tmp_path / "models.json"), "--out", str(tmp_path), "--stem", "all"])
+    table = (tmp_path / "all.md").read_text()
+    assert all(f"| poolformer_s12 (0.1) | {impl} |" in table for impl in impls)
