@@ -19,10 +19,16 @@ from ..kernels.norm_residual import norm_residual, scale_add
 from ..kernels.pool_mixer import pool_mixer
 from ..layers.activations import Scale
 from ..mixers.identity import IdentityMixer
+from ..layers.drop import drop_path_keep
 from ..mixers.mlp import Mlp
 from ..layers.norms import GroupNorm1, LayerNorm, LayerNorm2d
 from ..mixers.pooling import Pooling
 from ._timm_api import TimmBackboneMixin
+
+
+def _norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of a GroupNorm's output on ``x`` (the pooling branch's): fp32 under autocast, else ``x``'s."""
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class MetaFormerBlock(nn.Module):
@@ -57,12 +63,12 @@ class MetaFormerBlock(nn.Module):
         self.layer_scale2 = scale(layer_scale_init_value)
         self.res_scale2 = scale(res_scale_init_value)
         # Fused kernels (metazoo.kernels) merge the residual updates with the following norm; they
-        # need deterministic branches (no drop path) and norms they know.
+        # need norms they know. Drop path is folded into them per call (a per-sample keep vector).
         norm2_type = LayerNorm2d if cf else LayerNorm
-        self.fused_pool = (drop_path == 0 and isinstance(self.token_mixer, Pooling)
+        self.fused_pool = (isinstance(self.token_mixer, Pooling)
                            and type(self.norm1) is GroupNorm1 and type(self.norm2) is GroupNorm1 and cf)
-        self.fused_norm = drop_path == 0 and type(self.norm2) is norm2_type
-        self.fused_gn = drop_path == 0 and cf and type(self.norm2) is GroupNorm1 and not self.fused_pool
+        self.fused_norm = type(self.norm2) is norm2_type
+        self.fused_gn = cf and type(self.norm2) is GroupNorm1 and not self.fused_pool
         # norm-affine mixers (identity, RIFormer's affine) fold into a one-group norm1: one norm pass
         self.folds = hasattr(self.token_mixer, "fold_into_norm") and type(self.norm1) is GroupNorm1
 
@@ -99,21 +105,26 @@ class MetaFormerBlock(nn.Module):
         self.token_mixer = IdentityMixer()
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Same math as the plain path: residual+scales fused with norm2 (PoolFormer: norm1+pool too)."""
+        """Same math as the plain path: residual+scales+drop path fused with norm2 (PoolFormer: norm1+pool
+        too); drop path's masks are drawn in the plain path's order (branch 1, then branch 2)."""
         cf = self.layout == "NCHW"
         rs1, ls1, rs2, ls2 = (getattr(m, "scale", None) for m in (
             self.res_scale1, self.layer_scale1, self.res_scale2, self.layer_scale2))
         if self.fused_pool:
             x, moments = pool_mixer(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, ls1, rs1,
-                                    self.token_mixer.pool_size)
+                                    self.token_mixer.pool_size, keep=drop_path_keep(self.drop_path1, x, _norm_dtype(x)))
             n2 = group_norm1(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, moments=moments)
-        elif self.fused_norm:
-            x, n2 = norm_residual(x, self._mixer_branch(x), rs1, ls1, self.norm2.weight, self.norm2.bias,
-                                  self.norm2.eps, channels_first=cf)
-        else:  # one-group norm2: residual update in one pass, then the group-norm kernel
-            x = scale_add(x, self._mixer_branch(x), rs1, ls1, channels_first=cf)
-            n2 = self.norm2(x)
-        return scale_add(x, self.mlp(n2), rs2, ls2, channels_first=cf)
+        else:
+            y = self._mixer_branch(x)
+            keep = drop_path_keep(self.drop_path1, y)
+            if self.fused_norm:
+                x, n2 = norm_residual(x, y, rs1, ls1, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                      channels_first=cf, keep=keep)
+            else:  # one-group norm2: residual update in one pass, then the group-norm kernel
+                x = scale_add(x, y, rs1, ls1, channels_first=cf, keep=keep)
+                n2 = self.norm2(x)
+        y = self.mlp(n2)
+        return scale_add(x, y, rs2, ls2, channels_first=cf, keep=drop_path_keep(self.drop_path2, y))
 
 
 class MetaFormerStage(nn.Module):

@@ -50,3 +50,10 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """Ceil division (grid sizes)."""
     return (a + b - 1) // b
+
+
+def check_keep(keep: torch.Tensor | None, x: torch.Tensor, op: str) -> None:
+    """Drop path's per-sample keep vector must be (B,) float32 (what the kernels read)."""
+    if keep is not None and (keep.shape != (x.shape[0],) or keep.dtype != torch.float32):
+        raise ValueError(f"{op}: keep must be a ({x.shape[0]},) float32 tensor, "
+                         f"got {tuple(keep.shape)} {keep.dtype}")

@@ -2,9 +2,10 @@
 
 One pass reads the shortcut and the branch and writes both the new residual stream and its
 normalised copy, which the next mixer consumes. Without ``y`` it is a plain LayerNorm; without
-``weight`` it is only the scaled residual. Works on (..., C) rows and on NCHW maps, which it reads
-in place in channels_last memory (no permuted views: each view is a host-side op, and eager
-training is host-bound).
+``weight`` it is only the scaled residual. ``keep`` (B,) fp32, drop path's per-sample keep/(1-p),
+scales the branch of each sample (``y*ls*keep``), so training with drop path stays fused. Works on
+(..., C) rows and on NCHW maps, which it reads in place in channels_last memory (no permuted views:
+each view is a host-side op, and eager training is host-bound).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import BackwardOp, ForwardOp, absent, grad_as
-from ._layout import cdiv, dense_in_layout, next_pow2, param_grid, stand_in
+from ._layout import cdiv, check_keep, dense_in_layout, next_pow2, param_grid, stand_in
 from .dispatch import dispatcher, lazy_triton, resolve
 
 
@@ -33,11 +34,13 @@ def _check(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], channels_fi
 def norm_residual_ref(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
                       ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                       bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
-                      backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+                      backend: Optional[str] = None, keep: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Plain PyTorch reference (timm's op order): returns ``(out, n)`` (``n`` is None without ``weight``)."""
     shape = (-1, 1, 1) if channels_first else (-1,)
     out = x
     if y is not None:
+        if keep is not None:  # drop path before the layer scale, as timm's blocks apply them
+            y = y * keep.view((-1,) + (1,) * (y.dim() - 1))
         out = (x * rs.view(shape) if rs is not None else x) + (y * ls.view(shape) if ls is not None else y)
     if weight is None:
         return out, None
@@ -53,9 +56,9 @@ def layer_norm_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps
 
 
 def scale_add_ref(x: Tensor, y: Tensor, rs: Optional[Tensor], ls: Optional[Tensor], channels_first: bool = False,
-                  backend: Optional[str] = None) -> Tensor:
+                  backend: Optional[str] = None, keep: Optional[Tensor] = None) -> Tensor:
     """Reference of :func:`scale_add`."""
-    return norm_residual_ref(x, y, rs, ls, None, None, 0.0, channels_first)[0]
+    return norm_residual_ref(x, y, rs, ls, None, None, 0.0, channels_first, keep=keep)[0]
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -65,9 +68,9 @@ def _load(triton, tl):
     """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
-    def fwd(X, Y, RS, LS, W, B, OUT, N, MEAN, RSTD, M, C, eps,
+    def fwd(X, Y, RS, LS, W, B, OUT, N, MEAN, RSTD, M, C, eps, KEEP, rows_per_sample,
             HAS_Y: tl.constexpr, HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_NORM: tl.constexpr,
-            HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+            HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_KEEP: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < M
@@ -81,6 +84,8 @@ def _load(triton, tl):
             y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_LS:
                 y = y * tl.load(LS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_KEEP:
+                y = y * tl.load(KEEP + rows // rows_per_sample, mask=rmask, other=0.0)[:, None]
             o = o + y
             tl.store(OUT + offs, o.to(OUT.dtype.element_ty), mask=mask)
         if HAS_NORM:
@@ -95,9 +100,11 @@ def _load(triton, tl):
             tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit
-    def bwd(GO, GN, X, Y, O, RS, LS, W, MEAN, RSTD, DX, DY, PW, PB, PRS, PLS, M, C, n_tiles,
+    def bwd(GO, GN, X, Y, O, RS, LS, W, MEAN, RSTD, DX, DY, PW, PB, PRS, PLS, M, C, n_tiles, KEEP,
+            rows_per_sample,
             HAS_GO: tl.constexpr, HAS_Y: tl.constexpr, HAS_RS: tl.constexpr, HAS_LS: tl.constexpr,
-            HAS_NORM: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+            HAS_NORM: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+            HAS_KEEP: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < C
@@ -140,9 +147,11 @@ def _load(triton, tl):
                     acc_rs += g * tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
                 dy = g
+                if HAS_KEEP:  # the branch is y*ls*keep: keep scales its gradient and ls's
+                    dy = dy * tl.load(KEEP + rows // rows_per_sample, mask=rmask, other=0.0)[:, None]
                 if HAS_LS:
-                    dy = g * ls[None, :]
-                    acc_ls += g * tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+                    acc_ls += dy * tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+                    dy = dy * ls[None, :]
                 tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=mask)
             else:
                 tl.store(DX + offs, g.to(DX.dtype.element_ty), mask=mask)
@@ -169,8 +178,8 @@ def _blocks(C: int, tile: int = 4096):
 
 
 def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
-              weight: Optional[Tensor], bias: Optional[Tensor], eps: float, channels_first: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              weight: Optional[Tensor], bias: Optional[Tensor], eps: float, channels_first: bool,
+              keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     C = x.shape[1] if channels_first else x.shape[-1]
     M = x.numel() // C
     # (promote_types is itself a dispatched op: skip it in the common same-dtype case)
@@ -184,15 +193,17 @@ def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional
     bm, bc, nw = _blocks(C)
     _load().fwd[(cdiv(M, bm),)](
         x, *(stand_in(t, x) for t in (y, rs, ls, weight, bias, out, n, mean, rstd)), M, C, eps,
+        stand_in(keep, x), M // max(x.shape[0], 1),
         HAS_Y=y is not None, HAS_RS=rs is not None, HAS_LS=ls is not None, HAS_NORM=has_norm,
-        HAS_B=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
+        HAS_B=bias is not None, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw, HAS_KEEP=keep is not None and y is not None)
     return out, n, mean, rstd
 
 
 def _bwd_impl(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor],
               out: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor], weight: Optional[Tensor],
               has_bias: bool, mean: Tensor, rstd: Tensor, has_y: bool, x_dtype: torch.dtype, y_dtype: torch.dtype,
-              channels_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              channels_first: bool, keep: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # x / y / out arrive only where backward reads them (scale grads, the norm); shapes come from the grads
     ref = g_out if g_out is not None else g_n
     C = ref.shape[1] if channels_first else ref.shape[-1]
@@ -212,7 +223,8 @@ def _bwd_impl(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor
     prs, pls = partial(has_rs), partial(has_ls)
     _load().bwd[(grid,)](
         *(stand_in(t, ref) for t in (g_out, g_n, x, y, out, rs, ls, weight, mean, rstd)), dx,
-        *(stand_in(t, ref) for t in (dy, pw, pb, prs, pls)), M, C, n_tiles,
+        *(stand_in(t, ref) for t in (dy, pw, pb, prs, pls)), M, C, n_tiles, stand_in(keep, ref),
+        M // max(ref.shape[0], 1), HAS_KEEP=keep is not None and has_y,
         HAS_GO=g_out is not None, HAS_Y=has_y, HAS_RS=has_rs, HAS_LS=has_ls, HAS_NORM=has_norm,
         HAS_B=has_norm and has_bias, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
 
@@ -224,7 +236,7 @@ def _bwd_impl(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor
 
 # ----------------------------------------------------------------------------- op registration
 
-def _fwd_fake(x, y, rs, ls, weight, bias, eps, channels_first):
+def _fwd_fake(x, y, rs, ls, weight, bias, eps, channels_first, keep=None):
     C = x.shape[1] if channels_first else x.shape[-1]
     M = x.numel() // C
     dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
@@ -235,7 +247,8 @@ def _fwd_fake(x, y, rs, ls, weight, bias, eps, channels_first):
     return out, n, mean, x.new_empty(M if has_norm else 0, dtype=torch.float32)
 
 
-def _bwd_fake(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y, x_dtype, y_dtype, channels_first):
+def _bwd_fake(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y, x_dtype, y_dtype, channels_first,
+              keep=None):
     ref = g_out if g_out is not None else g_n
     C = ref.shape[1] if channels_first else ref.shape[-1]
     has_norm = weight is not None and g_n is not None
@@ -249,7 +262,7 @@ def _bwd_fake(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y
 
 
 def _setup(ctx, inputs, output):
-    x, y, rs, ls, weight, bias, eps, channels_first = inputs
+    x, y, rs, ls, weight, bias, eps, channels_first, keep = inputs
     out, n, mean, rstd = output
     ctx.has_bias, ctx.has_y, ctx.channels_first = bias is not None, y is not None, channels_first
     ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if y is not None else x.dtype)
@@ -257,21 +270,21 @@ def _setup(ctx, inputs, output):
     keep_x = x if y is not None and rs is not None else None
     keep_y = y if y is not None and ls is not None else None
     keep_out = (out if y is not None else x) if weight is not None else None
-    ctx.save_for_backward(keep_x, keep_y, keep_out, rs, ls, weight, mean, rstd)
+    ctx.save_for_backward(keep_x, keep_y, keep_out, rs, ls, weight, mean, rstd, keep if y is not None else None)
 
 
 def _backward(ctx, g_out, g_n, g_mean, g_rstd):
-    x, y, out, rs, ls, weight, mean, rstd = ctx.saved_tensors
+    x, y, out, rs, ls, weight, mean, rstd, keep = ctx.saved_tensors
     cf = ctx.channels_first
     g_out = dense_in_layout(g_out, cf) if ctx.has_y and g_out is not None else None
     g_n = dense_in_layout(g_n, cf) if weight is not None and g_n is not None else None
     if g_out is None and g_n is None:  # neither output reached the loss
-        return (None,) * 8
+        return (None,) * 9
     dx, dy, drs, dls, dw, db = _bwd_op(g_out, g_n, x, y, out, rs, ls, weight, ctx.has_bias, mean, rstd,
-                                       ctx.has_y, ctx.x_dtype, ctx.y_dtype, cf)
+                                       ctx.has_y, ctx.x_dtype, ctx.y_dtype, cf, keep)
 
     return (dx, dy if ctx.has_y else None, grad_as(drs, rs), grad_as(dls, ls), grad_as(dw, weight),
-            grad_as(db, weight) if ctx.has_bias else None, None, None)
+            grad_as(db, weight) if ctx.has_bias else None, None, None, None)
 
 
 _bwd_op = BackwardOp("metazoo::norm_residual_bwd", _bwd_impl, _bwd_fake)
@@ -284,14 +297,16 @@ _fwd = ForwardOp("metazoo::norm_residual_fwd", _fwd_impl, _fwd_fake, _setup, _ba
 def norm_residual(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
                   ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
-                  backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """``out = x*rs + y*ls`` (terms optional) and ``n = LayerNorm_C(out)``; returns ``(out, n)``."""
+                  backend: Optional[str] = None, keep: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``out = x*rs + y*ls*keep`` (terms optional; ``keep`` per sample) and ``n = LayerNorm_C(out)``;
+    returns ``(out, n)``."""
     _check(x, y, weight, channels_first)
+    check_keep(keep, x, "norm_residual")
     if resolve(backend, x) == "torch":
-        return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first)
+        return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first, keep=keep)
     xr = dense_in_layout(x, channels_first)
     yr = dense_in_layout(y, channels_first) if y is not None else None
-    out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps), bool(channels_first))
+    out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps), bool(channels_first), keep)
     return (out if y is not None else x), (n if weight is not None else None)
 
 
@@ -304,6 +319,6 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
 
 @dispatcher(scale_add_ref)
 def scale_add(x: Tensor, y: Tensor, rs: Optional[Tensor], ls: Optional[Tensor], channels_first: bool = False,
-              backend: Optional[str] = None) -> Tensor:
-    """Residual update ``x*rs + y*ls`` in one pass (scales optional, per channel)."""
-    return norm_residual(x, y, rs, ls, None, None, 0.0, channels_first, backend)[0]
+              backend: Optional[str] = None, keep: Optional[Tensor] = None) -> Tensor:
+    """Residual update ``x*rs + y*ls*keep`` in one pass (scales optional, per channel; keep per sample)."""
+    return norm_residual(x, y, rs, ls, None, None, 0.0, channels_first, backend, keep)[0]

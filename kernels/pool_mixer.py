@@ -4,7 +4,9 @@
 Average pooling commutes with the per-channel affine of the norm, so the branch equals
 ``ls * w * rstd * (avgpool(x) - x)``: neither ``n`` nor the pooled map is ever written, and the norm
 bias cancels exactly (its gradient is zero). The pass also returns the per-sample moments of
-``out`` so the following GroupNorm skips its statistics pass. Channels-last maps.
+``out`` so the following GroupNorm skips its statistics pass. ``keep`` (B,) fp32, drop path's
+per-sample keep/(1-p), scales each sample's branch (it folds into ``rstd``'s branch factor), so
+training with drop path stays fused. Channels-last maps.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import BackwardOp, ForwardOp, absent
-from ._layout import cdiv, dense_in_layout, next_pow2, nhwc_shape, stand_in
+from ._layout import cdiv, check_keep, dense_in_layout, next_pow2, nhwc_shape, stand_in
 from .dispatch import dispatcher, lazy_triton, resolve
 from .group_norm import finish_moments, sample_moments
 
@@ -33,11 +35,15 @@ def _check(x: Tensor, pool_size: int) -> None:
 
 def pool_mixer_ref(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
                    ls: Optional[Tensor] = None, rs: Optional[Tensor] = None, pool_size: int = 3,
-                   backend: Optional[str] = None) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """Plain PyTorch reference on NCHW: ``(x*rs + ls*(avgpool(n) - n), None)`` with ``n = GroupNorm1(x)``."""
+                   backend: Optional[str] = None, keep: Optional[Tensor] = None
+                   ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """Plain PyTorch reference on NCHW: ``(x*rs + ls*(avgpool(n) - n)*keep, None)``, ``n = GroupNorm1(x)``."""
     n = torch.nn.functional.group_norm(x, 1, norm_weight, norm_bias, eps)
     p = torch.nn.functional.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
-    branch = (p - n) * ls.view(-1, 1, 1) if ls is not None else p - n
+    branch = p - n
+    if keep is not None:  # drop path before the layer scale, as timm's blocks apply them
+        branch = branch * keep.view(-1, 1, 1, 1)
+    branch = branch * ls.view(-1, 1, 1) if ls is not None else branch
     return (x * rs.view(-1, 1, 1) if rs is not None else x) + branch, None
 
 
@@ -73,8 +79,8 @@ def _load(triton, tl):
         return acc / cnt[:, None]
 
     @triton.jit
-    def fwd(X, MEAN, RSTD, NW, LS, RS, OUT, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
-            HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def fwd(X, MEAN, RSTD, NW, LS, RS, OUT, PS, H, W, C, KEEP, P: tl.constexpr, HAS_LS: tl.constexpr,
+            HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, HAS_KEEP: tl.constexpr):
         pid, b, h, ws, cs, cmask, om = _tile(H, W, C, BLOCK_W, BLOCK_C)
         base = X + b.to(tl.int64) * H * W * C
         pooled = _window_mean(base, h, ws, cs, cmask, H, W, C, P, BLOCK_W, BLOCK_C)
@@ -84,7 +90,10 @@ def _load(triton, tl):
         if HAS_LS:
             a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
         mu = tl.load(MEAN + b)
-        out = (pooled - x) * (a * tl.load(RSTD + b))[None, :]
+        r = tl.load(RSTD + b)
+        if HAS_KEEP:
+            r = r * tl.load(KEEP + b)
+        out = (pooled - x) * (a * r)[None, :]
         if HAS_RS:
             out += x * tl.load(RS + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
         else:
@@ -96,8 +105,8 @@ def _load(triton, tl):
         tl.store(PS + lin * 2 + 1, tl.sum(tl.sum(d * d, axis=1), axis=0))
 
     @triton.jit
-    def bwd_reduce(G, X, RSTD, NW, LS, PC, PS, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
-                   HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bwd_reduce(G, X, RSTD, NW, LS, PC, PS, H, W, C, KEEP, P: tl.constexpr, HAS_LS: tl.constexpr,
+                   HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, HAS_KEEP: tl.constexpr):
         # Per program: channel sums of rstd*g*d and g*x; the sample sum of g*a*d (d = pool(x) - x).
         pid, b, h, ws, cs, cmask, om = _tile(H, W, C, BLOCK_W, BLOCK_C)
         base = b.to(tl.int64) * H * W * C
@@ -106,6 +115,8 @@ def _load(triton, tl):
         x = tl.load(X + offs, mask=om, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=om, other=0.0).to(tl.float32)
         gd = tl.where(om, g * (pooled - x), 0.0)
+        if HAS_KEEP:  # the branch is keep_b * a * rstd_b * d: keep scales every branch partial
+            gd = gd * tl.load(KEEP + b)
         a = tl.load(NW + cs, mask=cmask, other=0.0).to(tl.float32)
         if HAS_LS:
             a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
@@ -117,8 +128,9 @@ def _load(triton, tl):
         tl.store(PS + lin, tl.sum(tl.sum(gd * a[None, :], axis=1), axis=0))
 
     @triton.jit
-    def bwd_apply(G, X, MEAN, RSTD, PSUM, inv_n, NW, LS, RS, DX, H, W, C, P: tl.constexpr, HAS_LS: tl.constexpr,
-                  HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def bwd_apply(G, X, MEAN, RSTD, PSUM, inv_n, NW, LS, RS, DX, H, W, C, KEEP, P: tl.constexpr,
+                  HAS_LS: tl.constexpr, HAS_RS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                  HAS_KEEP: tl.constexpr):
         # dx = rs*g + a*rstd*(P^T g - g) + coef_b*(x - mean_b), P^T g summing g/count over the window,
         # coef_b = -rstd_b^3 * PSUM_b / n from the sample's reduced partials (no host-side math).
         pid, b, h, ws, cs, cmask, om = _tile(H, W, C, BLOCK_W, BLOCK_C)
@@ -141,8 +153,11 @@ def _load(triton, tl):
         if HAS_LS:
             a = a * tl.load(LS + cs, mask=cmask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + b)
-        coef = -tl.load(PSUM + b) * rstd * rstd * rstd * inv_n
-        dx = (acc - g) * (a * rstd)[None, :] + coef * (x - tl.load(MEAN + b))
+        coef = -tl.load(PSUM + b) * rstd * rstd * rstd * inv_n  # PSUM already carries keep
+        r = rstd
+        if HAS_KEEP:
+            r = r * tl.load(KEEP + b)
+        dx = (acc - g) * (a * r)[None, :] + coef * (x - tl.load(MEAN + b))
         if HAS_RS:
             dx += g * tl.load(RS + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
         else:
@@ -161,14 +176,15 @@ def _grid(x: Tensor):
 
 
 def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
-              rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              rs: Optional[Tensor], pool_size: int, keep: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     mean, _, rstd = sample_moments(x, eps)
     grid, bw, bc = _grid(x)
     out = torch.empty_like(x)
     ps = torch.empty((grid[0], grid[1] * grid[2], 2), dtype=torch.float32, device=x.device)
     _load().fwd[grid](x, mean, rstd, norm_weight, stand_in(ls, x), stand_in(rs, x), out, ps, *nhwc_shape(x)[1:],
-                      P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc,
-                      num_warps=4)
+                      stand_in(keep, x), P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw,
+                      BLOCK_C=bc, num_warps=4, HAS_KEEP=keep is not None)
     B = x.shape[0]
     n = ps.numel() // (2 * B)  # partials per sample, (sum, sum of squares) of out - mean interleaved
     out_mean, out_var, _ = finish_moments(ps, B, n, 2 * n, 2, 1, mean, 1, x.numel() // B)
@@ -176,17 +192,19 @@ def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: 
 
 
 def _bwd_impl(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Tensor, ls: Optional[Tensor],
-              rs: Optional[Tensor], pool_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              rs: Optional[Tensor], pool_size: int, keep: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, W, C = nhwc_shape(x)
     grid, bw, bc = _grid(x)
     pc = torch.empty((grid[0] * grid[1], 2, C), dtype=torch.float32, device=x.device)
     ps = torch.empty((B, H * grid[1] * grid[2]), dtype=torch.float32, device=x.device)
-    flags = dict(P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
+    flags = dict(P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw, BLOCK_C=bc, num_warps=4,
+                 HAS_KEEP=keep is not None)
     k = _load()
-    k.bwd_reduce[grid](g, x, rstd, norm_weight, stand_in(ls, x), pc, ps, H, W, C, **flags)
+    k.bwd_reduce[grid](g, x, rstd, norm_weight, stand_in(ls, x), pc, ps, H, W, C, stand_in(keep, x), **flags)
     dx = torch.empty_like(x)
     k.bwd_apply[grid](g, x, mean, rstd, ps.sum(1), 1.0 / (x.numel() // B), norm_weight, stand_in(ls, x),
-                      stand_in(rs, x), dx, H, W, C, **flags)
+                      stand_in(rs, x), dx, H, W, C, stand_in(keep, x), **flags)
     s = pc[:, 0].sum(0)
     dw = s * ls.float() if ls is not None else s
     dls = s * norm_weight.float() if ls is not None else absent(x, torch.float32)
@@ -196,7 +214,7 @@ def _bwd_impl(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Ten
 
 # ----------------------------------------------------------------------------- op registration
 
-def _fwd_fake(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
+def _fwd_fake(x, norm_weight, norm_bias, eps, ls, rs, pool_size, keep=None):
     B = x.shape[0]
 
     def vec():
@@ -205,7 +223,7 @@ def _fwd_fake(x, norm_weight, norm_bias, eps, ls, rs, pool_size):
     return torch.empty_like(x), vec(), vec(), vec(), vec()
 
 
-def _bwd_fake(g, x, mean, rstd, norm_weight, ls, rs, pool_size):
+def _bwd_fake(g, x, mean, rstd, norm_weight, ls, rs, pool_size, keep=None):
     C = x.shape[1]
 
     def vec(flag):
@@ -215,20 +233,20 @@ def _bwd_fake(g, x, mean, rstd, norm_weight, ls, rs, pool_size):
 
 
 def _setup(ctx, inputs, output):
-    x, norm_weight, norm_bias, eps, ls, rs, pool_size = inputs
+    x, norm_weight, norm_bias, eps, ls, rs, pool_size, keep = inputs
     out, mean, rstd, out_mean, out_var = output
     ctx.mark_non_differentiable(mean, rstd, out_mean, out_var)
     ctx.pool_size = pool_size
     ctx.has_bias = norm_bias is not None
-    ctx.save_for_backward(x, mean, rstd, norm_weight, ls, rs)
+    ctx.save_for_backward(x, mean, rstd, norm_weight, ls, rs, keep)
 
 
 def _backward(ctx, g, *_):
-    x, mean, rstd, norm_weight, ls, rs = ctx.saved_tensors
-    dx, dw, dls, drs = _bwd_op(dense_in_layout(g, True), x, mean, rstd, norm_weight, ls, rs, ctx.pool_size)
+    x, mean, rstd, norm_weight, ls, rs, keep = ctx.saved_tensors
+    dx, dw, dls, drs = _bwd_op(dense_in_layout(g, True), x, mean, rstd, norm_weight, ls, rs, ctx.pool_size, keep)
     db = torch.zeros_like(norm_weight) if ctx.has_bias else None
     return (dx, dw.to(norm_weight.dtype), db, None, dls.to(ls.dtype) if ls is not None else None,
-            drs.to(rs.dtype) if rs is not None else None, None)
+            drs.to(rs.dtype) if rs is not None else None, None, None)
 
 
 _bwd_op = BackwardOp("metazoo::pool_mixer_bwd", _bwd_impl, _bwd_fake)
@@ -240,12 +258,15 @@ _fwd = ForwardOp("metazoo::pool_mixer_fwd", _fwd_impl, _fwd_fake, _setup, _backw
 @dispatcher(pool_mixer_ref)
 def pool_mixer(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = None, eps: float = 1e-5,
                ls: Optional[Tensor] = None, rs: Optional[Tensor] = None, pool_size: int = 3,
-               backend: Optional[str] = None) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """PoolFormer token-mixer half-block on NCHW. Returns ``(out, moments of out or None)``; pass the
+               backend: Optional[str] = None, keep: Optional[Tensor] = None
+               ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """PoolFormer token-mixer half-block on NCHW (``keep``: drop path's per-sample keep/(1-p), fp32).
+    Returns ``(out, moments of out or None)``; pass the
     moments to :func:`metazoo.kernels.group_norm.group_norm1` to skip its statistics pass."""
     _check(x, pool_size)
+    check_keep(keep, x, "pool_mixer")
     if resolve(backend, x) == "torch":
-        return pool_mixer_ref(x, norm_weight, norm_bias, eps, ls, rs, pool_size)
+        return pool_mixer_ref(x, norm_weight, norm_bias, eps, ls, rs, pool_size, keep=keep)
     out, _, _, out_mean, out_var = _fwd(dense_in_layout(x, True), norm_weight, norm_bias, float(eps),
-                                           ls, rs, int(pool_size))
+                                           ls, rs, int(pool_size), keep)
     return out, (out_mean, out_var)

@@ -7,6 +7,8 @@ from timm.layers import DropPath, LayerScale
 from torch import nn
 
 from ..kernels.gated_conv import gated_dwconv_linear
+from ..kernels.norm_residual import scale_add
+from ..layers.drop import drop_path_keep
 from ..layers.norms import LayerNorm
 
 
@@ -41,4 +43,6 @@ class GatedCNNBlock(nn.Module):
             g, i, c = torch.split(u, self.split_indices, dim=-1)
             c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             y = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
-        return self.drop_path(self.ls(y)) + shortcut
+        # residual, layer scale and drop path (its per-sample mask drawn as DropPath draws it) in one pass
+        ls = self.ls.gamma if isinstance(self.ls, LayerScale) else None
+        return scale_add(shortcut, y, None, ls, keep=drop_path_keep(self.drop_path, y))

@@ -39,6 +39,26 @@ def test_equal_to_timm(name):
 
 
 @pytest.mark.parametrize("name", SMALL)
+def test_training_with_drop_path_equal_to_timm(name):
+    """Train mode at drop path 0.5 (the fused residual path, masks drawn as timm's DropPath draws them):
+    with the same seed, logits and input gradient equal timm's."""
+    ours, ref = _pair(name, drop_path_rate=0.5)
+    x = torch.randn(4, 3, 32, 48)
+    outs = []
+    for model in (ours.train(), ref.train()):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        y = model(xi)
+        y.square().sum().backward()
+        outs.append((y, xi.grad))
+    (y_ours, g_ours), (y_ref, g_ref) = outs
+    assert (y_ours - y_ref).abs().max() <= 1e-5 * y_ref.abs().max()
+    assert (g_ours - g_ref).abs().max() <= 1e-5 * g_ref.abs().max()
+    torch.manual_seed(3)
+    assert not torch.allclose(ref.eval()(x), y_ref), "no branch was dropped"
+
+
+@pytest.mark.parametrize("name", SMALL)
 @torch.no_grad()
 def test_features_only_equal_to_timm(name):
     ref = timm.create_model(name[3:], features_only=True, out_indices=(0, 1, 2, 3)).eval()

@@ -81,6 +81,11 @@ def _rand(*shape, scale=1.0, shift=0.0):
     return torch.randn(*shape, device=DEVICE) * scale + shift
 
 
+def _keep(B: int) -> torch.Tensor:
+    """A drop-path keep vector (mask / (1 - p)) with kept, dropped and differently scaled samples."""
+    return torch.tensor([1.25, 0.0, 2.5, 1.25], device=DEVICE)[:B]
+
+
 def _map_shape(rng: random.Random, max_hw=7, max_c=40):
     return rng.randint(1, 2), rng.randint(1, max_c), rng.randint(1, max_hw), rng.randint(1, max_hw)
 
@@ -102,7 +107,9 @@ def test_norm_residual(seed, dtype):
         acts["y"] = _rand(*shape)
     params = {"rs": _rand(C) if with_y and seed % 4 != 1 else None, "ls": _rand(C) if with_y else None,
               "weight": _rand(C) if with_norm else None, "bias": _rand(C) if with_norm and seed % 5 else None}
-    compare(norm_residual, norm_residual_ref, acts, params, dtype, dict(eps=1e-6, channels_first=channels_first))
+    keep = _keep(shape[0]) if with_y and seed % 4 != 2 else None
+    compare(norm_residual, norm_residual_ref, acts, params, dtype,
+            dict(eps=1e-6, channels_first=channels_first, keep=keep))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -236,7 +243,7 @@ def test_pool_mixer(seed, dtype):
     params = {"norm_weight": _rand(C), "norm_bias": _rand(C) if seed % 2 else None,
               "ls": _rand(C) if seed % 3 else None, "rs": _rand(C) if seed % 4 == 0 else None}
     compare(pool_mixer, pool_mixer_ref, {"x": _rand(B, C, H, W, scale=2.0, shift=1.0)}, params, dtype,
-            dict(eps=1e-5, pool_size=3))
+            dict(eps=1e-5, pool_size=3, keep=_keep(B) if seed % 2 == 0 else None))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -566,7 +573,7 @@ def test_torchscript_compiles_callers_of_the_dispatchers():
     assert torch.equal(scripted(x, y), x + y)
 
 
-def _blocks():
+def _blocks(drop_path: float = 0.0):
     from torch import nn
 
     from metazoo.backbones.metaformer import MetaFormerBlock
@@ -582,22 +589,24 @@ def _blocks():
 
     return {
         "poolformer_v1": (MetaFormerBlock(12, Pooling, norm_layer=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True,
-                                          layer_scale_init_value=1e-5), (2, 12, 5, 6)),
+                                          layer_scale_init_value=1e-5, drop_path=drop_path), (2, 12, 5, 6)),
         "poolformer_v2": (MetaFormerBlock(12, Pooling, norm_layer=group_norm1_no_bias, mlp_act=StarReLU,
-                                          res_scale_init_value=1.0), (1, 12, 4, 7)),
+                                          res_scale_init_value=1.0, drop_path=drop_path), (1, 12, 4, 7)),
         "convformer": (MetaFormerBlock(8, SepConv, norm_layer=layer_norm2d_no_bias, mlp_act=StarReLU,
-                                       res_scale_init_value=1.0), (1, 8, 4, 5)),
+                                       res_scale_init_value=1.0, drop_path=drop_path), (1, 8, 4, 5)),
         "caformer_attention": (MetaFormerBlock(32, Attention, norm_layer=layer_norm_no_bias, mlp_act=StarReLU,
-                                               res_scale_init_value=1.0, layout="NLC"), (2, 9, 32)),
-        "mambaout": (GatedCNNBlock(12), (1, 4, 5, 12)),
+                                               res_scale_init_value=1.0, layout="NLC", drop_path=drop_path),
+                               (2, 9, 32)),
+        "mambaout": (GatedCNNBlock(12, ls_init_value=1.0 if drop_path else None, drop_path=drop_path),
+                     (1, 4, 5, 12)),
         "riformer": (MetaFormerBlock(12, Affine, norm_layer=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True,
-                                     layer_scale_init_value=1e-5), (2, 12, 5, 6)),
+                                     layer_scale_init_value=1e-5, drop_path=drop_path), (2, 12, 5, 6)),
         "riformer_deploy": (MetaFormerBlock(12, IdentityMixer, norm_layer=GroupNorm1, mlp_act=nn.GELU, mlp_bias=True,
-                                            layer_scale_init_value=1e-5), (2, 12, 5, 6)),
+                                            layer_scale_init_value=1e-5, drop_path=drop_path), (2, 12, 5, 6)),
         "identityformer": (MetaFormerBlock(12, IdentityMixer, norm_layer=group_norm1_no_bias, mlp_act=StarReLU,
-                                           res_scale_init_value=1.0), (1, 12, 4, 7)),
+                                           res_scale_init_value=1.0, drop_path=drop_path), (1, 12, 4, 7)),
         "randformer": (MetaFormerBlock(12, partial(RandomMixing, num_tokens=16), norm_layer=group_norm1_no_bias,
-                                       mlp_act=StarReLU, res_scale_init_value=1.0), (1, 12, 4, 4)),
+                                       mlp_act=StarReLU, res_scale_init_value=1.0, drop_path=drop_path), (1, 12, 4, 4)),
     }
 
 
@@ -627,6 +636,48 @@ def test_block_kernels_on_equals_off(family):
             assert k.norm() < zero, name
             continue
         assert rel_err(k, r) < 2e-5, f"{family}: {name} differs by {rel_err(k, r):.2e}"
+
+
+@pytest.mark.parametrize("family", ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout",
+                                    "riformer", "identityformer", "randformer"])
+def test_block_with_drop_path_kernels_on_equals_off_and_plain(family):
+    """Training with drop path takes the fused path: with the masks seeded identically, Triton kernels,
+    their references and (MetaFormer blocks) the plain unfused path give the same output and gradients."""
+    block, shape = _blocks(drop_path=0.5)[family]
+    block.train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = _rand(4, *shape[1:])
+    cot = torch.linspace(-1, 1, x.numel()).view(x.shape)
+
+    def run(backend, fused=True):
+        block.zero_grad()
+        if not fused:
+            block.unfuse()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        with dispatch.use_backend(backend):
+            y = block(xi)
+            (y * cot).sum().backward()
+        return [y, xi.grad] + [p.grad for p in block.parameters()]
+
+    saved = {k: getattr(block, k) for k in ("fused_norm", "fused_pool", "fused_gn") if hasattr(block, k)}
+    res = {"triton": run("triton"), "torch": run("torch")}
+    if saved:
+        res["plain"] = run("torch", fused=False)
+        block.__dict__.update(saved)
+    names = ["out", "d_x"] + [n for n, _ in block.named_parameters()]
+    with torch.no_grad(), dispatch.use_backend("torch"):
+        assert not torch.allclose(block.eval()(x), res["torch"][0]), "seed 7 dropped no branch"
+    zero = 1e-5 * res["torch"][1].norm()
+    for other in [k for k in res if k != "torch"]:
+        for name, k, r in zip(names, res[other], res["torch"]):
+            assert k is not None and r is not None, name
+            if r.norm() < zero:
+                assert k.norm() < zero, name
+                continue
+            assert rel_err(k, r) < 1e-5, f"{family} ({other}): {name} differs by {rel_err(k, r):.2e}"
 
 
 @pytest.mark.slow
