@@ -50,7 +50,7 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
     return dict(by_module)
 
 
-def measure(name: str, ours: bool, batch: int, size: int, device: str) -> dict:
+def measure(name: str, ours: bool, batch: int, size: int, device: str, drop_path: float = 0.0) -> dict:
     """Per-image saved bytes: the difference between a forward at ``1 + batch`` images and at one,
     so batch-independent saves (autocast's bf16 weight copies) cancel out."""
     import timm
@@ -58,14 +58,15 @@ def measure(name: str, ours: bool, batch: int, size: int, device: str) -> dict:
     import metazoo  # noqa: F401  (registers mz_* models)
 
     torch.manual_seed(0)
-    model = timm.create_model(MODELS[name] if ours else name, num_classes=1000).to(device).train()
+    model = timm.create_model(MODELS[name] if ours else name, num_classes=1000,
+                              drop_path_rate=drop_path).to(device).train()
     runs = []
     for n in (1, 1 + batch):
         x = torch.randn(n, 3, size, size, device=device)
         with use_backend("triton" if ours else "torch"):
             runs.append(saved_bytes(model, x))
     parts = {k: (runs[1].get(k, 0) - runs[0].get(k, 0)) / batch for k in runs[0].keys() | runs[1].keys()}
-    return dict(model=name, impl="ours" if ours else "timm", batch=batch, size=size,
+    return dict(model=name, impl="ours" if ours else "timm", batch=batch, size=size, drop_path=drop_path,
                 bytes_per_image=sum(parts.values()),
                 by_module={k: v for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v})
 
@@ -76,11 +77,12 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="extra images of the second forward")
     p.add_argument("--size", type=int, default=64, help="input side (activations scale with its square)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--drop-path", type=float, default=0.0, help="drop_path_rate of both models (train mode)")
     p.add_argument("--out", default=None, help="folder for activation_memory.json")
     args = p.parse_args(argv)
     rows = []
     for name in args.models.split(","):
-        pair = [measure(name, ours, args.batch, args.size, args.device) for ours in (False, True)]
+        pair = [measure(name, ours, args.batch, args.size, args.device, args.drop_path) for ours in (False, True)]
         rows += pair
         ratio = pair[1]["bytes_per_image"] / pair[0]["bytes_per_image"]
         print(f"{name}: timm {pair[0]['bytes_per_image'] / 2**20:.3f} MiB/img, ours "

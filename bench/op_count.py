@@ -6,7 +6,7 @@ executed (only the count matters here), and ``METAZOO_KERNELS=triton`` selects t
 kernels' backward implementations are counted as eager runs them (called directly, see
 ``metazoo.kernels._autograd.BackwardOp``), not as one registered op.
 
-    METAZOO_KERNELS=triton TRITON_INTERPRET=1 python bench/op_count.py poolformer_s12 caformer_s18
+    METAZOO_KERNELS=triton TRITON_INTERPRET=1 python bench/op_count.py poolformer_s12 caformer_s18 --drop-path 0.1
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(model_name: str, launches: collections.Counter) -> tuple[collections.Counter, int]:
-    """(aten op counts, Triton launches) of one bf16-autocast forward + backward at 64 px, batch 2."""
-    model = timm.create_model(model_name, num_classes=10).to(memory_format=torch.channels_last)
+def count(model_name: str, launches: collections.Counter, drop_path: float = 0.0) -> tuple[collections.Counter, int]:
+    """(aten op counts, Triton launches) of one bf16-autocast train-mode forward + backward at 64 px, batch 2."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=10, drop_path_rate=drop_path)
+    model = model.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
     launches.clear()
     with _CountOps() as ops:
@@ -45,7 +47,10 @@ def count(model_name: str, launches: collections.Counter) -> tuple[collections.C
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="timm names; ours is mz_<name>")
+    ap.add_argument("--drop-path", type=float, default=0.0, help="drop_path_rate of both models (recipes use 0.1-0.6)")
     args = ap.parse_args()
+    if not 0.0 <= args.drop_path < 1.0:
+        raise ValueError(f"--drop-path: {args.drop_path}; accepted: 0 <= p < 1")
     import triton.runtime.interpreter as interpreter
 
     from metazoo.kernels import _autograd
@@ -56,7 +61,7 @@ def main():
     _autograd._traced = lambda args: False
     for name in args.models:
         for model_name in (f"mz_{name}", name):
-            ops, n_launch = count(model_name, launches)
+            ops, n_launch = count(model_name, launches, args.drop_path)
             top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
             print(f"{model_name}: {sum(ops.values())} aten ops, {n_launch} Triton launches ({top})")
 
