@@ -28,7 +28,8 @@ from ._timm_api import TimmBackboneMixin
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:
     """dtype of a GroupNorm's output on ``x`` (the pooling branch's): fp32 under autocast, else ``x``'s."""
-    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta: no autocast
+    return torch.float32 if autocast else x.dtype
 
 
 class MetaFormerBlock(nn.Module):
