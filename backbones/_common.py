@@ -12,6 +12,8 @@ import torch
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs
 from timm.models._registry import _model_to_module
 
+from ..kernels.dispatch import fx_tracing
+
 PREFIX = "mz_"
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model_state_dict", "model", "module")
 STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
@@ -110,7 +112,10 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 
 
 def check_input_size(x: torch.Tensor, min_size: int, name: str = "input") -> None:
-    """Raise ``ValueError`` when the spatial size of NCHW ``x`` is below the network's total stride."""
+    """Raise ``ValueError`` when the spatial size of NCHW ``x`` is below the network's total stride
+    (not while torch.fx traces: its sizes are symbolic)."""
+    if fx_tracing():
+        return
     if x.ndim != 4:
         raise ValueError(f"{name} must be a 4-D NCHW image batch, got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]

@@ -223,7 +223,8 @@ class TransNeXt(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """NCHW image -> NCHW stride-32 features after the last stage's norm."""
-        check_input_size(x, MIN_INPUT)
+        if not torch.jit.is_scripting():  # a global int is no TorchScript constant
+            check_input_size(x, MIN_INPUT)
         tables = self._position_tables(x.shape[-2], x.shape[-1])
         for i in range(self.num_stages):
             x = self._stage(i, x, tables[i])
@@ -243,7 +244,8 @@ class TransNeXt(nn.Module):
         """Per-stage NCHW outputs (after each stage's own LayerNorm) for ``indices`` (timm semantics)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; accepted: 'NCHW'")
-        check_input_size(x, MIN_INPUT)
+        if not torch.jit.is_scripting():  # a global int is no TorchScript constant
+            check_input_size(x, MIN_INPUT)
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
         last = max_index if stop_early or intermediates_only else self.num_stages - 1

@@ -111,3 +111,16 @@ def _resolve(backend: str | None, on_cuda: bool) -> str:
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter); "
             "use backend='torch' or move the tensors to a CUDA device")
     return "triton"
+
+
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def fx_tracing() -> bool:
+    """True while ``torch.fx`` traces symbolically (not under torch.compile/export): models then take
+    their plain-PyTorch path, so graphs hold standard ops and no control flow runs on traced values.
+    Callers write ``torch.jit.is_scripting() or fx_tracing()``: TorchScript compiles only the branch
+    that literal selects."""
+    if torch.jit.is_scripting():
+        return False
+    return _fx_symbolic_tracing()
