@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .dispatch import interpret_mode, resolve, triton_available
 
-__all__ = ["selective_scan", "selective_scan_ref"]
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref"]
 
 _SERIES_BELOW = 0.1  # |x| under which φ and φ' use their Taylor series (no cancellation)
 
@@ -93,6 +93,60 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     if D is not None:
         y = y + D.to(ct)[None, :, None] * u_
     return y.to(dtype_out)
+
+
+def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                           delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                           chunk: int = 64) -> torch.Tensor:
+    """The reference's recurrence without a Python loop over the sequence (CPU, TorchScript, export).
+
+    Steps are padded to whole chunks of ``chunk`` (a power of two) with identity steps (Δ = 0). Each
+    chunk is scanned in log2(chunk) doubling steps of the associative map ``h -> a h + b`` (products
+    of decays in (0, 1], so no overflow, unlike a cumsum of -log a), all chunks at once; a loop over
+    the L/chunk chunks then carries the state across chunk boundaries. Shapes as the reference.
+    """
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"chunk={chunk} must be a power of two")
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    bsz, dim, seqlen = u.shape
+    n = A.shape[1]
+    B4 = B.unsqueeze(1) if B.dim() == 3 else B
+    C4 = C.unsqueeze(1) if C.dim() == 3 else C
+    groups = B4.shape[1]
+    dg = dim // groups
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[None, :, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    nc = (seqlen + chunk - 1) // chunk
+    pad = nc * chunk - seqlen  # padded steps have Δ = 0: a = 1, b = 0, the identity map
+    dt = F.pad(dt, (0, pad)).view(bsz, groups, dg, nc, chunk, 1)
+    uc = F.pad(u.to(ct), (0, pad)).view(bsz, groups, dg, nc, chunk, 1)
+    Bc = F.pad(B4.to(ct), (0, pad)).view(bsz, groups, 1, n, nc, chunk).permute(0, 1, 2, 4, 5, 3)
+    x = dt * A.to(ct).view(1, groups, dg, 1, 1, n)
+    a = torch.exp(x)
+    b = dt * uc * _phi_ref(x) * Bc  # (batch, G, D/G, chunks, chunk, N)
+    step = 1
+    while step < chunk:  # inclusive scan within each chunk: compose with the map `step` earlier
+        a_prev = F.pad(a[..., :-step, :], (0, 0, step, 0), value=1.0)
+        b_prev = F.pad(b[..., :-step, :], (0, 0, step, 0))
+        b = torch.addcmul(b, a, b_prev)
+        a = a * a_prev
+        step *= 2
+    h0 = u.new_zeros((bsz, groups, dg, n), dtype=ct)
+    starts = []
+    for c in range(nc):  # state entering each chunk
+        starts.append(h0)
+        h0 = torch.addcmul(b[:, :, :, c, -1], a[:, :, :, c, -1], h0)
+    h = torch.addcmul(b, a, torch.stack(starts, dim=3)[:, :, :, :, None])
+    Cc = F.pad(C4.to(ct), (0, pad)).view(bsz, groups, n, nc * chunk)
+    y = torch.einsum("bgdln,bgnl->bgdl", h.reshape(bsz, groups, dg, nc * chunk, n), Cc)
+    y = y.reshape(bsz, dim, nc * chunk)[:, :, :seqlen]
+    if D is not None:
+        y = y + D.to(ct)[None, :, None] * u.to(ct)
+    return y.to(u.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -461,11 +515,11 @@ class SelectiveScanFn(torch.autograd.Function):
 
 
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
-    """S6 selective scan y (batch, D, L); Triton on CUDA (or the interpreter), else the reference.
+    """S6 selective scan y (batch, D, L); Triton on CUDA (or the interpreter), else the chunked reference.
 
     ``backend`` is 'auto' | 'torch' | 'triton' (see :mod:`metazoo.kernels.dispatch`).
     """
     B4, C4 = _check_inputs(u, delta, A, B, C, D, delta_bias)
     if resolve(backend, u, delta, A, B4, C4) == "torch":
-        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
     return SelectiveScanFn.apply(u, delta, A, B4, C4, D, delta_bias, bool(delta_softplus))
