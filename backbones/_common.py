@@ -1,6 +1,7 @@
 """Shared plumbing for every family: safe checkpoint loading, argument validation, timm builds."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -196,9 +197,22 @@ def validate_tag(variant: str, pretrained_cfg) -> None:
 
 def build(model_cls, variant: str, pretrained: bool, *, num_stages: int = 4,
           pretrained_filter_fn: Callable | None = None, feature_cfg: dict | None = None, **kwargs):
-    """``timm.models.build_model_with_cfg`` with our boundary checks (tag, ``out_indices``)."""
+    """``timm.models.build_model_with_cfg`` with our boundary checks (tag, ``out_indices``).
+
+    timm's factory arguments ``device`` and ``dtype`` are honoured here for every family: the
+    model is built under that default device (``meta`` allocates nothing) and then moved/cast.
+    """
     validate_tag(variant, kwargs.get("pretrained_cfg"))
     out_indices = validate_out_indices(kwargs.pop("out_indices", tuple(range(num_stages))), num_stages)
     feature_cfg = dict(flatten_sequential=True, **(feature_cfg or {}), out_indices=out_indices)
-    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
-                                feature_cfg=feature_cfg, **kwargs)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
+                                     feature_cfg=feature_cfg, **kwargs)
+    return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+
+
+def like_model(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """``module`` (e.g. a new classifier) on the device and in the dtype and train/eval mode of ``model``."""
+    p = next(model.parameters())
+    return module.to(device=p.device, dtype=p.dtype).train(model.training)

@@ -25,7 +25,7 @@ from torch import nn
 from metazoo.mixers.aff import AFFMixer
 from metazoo.layers.norms import GroupNorm1
 
-from ._common import build, check_input_size, strip_prefixes
+from ._common import build, check_input_size, like_model, strip_prefixes
 
 __all__ = ["AFFNet", "checkpoint_filter_fn", "convert_official", "VARIANTS"]
 
@@ -224,13 +224,15 @@ class AFFNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
+        like_model(self.head, self)
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
         """Stage outputs at ``indices`` (timm semantics); ``norm`` is accepted for API parity (no-op)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; accepted: NCHW")
-        check_input_size(x, 32, "x")
+        if not torch.jit.is_scripting():
+            check_input_size(x, 32, "x")
         take, max_index = feature_take_indices(len(self.stages), indices)
         x = self.stem(x)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
@@ -255,7 +257,8 @@ class AFFNet(nn.Module):
         return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, 32, "x")
+        if not torch.jit.is_scripting():
+            check_input_size(x, 32, "x")
         return self.final_conv(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

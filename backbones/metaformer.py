@@ -24,6 +24,7 @@ from ..mixers.identity import IdentityMixer
 from ..mixers.mlp import Mlp
 from ..layers.norms import GroupNorm1, LayerNorm, LayerNorm2d
 from ..mixers.pooling import Pooling
+from ._common import like_model
 
 
 class MetaFormerBlock(nn.Module):
@@ -220,10 +221,9 @@ class MetaFormer(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
-        device = next(self.parameters()).device
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other=reset_other)
-        self.head.to(device)
+        like_model(self.head, self)
         self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention, relative_position_table
+from metazoo.kernels.dispatch import fx_tracing
 from metazoo.mixers.convglu import ConvGLU
 
-from ._common import build, check_in_chans, check_input_size, strip_prefixes
+from ._common import build, check_in_chans, check_input_size, like_model, strip_prefixes
 
 __all__ = ["TransNeXt", "checkpoint_filter_fn", "VARIANTS"]
 
@@ -65,6 +66,7 @@ def recompute_parts(recompute) -> frozenset:
     return frozenset(parts)
 
 
+@register_notrace_module  # timm's FX tracer keeps blocks whole: their sizes come from the input
 class TransNeXtBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))``, then ``x + ConvGLU(norm2(x))``."""
 
@@ -181,7 +183,7 @@ class TransNeXt(nn.Module):
                 raise ValueError(f"global_pool={global_pool!r} is not supported; accepted: 'avg', ''")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = like_model(nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(), self)
 
     # --- forward --------------------------------------------------------------------------------
     def _stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
@@ -197,7 +199,10 @@ class TransNeXt(nn.Module):
     def _position_tables(self, height: int, width: int) -> list:
         """Every stage's position tables for an ``height×width`` input: the buffers at the construction
         size, else computed (cached) in one call, so torch.compile breaks the graph once per forward, not
-        once per stage (per-stage breaks recompiled the stage code with symbolic sizes)."""
+        once per stage (per-stage breaks recompiled the stage code with symbolic sizes). While torch.fx
+        traces (symbolic sizes), None: each block computes its tables from the sizes it is run at."""
+        if fx_tracing():
+            return [None] * self.num_stages
         sizes = self._stage_sizes(height, width)
         if sizes == self._buffer_hw:
             return [(getattr(self, f"relative_pos_index{i + 1}"), getattr(self, f"relative_coords_table{i + 1}"))
