@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .dispatch import interpret_mode, resolve, triton_available
 
@@ -99,15 +100,31 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
                            C: torch.Tensor, D: Optional[torch.Tensor] = None,
                            delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                            chunk: int = 64) -> torch.Tensor:
-    """The reference's recurrence without a Python loop over the sequence (CPU, TorchScript, export).
+    """The reference's recurrence in ``chunk + L/chunk`` vectorised steps, not L (CPU, TorchScript, export).
 
-    Steps are padded to whole chunks of ``chunk`` (a power of two) with identity steps (Δ = 0). Each
-    chunk is scanned in log2(chunk) doubling steps of the associative map ``h -> a h + b`` (products
-    of decays in (0, 1], so no overflow, unlike a cumsum of -log a), all chunks at once; a loop over
-    the L/chunk chunks then carries the state across chunk boundaries. Shapes as the reference.
+    Steps are padded to whole chunks with identity steps (Δ = 0). Within every chunk at once: the
+    decay from the chunk start is ``exp(cumsum(ΔA))`` (a sum of non-positive terms, so no overflow)
+    and the zero-start state comes from a loop over the ``chunk`` positions; a loop over the chunks
+    then carries the state across chunk boundaries. Shapes as :func:`selective_scan_ref`. Batches
+    run in slices of at most ~2^24 state elements (ViM2's channel mixer scans one sequence per pixel).
     """
-    if chunk < 1 or chunk & (chunk - 1):
-        raise ValueError(f"chunk={chunk} must be a power of two")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    bsz = u.shape[0]
+    step = max(1, (1 << 24) // (u.shape[1] * u.shape[2] * A.shape[1]))
+    if bsz <= step:
+        return _scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk)
+    parts = []
+    for i in range(0, bsz, step):
+        parts.append(_scan_chunked(u[i:i + step], delta[i:i + step], A, B[i:i + step], C[i:i + step], D, delta_bias,
+                                   delta_softplus, chunk))
+    return torch.cat(parts, dim=0)
+
+
+def _scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+                  chunk: int) -> torch.Tensor:
+    """:func:`selective_scan_chunked` on one batch slice."""
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     bsz, dim, seqlen = u.shape
     n = A.shape[1]
@@ -125,22 +142,22 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
     dt = F.pad(dt, (0, pad)).view(bsz, groups, dg, nc, chunk, 1)
     uc = F.pad(u.to(ct), (0, pad)).view(bsz, groups, dg, nc, chunk, 1)
     Bc = F.pad(B4.to(ct), (0, pad)).view(bsz, groups, 1, n, nc, chunk).permute(0, 1, 2, 4, 5, 3)
-    x = dt * A.to(ct).view(1, groups, dg, 1, 1, n)
+    x = dt * A.to(ct).view(1, groups, dg, 1, 1, n)  # (batch, G, D/G, chunks, chunk, N)
     a = torch.exp(x)
-    b = dt * uc * _phi_ref(x) * Bc  # (batch, G, D/G, chunks, chunk, N)
-    step = 1
-    while step < chunk:  # inclusive scan within each chunk: compose with the map `step` earlier
-        a_prev = F.pad(a[..., :-step, :], (0, 0, step, 0), value=1.0)
-        b_prev = F.pad(b[..., :-step, :], (0, 0, step, 0))
-        b = torch.addcmul(b, a, b_prev)
-        a = a * a_prev
-        step *= 2
+    b = dt * uc * _phi_ref(x) * Bc
+    decay = torch.exp(torch.cumsum(x, dim=4))  # product of a from the chunk start
+    q = b[:, :, :, :, 0]
+    qs = [q]
+    for t in range(1, chunk):  # zero-start state within every chunk
+        q = torch.addcmul(b[:, :, :, :, t], a[:, :, :, :, t], q)
+        qs.append(q)
+    local = torch.stack(qs, dim=4)
     h0 = u.new_zeros((bsz, groups, dg, n), dtype=ct)
     starts = []
     for c in range(nc):  # state entering each chunk
         starts.append(h0)
-        h0 = torch.addcmul(b[:, :, :, c, -1], a[:, :, :, c, -1], h0)
-    h = torch.addcmul(b, a, torch.stack(starts, dim=3)[:, :, :, :, None])
+        h0 = torch.addcmul(local[:, :, :, c, -1], decay[:, :, :, c, -1], h0)
+    h = torch.addcmul(local, decay, torch.stack(starts, dim=3)[:, :, :, :, None])
     Cc = F.pad(C4.to(ct), (0, pad)).view(bsz, groups, n, nc * chunk)
     y = torch.einsum("bgdln,bgnl->bgdl", h.reshape(bsz, groups, dg, nc * chunk, n), Cc)
     y = y.reshape(bsz, dim, nc * chunk)[:, :, :seqlen]
@@ -521,5 +538,8 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     """
     B4, C4 = _check_inputs(u, delta, A, B, C, D, delta_bias)
     if resolve(backend, u, delta, A, B4, C4) == "torch":
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward recomputes the scan
+            return checkpoint(selective_scan_chunked, u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
+                              use_reentrant=False)
         return selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
     return SelectiveScanFn.apply(u, delta, A, B4, C4, D, delta_bias, bool(delta_softplus))
