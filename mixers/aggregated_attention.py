@@ -179,6 +179,4 @@ class LengthScaledAttention(_ScaledCosineMixin):
         k = F.normalize(k, dim=-1)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
                                              attn_mask=bias.to(q.dtype).expand(B, -1, -1, -1), scale=1.0)
-        # contiguous(): CPU SDPA returns (B, N, heads, d) memory; the ONNX exporter's decomposition of
-        # SDPA does not, and a reshape recorded as a view of the former then fails to export
-        return self.proj_drop(self.proj(out.contiguous().transpose(1, 2).reshape(B, N, C).to(x.dtype)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C).to(x.dtype)))
