@@ -2,6 +2,7 @@
 argument validation, timm builds."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -13,6 +14,8 @@ import timm
 import torch
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, register_model
 from timm.models._registry import _model_to_module
+
+from ..kernels.dispatch import fx_tracing
 
 PREFIX = "mz_"
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model_state_dict", "model", "module")
@@ -149,7 +152,10 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 
 
 def check_input_size(x: torch.Tensor, min_size: int, name: str = "input") -> None:
-    """Raise ``ValueError`` when the spatial size of NCHW ``x`` is below the network's total stride."""
+    """Raise ``ValueError`` when the spatial size of NCHW ``x`` is below the network's total stride
+    (not while torch.fx traces: its sizes are symbolic)."""
+    if fx_tracing():
+        return
     if x.ndim != 4:
         raise ValueError(f"{name} must be a 4-D NCHW image batch, got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
@@ -237,9 +243,22 @@ def validate_tag(variant: str, pretrained_cfg) -> None:
 
 def build(model_cls, variant: str, pretrained: bool, *, num_stages: int = 4,
           pretrained_filter_fn: Callable | None = None, feature_cfg: dict | None = None, **kwargs):
-    """``timm.models.build_model_with_cfg`` with our boundary checks (tag, ``out_indices``)."""
+    """``timm.models.build_model_with_cfg`` with our boundary checks (tag, ``out_indices``).
+
+    timm's factory arguments ``device`` and ``dtype`` are honoured here for every family: the
+    model is built under that default device (``meta`` allocates nothing) and then moved/cast.
+    """
     validate_tag(variant, kwargs.get("pretrained_cfg"))
     out_indices = validate_out_indices(kwargs.pop("out_indices", tuple(range(num_stages))), num_stages)
     feature_cfg = dict(flatten_sequential=True, **(feature_cfg or {}), out_indices=out_indices)
-    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
-                                feature_cfg=feature_cfg, **kwargs)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn,
+                                     feature_cfg=feature_cfg, **kwargs)
+    return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+
+
+def like_model(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """``module`` (e.g. a new classifier) on the device and in the dtype and train/eval mode of ``model``."""
+    p = next(model.parameters())
+    return module.to(device=p.device, dtype=p.dtype).train(model.training)

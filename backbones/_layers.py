@@ -25,7 +25,8 @@ class PatchStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW image -> NCHW at stride 4."""
-        check_input_size(x, TOTAL_STRIDE)
+        if not torch.jit.is_scripting():  # a global int is no TorchScript constant
+            check_input_size(x, TOTAL_STRIDE)
         return self.norm(self.conv(x))
 
 
@@ -42,7 +43,8 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW image -> NHWC at stride 4."""
-        check_input_size(x, TOTAL_STRIDE)
+        if not torch.jit.is_scripting():  # a global int is no TorchScript constant
+            check_input_size(x, TOTAL_STRIDE)
         x = self.conv1(x)
         if self.norm1 is not None:
             x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -184,7 +186,8 @@ class PatchifyStem(nn.Module):
         self.norm = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, TOTAL_STRIDE)
+        if not torch.jit.is_scripting():  # a global int is no TorchScript constant
+            check_input_size(x, TOTAL_STRIDE)
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 

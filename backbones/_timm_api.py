@@ -18,6 +18,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
+from ._common import like_model
+
 OUTPUT_FMTS = ("NCHW", "NHWC")
 
 
@@ -75,10 +77,9 @@ class TimmBackboneMixin:
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
-        device = next(self.parameters()).device
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other=reset_other)
-        self.head.to(device)
+        like_model(self.head, self)
         self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
@@ -107,7 +108,7 @@ class TimmBackboneMixin:
         if prune_end:
             self.num_features = self.feature_info[max_index]["num_chs"]
             if self.head_layer is not None:
-                self.head = self.head_layer(self.num_features, 0, pool_type="avg").to(next(self.parameters()).device)
+                self.head = like_model(self.head_layer(self.num_features, 0, pool_type="avg"), self)
         if prune_head or prune_end:
             self.reset_classifier(0, "", reset_other=True)
         return take_indices

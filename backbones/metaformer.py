@@ -14,6 +14,7 @@ from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..kernels.dispatch import fx_tracing
 from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import norm_residual, scale_add
 from ..kernels.pool_mixer import pool_mixer
@@ -75,10 +76,10 @@ class MetaFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW or (B, N, C), per ``layout``."""
-        if self.fused_pool or self.fused_norm or self.fused_gn:
-            return self._forward_fused(x)
-        x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
-        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+        if torch.jit.is_scripting() or fx_tracing() or not (self.fused_pool or self.fused_norm or self.fused_gn):
+            x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+            return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+        return self._forward_fused(x)
 
     def unfuse(self) -> None:
         """Always take the plain path, so hooks on ``norm1``/``token_mixer`` see every call (distillation taps)."""
@@ -141,8 +142,8 @@ class MetaFormerStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: the model's layout (NCHW or NHWC); same layout out."""
         x = self.downsample(x)
+        B, C, H, W = x.shape
         if self.tokens:
-            B, C, H, W = x.shape
             x = x.reshape(B, C, H * W).transpose(1, 2)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_module
 from timm.models import generate_default_cfgs
 from timm.models._manipulate import checkpoint
 
 from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention, relative_position_table
+from metazoo.kernels.dispatch import fx_tracing
 from metazoo.mixers.convglu import ConvGLU
 
-from ._common import build, check_global_pool, check_in_chans, check_input_size, register_family, unwrap_state_dict
+from ._common import (build, check_global_pool, check_in_chans, check_input_size, like_model, register_family,
+                      unwrap_state_dict)
 from ._timm_api import TimmBackboneMixin
 
 __all__ = ["TransNeXt", "checkpoint_filter_fn", "VARIANTS"]
@@ -64,6 +66,7 @@ def recompute_parts(recompute) -> frozenset:
     return frozenset(parts)
 
 
+@register_notrace_module  # timm's FX tracer keeps blocks whole: their sizes come from the input
 class TransNeXtBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))``, then ``x + ConvGLU(norm2(x))``."""
 
@@ -168,7 +171,7 @@ class TransNeXt(TimmBackboneMixin, nn.Module):
         if global_pool is not None:
             self.global_pool = check_global_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = like_model(nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(), self)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -210,7 +213,10 @@ class TransNeXt(TimmBackboneMixin, nn.Module):
     def _position_tables(self, height: int, width: int) -> list:
         """Every stage's position tables for an ``height×width`` input: the buffers at the construction
         size, else computed (cached) in one call, so torch.compile breaks the graph once per forward, not
-        once per stage (per-stage breaks recompiled the stage code with symbolic sizes)."""
+        once per stage (per-stage breaks recompiled the stage code with symbolic sizes). While torch.fx
+        traces (symbolic sizes), None: each block computes its tables from the sizes it is run at."""
+        if fx_tracing():
+            return [None] * self.num_stages
         sizes = self._stage_sizes(height, width)
         if sizes == self._buffer_hw:
             return [(getattr(self, f"relative_pos_index{i + 1}"), getattr(self, f"relative_coords_table{i + 1}"))

@@ -163,3 +163,16 @@ def dispatcher(ref):
         return torch.jit.unused(call)
 
     return wrap
+
+
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def fx_tracing() -> bool:
+    """True while ``torch.fx`` traces symbolically (not under torch.compile/export): models then take
+    their plain-PyTorch path, so graphs hold standard ops and no control flow runs on traced values.
+    Callers write ``torch.jit.is_scripting() or fx_tracing()``: TorchScript compiles only the branch
+    that literal selects."""
+    if torch.jit.is_scripting():
+        return False
+    return _fx_symbolic_tracing()

@@ -25,10 +25,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ._autograd import BackwardOp, ForwardOp, or_absent
 from ._layout import cdiv, next_pow2
 from .dispatch import dispatcher, interpret_mode, lazy_triton, resolve
+
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref"]
 
 _SERIES_BELOW = 0.1  # |x| under which φ and φ' use their Taylor series (no cancellation)
 
@@ -97,6 +100,76 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     if D is not None:
         y = y + D.to(ct)[None, :, None] * u_
     return y.to(dtype_out)
+
+
+def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                           delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                           chunk: int = 64) -> torch.Tensor:
+    """The reference's recurrence in ``chunk + L/chunk`` vectorised steps, not L (CPU, TorchScript, export).
+
+    Steps are padded to whole chunks with identity steps (Δ = 0). Within every chunk at once: the
+    decay from the chunk start is ``exp(cumsum(ΔA))`` (a sum of non-positive terms, so no overflow)
+    and the zero-start state comes from a loop over the ``chunk`` positions; a loop over the chunks
+    then carries the state across chunk boundaries. Shapes as :func:`selective_scan_ref`. Batches
+    run in slices of at most ~2^24 state elements (ViM2's channel mixer scans one sequence per pixel).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    bsz = u.shape[0]
+    step = max(1, (1 << 24) // (u.shape[1] * u.shape[2] * A.shape[1]))
+    if bsz <= step:
+        return _scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk)
+    parts = []
+    for i in range(0, bsz, step):
+        parts.append(_scan_chunked(u[i:i + step], delta[i:i + step], A, B[i:i + step], C[i:i + step], D, delta_bias,
+                                   delta_softplus, chunk))
+    return torch.cat(parts, dim=0)
+
+
+def _scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+                  chunk: int) -> torch.Tensor:
+    """:func:`selective_scan_chunked` on one batch slice."""
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    bsz, dim, seqlen = u.shape
+    n = A.shape[1]
+    B4 = B.unsqueeze(1) if B.dim() == 3 else B
+    C4 = C.unsqueeze(1) if C.dim() == 3 else C
+    groups = B4.shape[1]
+    dg = dim // groups
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[None, :, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    nc = (seqlen + chunk - 1) // chunk
+    pad = nc * chunk - seqlen  # padded steps have Δ = 0: a = 1, b = 0, the identity map
+    dt = F.pad(dt, (0, pad)).view(bsz, groups, dg, nc, chunk, 1)
+    uc = F.pad(u.to(ct), (0, pad)).view(bsz, groups, dg, nc, chunk, 1)
+    Bc = F.pad(B4.to(ct), (0, pad)).view(bsz, groups, 1, n, nc, chunk).permute(0, 1, 2, 4, 5, 3)
+    x = dt * A.to(ct).view(1, groups, dg, 1, 1, n)  # (batch, G, D/G, chunks, chunk, N)
+    a = torch.exp(x)
+    b = dt * uc * _phi_ref(x) * Bc
+    decay = torch.exp(torch.cumsum(x, dim=4))  # product of a from the chunk start
+    q = b[:, :, :, :, 0]
+    qs = [q]
+    for t in range(1, chunk):  # zero-start state within every chunk
+        q = torch.addcmul(b[:, :, :, :, t], a[:, :, :, :, t], q)
+        qs.append(q)
+    local = torch.stack(qs, dim=4)
+    h0 = u.new_zeros((bsz, groups, dg, n), dtype=ct)
+    starts = []
+    for c in range(nc):  # state entering each chunk
+        starts.append(h0)
+        h0 = torch.addcmul(local[:, :, :, c, -1], decay[:, :, :, c, -1], h0)
+    h = torch.addcmul(local, decay, torch.stack(starts, dim=3)[:, :, :, :, None])
+    Cc = F.pad(C4.to(ct), (0, pad)).view(bsz, groups, n, nc * chunk)
+    y = torch.einsum("bgdln,bgnl->bgdl", h.reshape(bsz, groups, dg, nc * chunk, n), Cc)
+    y = y.reshape(bsz, dim, nc * chunk)[:, :, :seqlen]
+    if D is not None:
+        y = y + D.to(ct)[None, :, None] * u.to(ct)
+    return y.to(u.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -453,13 +526,16 @@ _fwd = ForwardOp("metazoo::selective_scan_fwd", _fwd_impl, _fwd_fake, _setup, _b
 
 @dispatcher(selective_scan_ref)
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend=None):
-    """S6 selective scan y (batch, D, L); Triton on CUDA (or the interpreter), else the reference.
+    """S6 selective scan y (batch, D, L); Triton on CUDA (or the interpreter), else the chunked reference.
 
     ``backend`` is 'auto' | 'torch' | 'triton' (see :mod:`metazoo.kernels.dispatch`).
     """
     B4, C4 = _check(u, delta, A, B, C, D, delta_bias)
     if resolve(backend, u, delta, A, B4, C4) == "torch":
-        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward recomputes the scan
+            return checkpoint(selective_scan_chunked, u, delta, A, B, C, D, delta_bias, bool(delta_softplus),
+                              use_reentrant=False)
+        return selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A, B, C, D, delta_bias))
     y, _ = _fwd(u, delta, A, B4, C4, D, delta_bias, bool(delta_softplus), save)

@@ -7,7 +7,10 @@ an NCHW map; ``LayerNorm`` normalises the last dim (NLC / NHWC). ``bias=False`` 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..kernels.dispatch import fx_tracing
 
 from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import layer_norm
@@ -23,6 +26,8 @@ class GroupNorm1(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
+        if torch.jit.is_scripting() or fx_tracing():
+            return F.group_norm(x, 1, self.weight, self.bias, self.eps)
         return group_norm1(x, self.weight, self.bias, self.eps)
 
 
@@ -34,6 +39,8 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., C)."""
+        if torch.jit.is_scripting() or fx_tracing():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
@@ -45,6 +52,9 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
+        if torch.jit.is_scripting() or fx_tracing():
+            x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+            return x.permute(0, 3, 1, 2)
         return layer_norm(x, self.weight, self.bias, self.eps, channels_first=True)
 
 

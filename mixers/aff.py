@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import math
 
+from typing import Tuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metazoo.kernels.aff_filter import ACTS, aff_filter
+from metazoo.kernels.dispatch import fx_tracing
 
 __all__ = ["AFFMixer", "fft_flop_mapping"]
 
@@ -48,6 +52,8 @@ class AFFMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW -> NCHW (same dtype)."""
+        if torch.jit.is_scripting() or fx_tracing():
+            return self._forward_fp32(x)
         h, w = x.shape[-2:]
         cd = self._compute_dtype(x)
         no_autocast = (torch.autocast(x.device.type, enabled=False) if x.device.type in AUTOCAST_DEVICES
@@ -58,8 +64,33 @@ class AFFMixer(nn.Module):
             out = torch.fft.irfft2(torch.view_as_complex(spec), s=(h, w), norm="ortho")
         return out.to(x.dtype) + x
 
+    def _forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer in fp32 with plain ops only (TorchScript, torch.fx): the reference filter's math."""
+        h, w = x.shape[-2], x.shape[-1]
+        spec = torch.fft.rfft2(x.float(), norm="ortho")
+        b, c = spec.shape[0], spec.shape[1]
+        xr = spec.real.reshape(b, self.num_blocks, c // self.num_blocks, -1)
+        xi = spec.imag.reshape(b, self.num_blocks, c // self.num_blocks, -1)
+        hr, hi = _complex_block_linear(xr, xi, self.w1, self.b1)
+        if self.act == "relu":
+            hr, hi = F.relu(hr), F.relu(hi)
+        else:
+            hr, hi = F.silu(hr), F.silu(hi)
+        mr, mi = _complex_block_linear(hr, hi, self.w2, self.b2)
+        mr, mi = F.softshrink(mr, self.lambd), F.softshrink(mi, self.lambd)
+        out = torch.complex(mr * xr - mi * xi, mr * xi + mi * xr).reshape(spec.shape)
+        return torch.fft.irfft2(out, s=[h, w], norm="ortho").to(x.dtype) + x
+
     def extra_repr(self) -> str:
         return f"num_blocks={self.num_blocks}, lambd={self.lambd}, act={self.act}"
+
+
+def _complex_block_linear(ar: torch.Tensor, ai: torch.Tensor, w: torch.Tensor,
+                          b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(real, imag) of ``a @ (w[0] + i w[1]) + (b[0] + i b[1])`` per channel block; a: (B, blocks, in, N)."""
+    outr = torch.einsum("bkin,kio->bkon", ar, w[0]) - torch.einsum("bkin,kio->bkon", ai, w[1])
+    outi = torch.einsum("bkin,kio->bkon", ai, w[0]) + torch.einsum("bkin,kio->bkon", ar, w[1])
+    return outr + b[0, :, :, None], outi + b[1, :, :, None]
 
 
 def _fft_flops(shape, dim, sizes) -> int:

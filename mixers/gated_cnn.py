@@ -6,6 +6,7 @@ import torch
 from timm.layers import DropPath, LayerScale
 from torch import nn
 
+from ..kernels.dispatch import fx_tracing
 from ..kernels.gated_conv import gated_dwconv_linear
 from ..kernels.norm_residual import scale_add
 from ..layers.drop import drop_path_keep
@@ -30,19 +31,21 @@ class GatedCNNBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fused = type(self.act) is nn.GELU and self.act.approximate == "none"  # the fused op's gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NHWC."""
         shortcut = x
         u = self.fc1(self.norm(x))
-        if type(self.act) is nn.GELU and self.act.approximate == "none":
-            # split, depthwise conv, exact GELU gate, concat and fc2 in one op that saves only u
-            y = gated_dwconv_linear(u, self.conv.weight, self.conv.bias, self.split_indices[0],
-                                    self.fc2.weight, self.fc2.bias)
-        else:
+        if torch.jit.is_scripting() or fx_tracing() or not self.fused:
             g, i, c = torch.split(u, self.split_indices, dim=-1)
             c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             y = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
+        else:  # split, depthwise conv, exact GELU gate, concat and fc2 in one op that saves only u
+            y = gated_dwconv_linear(u, self.conv.weight, self.conv.bias, self.split_indices[0],
+                                    self.fc2.weight, self.fc2.bias)
+        if torch.jit.is_scripting() or fx_tracing():
+            return self.drop_path(self.ls(y)) + shortcut
         # residual, layer scale and drop path (its per-sample mask drawn as DropPath draws it) in one pass
         ls = self.ls.gamma if isinstance(self.ls, LayerScale) else None
         return scale_add(shortcut, y, None, ls, keep=drop_path_keep(self.drop_path, y))

@@ -10,7 +10,11 @@ import math
 import torch
 from torch import nn
 
-from ..kernels.selective_scan import selective_scan
+from ..kernels.dispatch import fx_tracing
+from ..kernels.selective_scan import selective_scan, selective_scan_chunked
+
+# torch.fx records the chunked scan as one call (its chunk loop depends on the sequence length)
+torch.fx.wrap("selective_scan_chunked")
 
 __all__ = ["SelectiveTokenMixer", "SelectiveChannelMixer", "cross_scan", "cross_merge", "grouped_conv1d"]
 
@@ -53,9 +57,12 @@ class S6Params(nn.Module):
         x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.matmul(self.dt_proj_weight.to(xs.dtype), dts)
-        y = selective_scan(xs.reshape(bsz, g * c, seqlen), dts.reshape(bsz, g * c, seqlen),
-                           -torch.exp(self.A_log.float()), Bs, Cs, D=self.D.float(),
-                           delta_bias=self.dt_proj_bias.float().flatten(), delta_softplus=True)
+        u, delta, A = xs.reshape(bsz, g * c, seqlen), dts.reshape(bsz, g * c, seqlen), -torch.exp(self.A_log.float())
+        if torch.jit.is_scripting() or fx_tracing():
+            y = selective_scan_chunked(u, delta, A, Bs, Cs, self.D.float(), self.dt_proj_bias.float().flatten(), True)
+        else:
+            y = selective_scan(u, delta, A, Bs, Cs, D=self.D.float(), delta_bias=self.dt_proj_bias.float().flatten(),
+                               delta_softplus=True)
         return y.view(bsz, g, c, seqlen)
 
 
@@ -147,8 +154,11 @@ class SelectiveChannelMixer(nn.Module):
         t = x.reshape(-1, shape[-1])
         s = self.in_proj(t).view(-1, self.directions, self.width)
         s = torch.stack([s[:, 0], s[:, 1].flip(-1)], dim=1)
-        s = self.act(grouped_conv1d(s, self.conv.weight, self.conv.bias)).view(-1, self.directions, self.streams,
-                                                                              self.width)
+        if torch.jit.is_scripting() or fx_tracing():
+            s = self.conv(s)  # the same conv (the shifted multiply-adds loop over the kernel's taps)
+        else:
+            s = grouped_conv1d(s, self.conv.weight, self.conv.bias)
+        s = self.act(s).view(-1, self.directions, self.streams, self.width)
         y = self.ssm.scan(s)
         y = torch.stack([y[:, 0], y[:, 1].flip(-1)], dim=1)
         y = torch.einsum("tdpw,dp->tw", y, self.stream_weight.to(y.dtype))
