@@ -40,12 +40,11 @@ class TimmBackboneMixin:
         """Image -> output of stage ``last``, plus the outputs of the stages in ``take``."""
         x = self.stem(x)
         taken = []
-        for i, stage in enumerate(self.stages):
-            if i > last:
-                break
-            x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
-            if i in take:
-                taken.append(x)
+        for i, stage in enumerate(self.stages):  # no break: TorchScript unrolls this loop
+            if i <= last:
+                x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+                if i in take:
+                    taken.append(x)
         return x, taken
 
     def _keep_stages(self, n: int) -> None:

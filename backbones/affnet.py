@@ -67,8 +67,9 @@ class Stem(ConvNormAct):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW image."""
-        check_input_size(x, 32)
-        return super().forward(x)
+        if not torch.jit.is_scripting():  # a global int is no TorchScript constant
+            check_input_size(x, 32)
+        return self.bn(self.conv(x))  # ConvNormAct's forward (no anti-aliasing here); TorchScript has no super()
 
 
 NORM_LAYERS = {"layer_norm": ChannelLayerNorm, "layer_norm_2d": lambda c: GroupNorm1(c, eps=1e-5)}

@@ -45,8 +45,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def _sources() -> list[Path]:
-    skip = {".venv", ".git", "build", "outputs"}
-    return [p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts)]
+    skip = {"build", "outputs", "multirun"}  # and hidden folders (.venv, .git, local scratch)
+    return [p for p in ROOT.rglob("*.py")
+            if not any(part in skip or part.startswith(".") for part in p.relative_to(ROOT).parts)]
 
 
 def test_no_upward_imports():
