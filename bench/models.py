@@ -194,11 +194,11 @@ def busy_ms(step, steps: int, device: str) -> float | None:
 def bench_train(model, batch: int, size: int, warmup: int, iters: int, device: str) -> dict:
     model.train()
     step = make_train_step(model, batch, size, device)
+    if device == "cuda":  # from the first step: CUDA-graph pools are allocated while the warm-up captures
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     sec = _seconds(step, iters, device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
     return dict(train_img_s=batch * iters / sec, train_wall_ms=1e3 * sec / iters, train_peak_gib=peak,
