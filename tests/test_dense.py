@@ -413,3 +413,16 @@ def test_mmcv_cuda_subset_cuts_only_the_named_registrations():
     assert nms in out and roi in out and "DeformConv" not in out
     with pytest.raises(SystemExit, match="cudabind.cpp: no block"):
         mod.subset_bindings(other + "\n" + nms)
+
+
+def test_second_dense_run_on_a_locked_work_dir_fails_before_building(tmp_path, monkeypatch):
+    """One run per work dir: while another process holds the lock, train() names the holder and builds nothing."""
+    from metazoo.train.runlock import RunLock
+
+    built = []
+    monkeypatch.setattr(dense_runner.Runner, "from_cfg", lambda cfg: built.append(cfg))
+    cfg = _cfg("segment", tmp_path, [*SEG_TINY, f"backbone.model_name={SMALL}"])
+    with RunLock(tmp_path, key="work_dir"):
+        with pytest.raises(ValueError, match=r"work_dir.*PID \d+"):
+            dense_runner.train(cfg, "segment")
+    assert built == []
