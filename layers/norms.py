@@ -34,28 +34,25 @@ class GroupNorm1(nn.GroupNorm):
 class LayerNorm(nn.LayerNorm):
     """LayerNorm over the last dimension (NLC or NHWC), eps 1e-6 by default."""
 
-    def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = True):
+    def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = True, channels_first: bool = False):
         super().__init__(num_channels, eps=eps, bias=bias)
+        self.channels_first = channels_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., C)."""
+        """x: (..., C), or NCHW when ``channels_first``."""
         if torch.jit.is_scripting() or fx_tracing():
+            if self.channels_first:
+                x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+                return x.permute(0, 3, 1, 2)
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return layer_norm(x, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps, channels_first=self.channels_first)
 
 
-class LayerNorm2d(nn.LayerNorm):
+class LayerNorm2d(LayerNorm):
     """LayerNorm over the channels of an NCHW tensor."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = True):
-        super().__init__(num_channels, eps=eps, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: NCHW."""
-        if torch.jit.is_scripting() or fx_tracing():
-            x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-            return x.permute(0, 3, 1, 2)
-        return layer_norm(x, self.weight, self.bias, self.eps, channels_first=True)
+        super().__init__(num_channels, eps=eps, bias=bias, channels_first=True)
 
 
 def group_norm1_no_bias(num_channels: int) -> GroupNorm1:
