@@ -46,8 +46,8 @@ OURS = {**MODELS, **OFFICIAL, **DEPLOY}
 # drop path of models without a recipe file (sail-sg/metaformer scripts/{identity,rand}former/*_s12.sh)
 DROP_PATH = {"identityformer_s12": 0.1, "randformer_s12": 0.1}
 TRAIN_BATCH = {"caformer_b36": 64}  # per-model training batch where 128 does not fit timm eager on 80 GB
-IMPLS = ("timm_eager", "timm_compile", "timm_compile_ro", "ours_eager", "ours_compile", "ours_compile_ro",
-         "official_eager", "official_compile", "ours_deploy_eager", "ours_deploy_compile")
+SPEED_ROWS = ("timm_eager", "timm_compile", "timm_compile_ro", "ours_eager", "ours_compile", "ours_compile_ro")
+IMPLS = (*SPEED_ROWS, "official_eager", "official_compile", "ours_deploy_eager", "ours_deploy_compile")
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM), by device-name substring
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipe"
 _official = None  # the imported official metaformer_baselines module (--official-dir)

@@ -32,7 +32,7 @@ def test_train_flops_are_forward_plus_backward():
     assert 2.8 * fwd.get_total_flops() < step <= 3 * fwd.get_total_flops()
 
 
-@pytest.mark.parametrize("impls", [("timm_eager", "ours_eager"), pytest.param(bench.IMPLS, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("impls", [("timm_eager", "ours_eager"), pytest.param(bench.SPEED_ROWS, marks=pytest.mark.slow)])
 def test_smoke_run_writes_every_row_and_combines(tmp_path, impls):
     bench.main(["--device", "cpu", "--models", "poolformer_s12", "--impls", ",".join(impls), "--iters", "1",
                 "--warmup", "0", "--infer-batch", "1", "--train-batch", "1", "--size", "32", "--out", str(tmp_path),
