@@ -226,10 +226,12 @@ def peak_tflops(device: str) -> float | None:
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in dev), None)
 
 
-def check_against_timm(name: str, device: str, size: int, batch: int = 8) -> dict:
-    """Load timm's weights into ours; relative error of logits and parameter gradients, in fp32 (TF32 off:
-    tight) and under bf16 autocast (as benchmarked). Drop path 0: its masks are random."""
-    ours, ref = build(name, "ours_eager", 0.0, device), build(name, "timm_eager", 0.0, device)
+def check_against_timm(name: str, device: str, size: int, batch: int = 8, drop_path: float = 0.0) -> dict:
+    """Load timm's weights into ours; relative error of logits and parameter gradients in train mode, in
+    fp32 (TF32 off: tight) and under bf16 autocast (as benchmarked). At ``drop_path`` > 0 both forwards
+    start from one seed, so ours (keep vector inside the fused kernels) and timm's DropPath draw the same
+    masks."""
+    ours, ref = build(name, "ours_eager", drop_path, device), build(name, "timm_eager", drop_path, device)
     load = ours.load_state_dict(ref.state_dict(), strict=True)
     x = _input(batch, size, device)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -237,7 +239,7 @@ def check_against_timm(name: str, device: str, size: int, batch: int = 8) -> dic
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    res = dict(load=str(load))
+    res = dict(load=str(load), drop_path=drop_path)
     defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for mode in ("fp32", "bf16"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode != "fp32"
@@ -245,6 +247,7 @@ def check_against_timm(name: str, device: str, size: int, batch: int = 8) -> dic
         for tag, m in (("ours", ours), ("timm", ref)):
             m.train()
             m.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16"):
                 logits = m(x)
             F.cross_entropy(logits.float(), y).backward()
@@ -252,7 +255,10 @@ def check_against_timm(name: str, device: str, size: int, batch: int = 8) -> dic
         g_ours, g_timm = out["ours"][1], out["timm"][1]
         errs = {k: rel(g_ours[k], g_timm[k]) for k in g_timm if k in g_ours and g_timm[k].norm() > 0}
         worst = max(errs, key=errs.get)
+        common = [k for k in g_timm if k in g_ours]
+        flat = [torch.cat([g[k].flatten() for k in common]) for g in (g_ours, g_timm)]
         res[mode] = dict(logits_rel_err=rel(out["ours"][0], out["timm"][0]),
+                         grad_rel_err_all=rel(*flat),
                          grad_rel_err_median=sorted(errs.values())[len(errs) // 2], grad_rel_err_max=errs[worst],
                          grad_rel_err_max_param=worst, params_without_grad=sorted(set(g_timm) - set(g_ours)))
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
@@ -351,7 +357,7 @@ def markdown(rows: list[dict], checks: dict) -> str:
                          f"{_x(r.get('train_gpu_busy_ms'), '.1f')} | {mfu} | "
                          f"{_x(r.get('train_peak_gib'), '.2f')} | {ri} | {rt} | {rm} |")
     if checks:
-        lines += ["", "| model | mode | logits rel err vs timm | grad rel err median / max (param) |", "|---|---|---|---|"]
+        lines += ["", "| model | mode | logits rel err vs timm | grad rel err all / median / max (param) |", "|---|---|---|---|"]
         for name, c in checks.items():
             for key, v in c.items():
                 if key.endswith("_fp32"):  # official / deploy-form checks
@@ -359,7 +365,8 @@ def markdown(rows: list[dict], checks: dict) -> str:
             for mode in ("fp32", "bf16"):
                 m = c.get(mode)
                 if m:
-                    lines.append(f"| {name} | {mode} | {m['logits_rel_err']:.1e} | {m['grad_rel_err_median']:.1e} / "
+                    lines.append(f"| {name} | {mode} | {m['logits_rel_err']:.1e} | {_x(m.get('grad_rel_err_all'), '.1e')} / "
+                                 f"{m['grad_rel_err_median']:.1e} / "
                                  f"{m['grad_rel_err_max']:.1e} ({m['grad_rel_err_max_param']}) |")
     return "\n".join(lines) + "\n"
 
@@ -454,6 +461,10 @@ def main(argv=None):
             checks[name] = (check_against_timm(name, args.device, args.size) if name in MODELS
                             else check_against_official(name, args.device, args.size))
             print(name, json.dumps(checks[name]), flush=True)
+            if name in MODELS:  # the fused kernels' drop-path path, at the recipe rate, masks seeded alike
+                dp = recipe_drop_path(name) if args.drop_path is None else args.drop_path
+                checks[f"{name}@drop_path"] = check_against_timm(name, args.device, args.size, drop_path=dp)
+                print(name, "drop path", json.dumps(checks[f"{name}@drop_path"]), flush=True)
             write(args.out, rows, checks, meta, args.stem)
     for name in args.names:
         drop_path = recipe_drop_path(name) if args.drop_path is None else args.drop_path
