@@ -1,5 +1,8 @@
 """bench/models.py on CPU (smoke mode): every row's code path, the recipe drop paths, FLOPs, JSON and --combine."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -49,3 +52,19 @@ def test_smoke_run_writes_every_row_and_combines(tmp_path, impls):
     bench.main(["--combine", str(tmp_path / "models.json"), "--out", str(tmp_path), "--stem", "all"])
     table = (tmp_path / "all.md").read_text()
     assert all(f"| poolformer_s12 (0.1) | {impl} |" in table for impl in impls)
+
+
+def test_check_matches_timm_in_train_mode_at_the_recipe_drop_path():
+    """--check's drop-path comparison: both forwards seeded alike draw the same masks (fp32, CPU reference path)."""
+    c = bench.check_against_timm("poolformer_s12", "cpu", 32, batch=4, drop_path=0.1)
+    assert c["drop_path"] == 0.1 and c["load"] == "<All keys matched successfully>"
+    assert c["fp32"]["logits_rel_err"] <= 1e-5 and c["fp32"]["grad_rel_err_all"] <= 1e-5
+
+
+def test_overhead_script_runs_and_profiles(tmp_path):
+    bench_dir = Path(bench.__file__).parent
+    subprocess.run([sys.executable, "overhead.py", "--device", "cpu", "--models", "poolformer_s12", "--batch", "2",
+                    "--size", "32", "--iters", "1", "--top", "5", "--out", str(tmp_path)], cwd=bench_dir, check=True)
+    d = json.loads((tmp_path / "overhead.json").read_text())
+    assert d["device"] == "cpu" and d["rows"][0]["ours_eager"] > 0 and d["rows"][0]["timm_eager"] > 0
+    assert "ours_eager: 5 training steps" in (tmp_path / "overhead.txt").read_text()
