@@ -61,6 +61,7 @@ def test_check_matches_timm_in_train_mode_at_the_recipe_drop_path():
     assert c["fp32"]["logits_rel_err"] <= 1e-5 and c["fp32"]["grad_rel_err_all"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_overhead_script_runs_and_profiles(tmp_path):
     bench_dir = Path(bench.__file__).parent
     subprocess.run([sys.executable, "overhead.py", "--device", "cpu", "--models", "poolformer_s12", "--batch", "2",
