@@ -239,8 +239,12 @@ def check_against_timm(name: str, device: str, size: int, batch: int = 8, drop_p
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
+    def flat(grads, keys):
+        return torch.cat([grads[k].flatten() for k in keys])
+
     res = dict(load=str(load), drop_path=drop_path)
     defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    fp32 = None
     for mode in ("fp32", "bf16"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode != "fp32"
         out = {}
@@ -256,11 +260,16 @@ def check_against_timm(name: str, device: str, size: int, batch: int = 8, drop_p
         errs = {k: rel(g_ours[k], g_timm[k]) for k in g_timm if k in g_ours and g_timm[k].norm() > 0}
         worst = max(errs, key=errs.get)
         common = [k for k in g_timm if k in g_ours]
-        flat = [torch.cat([g[k].flatten() for k in common]) for g in (g_ours, g_timm)]
         res[mode] = dict(logits_rel_err=rel(out["ours"][0], out["timm"][0]),
-                         grad_rel_err_all=rel(*flat),
+                         grad_rel_err_all=rel(flat(g_ours, common), flat(g_timm, common)),
                          grad_rel_err_median=sorted(errs.values())[len(errs) // 2], grad_rel_err_max=errs[worst],
                          grad_rel_err_max_param=worst, params_without_grad=sorted(set(g_timm) - set(g_ours)))
+        if fp32 is None:
+            fp32 = out["timm"]
+        else:  # bf16 error of each model against timm's fp32 result: the reference's own bf16 error is the bar
+            for tag in ("ours", "timm"):
+                res[mode][f"{tag}_vs_timm_fp32"] = dict(
+                    logits=rel(out[tag][0], fp32[0]), grads=rel(flat(out[tag][1], common), flat(fp32[1], common)))
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
     return res
 
@@ -336,6 +345,12 @@ def _x(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _vs_fp32(m: dict) -> str:
+    """A bf16 check's error against timm's fp32 result, ours then timm's own (the bar); '-' in fp32."""
+    o, t = m.get("ours_vs_timm_fp32"), m.get("timm_vs_timm_fp32")
+    return f"{o['logits']:.1e} / {o['grads']:.1e}, {t['logits']:.1e} / {t['grads']:.1e}" if o and t else "-"
+
+
 def markdown(rows: list[dict], checks: dict) -> str:
     by = {(r["model"], r["impl"]): r for r in rows}
     lines = ["| model (drop path) | impl | infer img/s | train img/s | train wall / GPU-busy ms | MFU | "
@@ -357,17 +372,18 @@ def markdown(rows: list[dict], checks: dict) -> str:
                          f"{_x(r.get('train_gpu_busy_ms'), '.1f')} | {mfu} | "
                          f"{_x(r.get('train_peak_gib'), '.2f')} | {ri} | {rt} | {rm} |")
     if checks:
-        lines += ["", "| model | mode | logits rel err vs timm | grad rel err all / median / max (param) |", "|---|---|---|---|"]
+        lines += ["", "| model | mode | logits rel err vs timm | grad rel err all / median / max (param) | "
+                  "vs timm fp32, logits / grads: ours, timm |", "|---|---|---|---|---|"]
         for name, c in checks.items():
             for key, v in c.items():
                 if key.endswith("_fp32"):  # official / deploy-form checks
-                    lines.append(f"| {name} | fp32 | {key}: {v:.1e} | - |")
+                    lines.append(f"| {name} | fp32 | {key}: {v:.1e} | - | - |")
             for mode in ("fp32", "bf16"):
                 m = c.get(mode)
                 if m:
                     lines.append(f"| {name} | {mode} | {m['logits_rel_err']:.1e} | {_x(m.get('grad_rel_err_all'), '.1e')} / "
                                  f"{m['grad_rel_err_median']:.1e} / "
-                                 f"{m['grad_rel_err_max']:.1e} ({m['grad_rel_err_max_param']}) |")
+                                 f"{m['grad_rel_err_max']:.1e} ({m['grad_rel_err_max_param']}) | {_vs_fp32(m)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -59,6 +59,9 @@ def test_check_matches_timm_in_train_mode_at_the_recipe_drop_path():
     c = bench.check_against_timm("poolformer_s12", "cpu", 32, batch=4, drop_path=0.1)
     assert c["drop_path"] == 0.1 and c["load"] == "<All keys matched successfully>"
     assert c["fp32"]["logits_rel_err"] <= 1e-5 and c["fp32"]["grad_rel_err_all"] <= 1e-5
+    bf16 = c["bf16"]  # both models' bf16 error against timm's fp32 result: real, and ours within 2x timm's own
+    assert 0 < bf16["timm_vs_timm_fp32"]["logits"] < 0.05
+    assert bf16["ours_vs_timm_fp32"]["logits"] <= 2 * bf16["timm_vs_timm_fp32"]["logits"]
 
 
 @pytest.mark.slow
