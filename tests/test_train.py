@@ -108,6 +108,7 @@ def compose(*overrides: str):
     ("optim.name=adamq", "optim.name"),
     ("data=imagenet", "data.root"),
     ("data.root=/does/not/exist", "data.root"),
+    ("model.compile=fast", "model.compile"),
 ])
 def test_bad_config_values_name_the_key(override, key):
     from metazoo.train.config import check_config
@@ -115,6 +116,17 @@ def test_bad_config_values_name_the_key(override, key):
     overrides = [override] if override.startswith("data.root") is False else ["data=imagenet", override]
     with pytest.raises(ValueError, match=f"'{key}'"):
         check_config(compose(*overrides))
+
+
+def test_compile_mode_default_is_cuda_graphs_on_gpu_and_eager_on_cpu():
+    """model.compile=auto (the default): reduce-overhead on CUDA, eager on CPU; true/false keep their meaning."""
+    from metazoo.train.config import compile_mode
+
+    assert compose().model.compile == "auto"
+    assert compile_mode("auto", "cuda") == "reduce-overhead" and compile_mode("auto", "cpu") is None
+    for value, device, mode in ((True, "cpu", "default"), ("false", "cuda", None), ("off", "cuda", None),
+                                ("max-autotune", "cuda", "max-autotune")):
+        assert compile_mode(compose(f"model.compile={value}").model.compile, device) == mode
 
 
 def test_fused_optimizer_step():

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import load_latest_intact, load_training_state, remove_interrupted, rng_state, save_checkpoint, set_rng_state
-from .config import RunError, check_config, config_error, register_configs
+from .config import RunError, check_config, compile_mode, config_error, register_configs
 from .data import build_loaders
 from .distill import Distiller
 from .distributed import DistEnv, init_distributed, shutdown_distributed
@@ -228,8 +228,9 @@ def _train(cfg: DictConfig, dist: DistEnv, run_dir: Path) -> dict:
                                                      scheduler, scaler, ema, dist.is_main)
 
     raw_model = model
-    if cfg.model.compile:
-        model = torch.compile(model)
+    mode = compile_mode(cfg.model.compile, dist.device.type)
+    if mode is not None:
+        model = torch.compile(model, mode=None if mode == "default" else mode)
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
@@ -245,7 +246,7 @@ def _train(cfg: DictConfig, dist: DistEnv, run_dir: Path) -> dict:
         print(f"[metazoo.train] {cfg.model.name} ({n_params:.2f}M params, {loaders.num_classes} classes) on "
               f"{dist.world_size} x {dist.device.type}; data {loaders.root}; global batch {global_batch} "
               f"({cfg.data.batch_size} x {dist.world_size} ranks x {accum} accum), lr {lr:.3g}; "
-              f"epochs {start_epoch}->{num_epochs}; run dir {run_dir}", flush=True)
+              f"epochs {start_epoch}->{num_epochs}; compile {mode or 'off'}; run dir {run_dir}", flush=True)
     t_start = time.perf_counter()
     for epoch in range(start_epoch, num_epochs):
         seed_all(epoch_seed(cfg.seed, epoch, dist.rank))

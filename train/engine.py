@@ -87,6 +87,7 @@ def train_one_epoch(model: nn.Module, loader, ctx: StepContext, epoch: int, num_
         if ctx.mixup is not None:
             x, y = ctx.mixup(x, y)
         last_micro = (i + 1) % steps_per_update == 0
+        torch.compiler.cudagraph_mark_step_begin()  # under model.compile=reduce-overhead: a new step's graphs
         ddp = isinstance(model, DistributedDataParallel)
         sync = model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
         with sync:
@@ -155,6 +156,7 @@ def evaluate(model: nn.Module, loader, dist: DistEnv, amp_dtype: torch.dtype | N
     loss_sum = top1 = top5 = count = 0.0
     for x, y in loader:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        torch.compiler.cudagraph_mark_step_begin()
         with autocast(dev, amp_dtype):
             logits = model(x)
         logits = logits.float()
