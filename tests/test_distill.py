@@ -49,22 +49,18 @@ def _distiller(**kw):
 
 
 def _tap(model):
-    """Lists that collect every block's token-mixer input and output on the next forwards."""
-    ins, outs = [], []
-
-    def hook(module, args, output):
-        ins.append(args[0])
-        outs.append(output)
-
+    """Lists that collect every block's output and its token mixer's output on the next forwards."""
+    blocks, mixers = [], []
     for stage in model.stages:
         for block in stage.blocks:
-            block.token_mixer.register_forward_hook(hook)
-    return ins, outs
+            block.register_forward_hook(lambda m, a, o: blocks.append(o))
+            block.token_mixer.register_forward_hook(lambda m, a, o: mixers.append(o))
+    return blocks, mixers
 
 
 def test_loss_terms_against_their_definitions():
     """KD term = T^2 KL(teacher || student) at temperature T; module imitation = summed MSE over the
-    twelve blocks' mixer inputs and outputs; the teacher is frozen and outside autograd."""
+    twelve blocks' outputs (L'_in) and mixer outputs (L_out); the teacher is frozen and outside autograd."""
     dist, student = _distiller(temperature=2.0, kd_weight=0.5, label_weight=0.25, imitation_in=0.3,
                                imitation_out=0.7, init_student="true")
     teacher = dist.teacher
@@ -106,6 +102,41 @@ def test_module_imitation_needs_the_block_layout():
         d = compose("distill=kd", "distill.teacher=mz_mambaout_femto", "distill.pretrained=false",
                     "distill.imitation_out=1").distill
         Distiller(d, timm.create_model("mz_riformer_s12", num_classes=5), 5, torch.device("cpu"))
+
+
+def test_module_imitation_equals_its_closed_form():
+    """RIFormer teacher and student with a = 1 in every affine mixer (mixer output = its bias c, whatever
+    the input) and the mixer branch switched off (layer scale 0) except in the last block, whose MLP
+    branch is off: the blocks agree up to the last, which differs by s * (c_s - c_t) per channel. So
+    L_out = sum over blocks of mean_channels (c_s - c_t)^2, L'_in = mean_channels (s * (c_s - c_t))^2."""
+    d = compose("distill=kd", "distill.teacher=mz_riformer_s12", "distill.pretrained=false", "distill.kd_weight=0",
+                "distill.label_weight=0", "distill.imitation_in=0.3", "distill.imitation_out=0.7",
+                "distill.init_student=true").distill
+    torch.manual_seed(0)
+    student = timm.create_model("mz_riformer_s12", num_classes=5)
+    dist = Distiller(d, student, 5, torch.device("cpu"))
+    s_mixer, t_mixer = student.stages[0].blocks[0].token_mixer.affine, dist.teacher.stages[0].blocks[0].token_mixer.affine
+    assert not torch.equal(s_mixer.weight, t_mixer.weight)  # init_student leaves the token mixers alone
+    assert torch.equal(student.stages[0].blocks[0].mlp.fc1.weight, dist.teacher.stages[0].blocks[0].mlp.fc1.weight)
+    blocks = [(bs, bt) for ss, st in zip(student.stages, dist.teacher.stages) for bs, bt in zip(ss.blocks, st.blocks)]
+    scale = torch.rand(512) + 0.5
+    want_out = 0.0
+    with torch.no_grad():
+        for i, (bs, bt) in enumerate(blocks):
+            for b in (bs, bt):
+                b.token_mixer.affine.weight.fill_(1.0)
+                b.token_mixer.affine.bias.normal_()
+                b.layer_scale1.scale.copy_(scale if i == len(blocks) - 1 else torch.zeros_like(b.layer_scale1.scale))
+                if i == len(blocks) - 1:
+                    b.layer_scale2.scale.zero_()
+            want_out += ((bs.token_mixer.affine.bias - bt.token_mixer.affine.bias) ** 2).mean().item()
+    last_s, last_t = blocks[-1][0].token_mixer.affine.bias, blocks[-1][1].token_mixer.affine.bias
+    want_in = ((scale * (last_s - last_t)) ** 2).mean().item()
+    student.train()
+    x = torch.randn(2, 3, 64, 64)
+    loss = dist.loss(student(x), x, torch.tensor([0, 1]), torch.nn.CrossEntropyLoss())
+    assert want_in > 0.1 and want_out > 1.0
+    assert abs(loss.item() - (0.3 * want_in + 0.7 * want_out)) <= 1e-5 * (0.3 * want_in + 0.7 * want_out)
 
 
 @pytest.mark.slow

@@ -5,14 +5,20 @@ weights file), kept outside DDP, in eval mode, without gradients, and run under 
 autocast on the same (augmented, mixed) batch. The loss is
 
     label_weight * task_loss + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T))
-    + imitation_in * sum_blocks MSE(student mixer input, teacher mixer input)
+    + imitation_in * sum_blocks MSE(student block output, teacher block output)
     + imitation_out * sum_blocks MSE(student mixer output, teacher mixer output)
 
-The last two are RIFormer's module imitation (Wang et al., CVPR 2023): each student block's token
-mixer learns from the teacher's mixer in the same position, which needs a teacher with the
-student's block layout (same number of blocks with ``token_mixer`` modules and the same widths).
-``init_student`` copies every teacher tensor whose name and shape match into the student (RIFormer
-initialises the student from the teacher's weights except the token mixers).
+The last two are RIFormer's module imitation (Wang et al., CVPR 2023, section "Module imitation"):
+each student block learns from the teacher block in the same position. ``imitation_in`` is the
+paper's L'_in: it matches the mixers' inputs LN(T^m) through the block outputs T^(m+1) (the next
+block's input before its norm), as the paper simplifies L_in; ``imitation_out`` is its L_out, the
+affine mixer's output f(LN(T^m)) against the teacher mixer's g(LN(T^m)). The paper writes both as
+squared Frobenius norms with weights alpha; here each is divided by the number of elements (a mean
+squared error, so one weight suits every width and resolution). Its third term L_rel, on relation
+matrices of the block outputs, is not implemented. Module imitation needs a teacher with the student's
+block layout (the same number of blocks with ``token_mixer`` modules and the same widths).
+``init_student`` copies every teacher tensor whose name and shape match into the student, token
+mixers excepted (the paper initialises the student from the teacher's weights except the token mixers).
 """
 from __future__ import annotations
 
@@ -34,9 +40,9 @@ class DistillConfig:
     temperature: float = 1.0
     kd_weight: float = 1.0
     label_weight: float = 1.0  # 0: pure soft distillation (no ground-truth term)
-    imitation_in: float = 0.0
-    imitation_out: float = 0.0
-    init_student: bool = False
+    imitation_in: float = 0.0  # RIFormer's L'_in: block outputs
+    imitation_out: float = 0.0  # RIFormer's L_out: token-mixer outputs
+    init_student: bool = False  # copy the teacher's tensors (name and shape match) except its token mixers
 
 
 def _bad(key: str, msg: str) -> ValueError:
@@ -81,33 +87,36 @@ def build_teacher(d, num_classes: int, device: torch.device) -> nn.Module:
 
 
 class _MixerTaps:
-    """Forward hooks that keep each block's token-mixer input and output of the latest forward."""
+    """Forward hooks that keep each block's output and its token mixer's output of the latest forward."""
 
     def __init__(self, model: nn.Module, training_only: bool):
         from ..backbones.metaformer import MetaFormerBlock
 
         self.training_only = training_only  # the student's evaluation forwards are not recorded
 
-        self.inputs: list[torch.Tensor] = []
-        self.outputs: list[torch.Tensor] = []
+        self.blocks: list[torch.Tensor] = []
+        self.mixers: list[torch.Tensor] = []
         self.count = 0
         for m in model.modules():
             if isinstance(m, MetaFormerBlock):
                 m.unfuse()  # fused paths never call the mixer module: the hooks would not fire
             mixer = getattr(m, "token_mixer", None)
             if isinstance(mixer, nn.Module):
-                mixer.register_forward_hook(self._hook)
+                m.register_forward_hook(self._hook(self.blocks))
+                mixer.register_forward_hook(self._hook(self.mixers))
                 self.count += 1
 
-    def _hook(self, module, args, output) -> None:
-        if module.training or not self.training_only:
-            self.inputs.append(args[0])
-            self.outputs.append(output)
+    def _hook(self, into: list):
+        def hook(module, args, output) -> None:
+            if module.training or not self.training_only:
+                into.append(output)
+        return hook
 
     def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The latest forward's taps (the last ``count``: activation-checkpoint replays come earlier)."""
-        out = (self.inputs[-self.count:], self.outputs[-self.count:])
-        self.inputs, self.outputs = [], []
+        """Block outputs and mixer outputs of the latest forward (the last ``count`` of each:
+        activation-checkpoint replays come earlier)."""
+        out = (self.blocks[-self.count:], self.mixers[-self.count:])
+        self.blocks, self.mixers = [], []
         return out
 
 
@@ -130,7 +139,8 @@ class Distiller:
     @torch.no_grad()
     def _init_student(self, student: nn.Module) -> None:
         ref = student.state_dict()
-        copied = {k: v for k, v in self.teacher.state_dict().items() if k in ref and ref[k].shape == v.shape}
+        copied = {k: v for k, v in self.teacher.state_dict().items()
+                  if k in ref and ref[k].shape == v.shape and ".token_mixer." not in k}
         if not copied:
             raise _bad("init_student", f"no tensor of {self.cfg.teacher} matches the student by name and shape")
         student.load_state_dict(copied, strict=False)
@@ -148,8 +158,8 @@ class Distiller:
             total = total + d.label_weight * task_loss(logits, y)
         imitation = torch.zeros((), device=logits.device)
         if self.imitate:
-            (s_in, s_out), (t_in, t_out) = self.student_taps.take(), self.teacher_taps.take()
-            for w, s, t in ((d.imitation_in, s_in, t_in), (d.imitation_out, s_out, t_out)):
+            (s_blk, s_mix), (t_blk, t_mix) = self.student_taps.take(), self.teacher_taps.take()
+            for w, s, t in ((d.imitation_in, s_blk, t_blk), (d.imitation_out, s_mix, t_mix)):
                 if w > 0:
                     imitation = imitation + w * sum(F.mse_loss(a.float(), b.float()) for a, b in zip(s, t))
             total = total + imitation
