@@ -8,13 +8,15 @@ inputs and weights. Rows: timm/ours x eager, torch.compile, torch.compile(mode="
 ``--check`` first loads timm's weights into ours and compares logits and gradients (drop path 0:
 masks are random). JSON is rewritten after every row, so a cut run keeps what it measured;
 ``--combine`` merges JSON files of several runs (one model per run keeps a GPU call short).
-IdentityFormer/RandFormer, which timm lacks, compare with the official sail-sg code (``--official-dir``);
-RIFormer also runs in its deploy form (``ours_deploy_*``: ``reparameterize()``, no token mixer).
+IdentityFormer/RandFormer and RIFormer, which timm lacks, compare with the official code (``--official-dir``,
+repeatable: a folder with sail-sg's ``metaformer_baselines.py``, and/or one with mmpretrain's ``riformer.py``
+and ``poolformer.py``, see ``bench/official_mmpretrain.py``); RIFormer also runs in its deploy form
+(``ours_deploy_*``: ``reparameterize()``, no token mixer).
 
     python bench/models.py --models poolformer_s12 --out $OUT
     python bench/models.py --models identityformer_s12,randformer_s12,riformer_s12 \
         --impls ours_eager,ours_compile,ours_deploy_eager,ours_deploy_compile,official_eager \
-        --official-dir /path/to/sail-sg/metaformer --check --out $OUT
+        --official-dir /path/to/sail-sg/metaformer --official-dir .carry/official_riformer --check --out $OUT
     python bench/models.py --profile timm_eager --out $OUT   # torch.profiler table of train steps
     python bench/models.py --combine a.json b.json --out bench/results
     python bench/models.py --device cpu --iters 1 --warmup 1 --infer-batch 2 --train-batch 2 --size 64  # smoke
@@ -40,7 +42,9 @@ MODELS = {  # timm name -> ours
     "mambaout_tiny": "mz_mambaout_tiny",
     "caformer_b36": "mz_caformer_b36",
 }
-OFFICIAL = {"identityformer_s12": "mz_identityformer_s12", "randformer_s12": "mz_randformer_s12"}  # sail-sg names
+SAIL = {"identityformer_s12": "mz_identityformer_s12", "randformer_s12": "mz_randformer_s12"}  # sail-sg names
+MMPRETRAIN = {"riformer_s12": "mz_riformer_s12"}  # official code in mmpretrain (bench/official_mmpretrain.py)
+OFFICIAL = {**SAIL, **MMPRETRAIN}
 DEPLOY = {"riformer_s12": "mz_riformer_s12"}  # re-parameterisable: also timed in the deploy form
 OURS = {**MODELS, **OFFICIAL, **DEPLOY}
 # drop path of models without a recipe file (sail-sg/metaformer scripts/{identity,rand}former/*_s12.sh)
@@ -50,13 +54,33 @@ SPEED_ROWS = ("timm_eager", "timm_compile", "timm_compile_ro", "ours_eager", "ou
 IMPLS = (*SPEED_ROWS, "official_eager", "official_compile", "ours_deploy_eager", "ours_deploy_compile")
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM), by device-name substring
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipe"
-_official = None  # the imported official metaformer_baselines module (--official-dir)
+_official = {}  # name -> builder(drop_path) of the official model, filled by load_official (--official-dir)
 
 
 def load_official(official_dir: str) -> None:
+    """Register the official builders a folder provides: sail-sg's ``metaformer_baselines.py`` and/or
+    mmpretrain's ``riformer.py`` + ``poolformer.py``; ``ValueError`` when it holds neither."""
+    from metazoo.bench import official_mmpretrain
+
+    sail = os.path.isfile(os.path.join(official_dir, "metaformer_baselines.py"))
+    if not sail and not official_mmpretrain.check_folder(official_dir):
+        raise ValueError(f"--official-dir={official_dir!r} holds neither metaformer_baselines.py nor "
+                         f"{' + '.join(official_mmpretrain.FILES)}; accepted: a copy of github.com/sail-sg/metaformer "
+                         "or of mmpretrain/models/backbones/ of github.com/open-mmlab/mmpretrain")
+    if sail:
+        mod = _load_sail(official_dir)
+        for name in SAIL:
+            _official[name] = lambda dp, fn=getattr(mod, name): fn(num_classes=1000, drop_path_rate=dp)
+    if official_mmpretrain.check_folder(official_dir):
+        mod = official_mmpretrain.load(official_dir)
+        for name in MMPRETRAIN:
+            _official[name] = lambda dp, arch=name.rsplit("_", 1)[1]: official_mmpretrain.riformer(
+                mod, arch, drop_path_rate=dp)
+
+
+def _load_sail(official_dir: str):
     """Import sail-sg's ``metaformer_baselines.py`` from a read-only copy, without letting its
     ``register_model`` overwrite timm's own poolformerv2/convformer/caformer entries."""
-    global _official
     import timm.layers
     import timm.models.registry as registry
 
@@ -71,7 +95,7 @@ def load_official(official_dir: str) -> None:
     finally:
         registry.register_model = register
         sys.path.remove(official_dir)
-    _official = metaformer_baselines
+    return metaformer_baselines
 
 
 def applicable(name: str, impl: str) -> bool:
@@ -79,7 +103,7 @@ def applicable(name: str, impl: str) -> bool:
     if impl.startswith("timm"):
         return name in MODELS
     if impl.startswith("official"):
-        return name in OFFICIAL and _official is not None
+        return name in _official
     if impl.startswith("ours_deploy"):
         return name in DEPLOY
     return True
@@ -105,7 +129,7 @@ def build(name: str, impl: str, drop_path: float, device: str) -> torch.nn.Modul
     import metazoo  # noqa: F401  (registers mz_* models)
 
     if impl.startswith("official"):
-        model = getattr(_official, name)(num_classes=1000, drop_path_rate=drop_path)
+        model = _official[name](drop_path)
     else:
         model = timm.create_model(OURS[name] if impl.startswith("ours") else name, num_classes=1000,
                                   drop_path_rate=drop_path)
@@ -274,26 +298,50 @@ def check_against_timm(name: str, device: str, size: int, batch: int = 8, drop_p
     return res
 
 
-def check_against_official(name: str, device: str, size: int, batch: int = 8) -> dict:
-    """The official model's state dict, converted on load into ours: fp32 logits relative error (TF32 off),
-    and for RIFormer-style models the deploy form against the training form."""
-    from metazoo.backbones import _metaformer_baselines as baselines
+def _perturb(model: torch.nn.Module) -> None:
+    """Noise on every parameter (as large as its spread; 0.1 where it is constant, e.g. norms and layer
+    scales at init), so a comparison exercises every weight."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            spread = p.float().std().item() if p.numel() > 1 else 0.0
+            noise = torch.randn(p.shape, generator=gen) * (spread if spread > 0 else 0.1)
+            p.add_(noise.to(p.device, p.dtype))
 
+
+def _convert(name: str):
+    """Our loader of the official checkpoint layout of ``name``."""
+    from metazoo.backbones import _metaformer_baselines as baselines
+    from metazoo.backbones import riformer
+
+    return riformer.checkpoint_filter_fn if name in MMPRETRAIN else baselines.checkpoint_filter_fn
+
+
+def check_against_official(name: str, device: str, size: int, batch: int = 8) -> dict:
+    """The official model (perturbed weights) and ours with its state dict converted on load: fp32 logits
+    relative error (TF32 off); for RIFormer also both deploy forms (mmpretrain's ``switch_to_deploy``, our
+    ``reparameterize``) and ours deploy vs training form."""
     defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     x = torch.randn(batch, 3, size, size, device=device)
+
+    def rel(got, want):
+        return ((got - want).norm() / want.norm()).item()
+
     res = {}
     with torch.no_grad():
-        if name in OFFICIAL and _official is not None:
+        if name in _official:
             ref, ours = build(name, "official_eager", 0.0, device).eval(), build(name, "ours_eager", 0.0, device).eval()
-            ours.load_state_dict(baselines.checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
-            want = ref(x)
-            res["logits_rel_err_vs_official_fp32"] = ((ours(x) - want).norm() / want.norm()).item()
+            _perturb(ref)
+            ours.load_state_dict(_convert(name)(ref.state_dict(), ours), strict=True)
+            res["logits_rel_err_vs_official_fp32"] = rel(ours(x), ref(x))
+            if name in MMPRETRAIN:
+                ref.backbone.switch_to_deploy()
+                res["deploy_logits_rel_err_vs_official_deploy_fp32"] = rel(ours.reparameterize()(x), ref(x))
         if name in DEPLOY:
             ours = build(name, "ours_eager", 0.0, device).eval()
             want = ours(x)
-            got = ours.reparameterize()(x)
-            res["deploy_vs_training_rel_err_fp32"] = ((got - want).norm() / want.norm()).item()
+            res["deploy_vs_training_rel_err_fp32"] = rel(ours.reparameterize()(x), want)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
     return res
 
@@ -418,8 +466,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--models", default=",".join(MODELS), help=f"accepted: {', '.join(OURS)}")
-    ap.add_argument("--official-dir", default=None,
-                    help="folder holding sail-sg's metaformer_baselines.py (official_* rows for IdentityFormer/RandFormer)")
+    ap.add_argument("--official-dir", action="append", default=[],
+                    help="repeatable; a folder holding sail-sg's metaformer_baselines.py (official_* rows of "
+                         "IdentityFormer/RandFormer) or mmpretrain's riformer.py + poolformer.py (RIFormer)")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--drop-path", type=float, default=None,
                     help="default: the recipe's (configs/recipe/<family>.yaml)")
@@ -440,11 +489,8 @@ def parse_args(argv=None):
     if args.drop_path is not None and not 0.0 <= args.drop_path < 1.0:
         raise ValueError(f"--drop-path: {args.drop_path}; accepted: 0 <= p < 1")
     args.names = _choices("--models", args.models, OURS)
-    if args.official_dir is not None:
-        if not os.path.isfile(os.path.join(args.official_dir, "metaformer_baselines.py")):
-            raise ValueError(f"--official-dir={args.official_dir!r} holds no metaformer_baselines.py; accepted: "
-                             "a copy of github.com/sail-sg/metaformer")
-        load_official(args.official_dir)
+    for folder in args.official_dir:
+        load_official(folder)
     args.impl_list = _choices("--impls", args.impls, IMPLS)
     return args
 

@@ -72,3 +72,62 @@ def test_overhead_script_runs_and_profiles(tmp_path):
     d = json.loads((tmp_path / "overhead.json").read_text())
     assert d["device"] == "cpu" and d["rows"][0]["ours_eager"] > 0 and d["rows"][0]["timm_eager"] > 0
     assert "ours_eager: 5 training steps" in (tmp_path / "overhead.txt").read_text()
+_STAND_IN_USER = {  # files that import what mmpretrain's riformer.py / poolformer.py import (not their code)
+    "poolformer.py": """
+import torch.nn as nn
+from mmcv.cnn.bricks import DropPath, build_activation_layer, build_norm_layer
+from .base_backbone import BaseBackbone
+
+
+class Stem(nn.Sequential):
+    def __init__(self, dim, drop_path):
+        super().__init__(nn.Conv2d(3, dim, 4, 4), build_norm_layer(dict(type="GN", num_groups=1), dim)[1],
+                         build_activation_layer(dict(type="GELU")), DropPath(drop_path))
+""",
+    "riformer.py": """
+from mmengine.model import BaseModule
+from mmpretrain.registry import MODELS
+from .base_backbone import BaseBackbone
+from .poolformer import Stem
+
+
+@MODELS.register_module()
+class RIFormer(BaseBackbone):
+    arch_settings = {"s12": {"embed_dims": [6]}}
+
+    def __init__(self, arch="s12", drop_path_rate=0.0, init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        self.stem = Stem(self.arch_settings[arch]["embed_dims"][-1], drop_path_rate)
+
+    def forward(self, x):
+        return (self.stem(x),)
+""",
+}
+
+
+def test_official_mmpretrain_files_import_without_mmcv_mmengine_mmpretrain(tmp_path, monkeypatch):
+    """--official-dir with mmpretrain-style files: their mmcv / mmengine / mmpretrain imports resolve to the
+    stand-ins only while they are imported, and the official row builds mmpretrain's classifier layout."""
+    import sys
+
+    from timm.layers import DropPath
+
+    from metazoo.bench import official_mmpretrain
+
+    monkeypatch.setattr(bench, "_official", {})
+    with pytest.raises(ValueError, match="--official-dir"):
+        bench.load_official(str(tmp_path))
+    for name, text in _STAND_IN_USER.items():
+        (tmp_path / name).write_text(text)
+    before = {k: sys.modules.get(k) for k in ("mmcv", "mmcv.cnn", "mmengine.model", "mmpretrain.registry")}
+    bench.load_official(str(tmp_path))
+    assert {k: sys.modules.get(k) for k in before} == before
+    assert bench.applicable("riformer_s12", "official_eager") and not bench.applicable("identityformer_s12", "official_eager")
+    model = bench.build("riformer_s12", "official_eager", 0.2, "cpu")
+    assert sorted(model.state_dict())[-2:] == ["head.fc.bias", "head.fc.weight"]
+    norm, drop = model.backbone.stem[1], model.backbone.stem[3]
+    assert isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == 1 and norm.eps == 1e-5
+    assert isinstance(drop, DropPath) and drop.drop_prob == 0.2
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    with pytest.raises(ValueError, match="norm_cfg"):
+        official_mmpretrain.build_norm_layer(dict(type="BN"), 4)
