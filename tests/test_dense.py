@@ -252,6 +252,26 @@ def test_presets_need_data_root_and_compose(preset, tmp_path):
     assert isinstance(model.backbone, MetazooBackbone)
 
 
+@pytest.mark.parametrize("task", ["detect", "segment"])
+@pytest.mark.parametrize("family", ["randformer", "riformer"])
+def test_baseline_backbone_presets_build_and_run(task, family, tmp_path):
+    """The RandFormer / RIFormer backbone presets compose, build through the OpenMMLab registry, and give
+    GroupNorm-normed stride 4..32 maps of a 64x96 input (RandFormer: matrices resized to the token grid)."""
+    tiny = DET_TINY if task == "detect" else SEG_TINY
+    mm = dense_runner.compose(_cfg(task, tmp_path, [*tiny, f"{task}/backbone={family}", "backbone.checkpoint=null"]),
+                              task)
+    assert mm.optim_wrapper.optimizer.lr == 2e-4 and mm.optim_wrapper.optimizer.weight_decay == 1e-4
+    registry = __import__(f"{'mmdet' if task == 'detect' else 'mmseg'}.registry", fromlist=["MODELS"])
+    with DefaultScope.overwrite_default_scope("mmdet" if task == "detect" else "mmseg"):
+        bb = registry.MODELS.build(mm.model.backbone).eval()
+    assert isinstance(bb, MetazooBackbone) and bb.model_name == f"mz_{family}_s12"
+    assert all(type(n) is torch.nn.GroupNorm and n.num_groups == 1 for n in bb.norms)
+    with torch.no_grad():
+        outs = bb(torch.randn(1, 3, 64, 96))
+    assert [tuple(o.shape[1:]) for o in outs] == [(64, 16, 24), (128, 8, 12), (320, 4, 6), (512, 2, 3)]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
 def test_runner_checkpoint_resume_weights_only(tmp_path):
     """mmengine Runner saves, then resumes with torch.load's weights-only default; a checkpoint
     carrying any other global is refused."""
