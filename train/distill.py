@@ -116,7 +116,8 @@ class _MixerTaps:
         """Block outputs and mixer outputs of the latest forward (the last ``count`` of each:
         activation-checkpoint replays come earlier)."""
         out = (self.blocks[-self.count:], self.mixers[-self.count:])
-        self.blocks, self.mixers = [], []
+        self.blocks.clear()  # in place: the hooks hold these lists
+        self.mixers.clear()
         return out
 
 
