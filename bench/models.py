@@ -405,7 +405,7 @@ def markdown(rows: list[dict], checks: dict) -> str:
              "train peak GiB | infer vs anchor compiled | train vs anchor compiled | mem vs anchor eager |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["model"] for r in rows):
-        anchor = "official" if name in OFFICIAL else "timm"  # RIFormer: no anchor row
+        anchor = "official" if name in OFFICIAL else "timm"
         tc, te = by.get((name, f"{anchor}_compile")), by.get((name, f"{anchor}_eager"))
         for impl in IMPLS:
             r = by.get((name, impl))

@@ -72,6 +72,8 @@ def test_overhead_script_runs_and_profiles(tmp_path):
     d = json.loads((tmp_path / "overhead.json").read_text())
     assert d["device"] == "cpu" and d["rows"][0]["ours_eager"] > 0 and d["rows"][0]["timm_eager"] > 0
     assert "ours_eager: 5 training steps" in (tmp_path / "overhead.txt").read_text()
+
+
 _STAND_IN_USER = {  # files that import what mmpretrain's riformer.py / poolformer.py import (not their code)
     "poolformer.py": """
 import torch.nn as nn
