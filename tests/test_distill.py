@@ -39,6 +39,20 @@ def test_riformer_recipe_composes():
     check_config(cfg)
     assert cfg.distill.enabled and cfg.distill.label_weight == 0 and cfg.distill.imitation_out > 0
     assert (cfg.model.name, cfg.optim.clip_grad, cfg.sched.warmup_epochs) == ("mz_riformer_s12", 5.0, 20)
+    assert {v["drop_path_rate"] for v in cfg.per_model.values()} == {0.1}  # mmpretrain's configs, every size
+
+
+def test_riformer_recipe_teacher_pairs_every_block():
+    """The preset's teacher (its architecture; published weights not fetched) has the student's block layout:
+    module imitation pairs all twelve blocks and init_student fills every student tensor but the mixers'."""
+    cfg = compose("recipe=riformer", "data.root=/tmp", "distill.pretrained=false")
+    student = timm.create_model(cfg.model.name)
+    dist = Distiller(cfg.distill, student, 1000, torch.device("cpu"))
+    assert dist.student_taps.count == dist.teacher_taps.count == 12
+    ref = dist.teacher.state_dict()
+    mixers = {k for k in student.state_dict() if ".token_mixer." in k}
+    assert len(mixers) == 24 and not mixers & set(ref)
+    assert all(torch.equal(v, ref[k]) for k, v in student.state_dict().items() if k not in mixers)
 
 
 def _distiller(**kw):
