@@ -14,7 +14,7 @@ from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from ..kernels.dispatch import fx_tracing
+from ..kernels.dispatch import plain_pytorch
 from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import norm_residual, scale_add
 from ..kernels.pool_mixer import pool_mixer
@@ -66,24 +66,27 @@ class MetaFormerBlock(nn.Module):
         self.res_scale2 = scale(res_scale_init_value)
         # Fused kernels (metazoo.kernels) merge the residual updates with the following norm; they
         # need norms they know. Drop path is folded into them per call (a per-sample keep vector).
-        norm2_type = LayerNorm2d if cf else LayerNorm
-        self.fused_pool = (isinstance(self.token_mixer, Pooling)
-                           and type(self.norm1) is GroupNorm1 and type(self.norm2) is GroupNorm1 and cf)
-        self.fused_norm = type(self.norm2) is norm2_type
-        self.fused_gn = cf and type(self.norm2) is GroupNorm1 and not self.fused_pool
+        # ``fused_op`` is the kernel op leading the fused path ("" when there is none): pool_mixer
+        # (PoolFormer), norm_residual (LayerNorm norm2), scale_add (one-group norm2); its
+        # ``COMPILE_OPS`` entry decides the path torch.compile traces.
+        pool = isinstance(self.token_mixer, Pooling) and type(self.norm1) is GroupNorm1 and cf
+        if type(self.norm2) is GroupNorm1 and cf:
+            self.fused_op = "pool_mixer" if pool else "scale_add"
+        else:
+            self.fused_op = "norm_residual" if type(self.norm2) is (LayerNorm2d if cf else LayerNorm) else ""
         # norm-affine mixers (identity, RIFormer's affine) fold into a one-group norm1: one norm pass
         self.folds = hasattr(self.token_mixer, "fold_into_norm") and type(self.norm1) is GroupNorm1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW or (B, N, C), per ``layout``."""
-        if torch.jit.is_scripting() or fx_tracing() or not (self.fused_pool or self.fused_norm or self.fused_gn):
+        if torch.jit.is_scripting() or not self.fused_op or plain_pytorch(self.fused_op):
             x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
             return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
         return self._forward_fused(x)
 
     def unfuse(self) -> None:
         """Always take the plain path, so hooks on ``norm1``/``token_mixer`` see every call (distillation taps)."""
-        self.fused_pool = self.fused_norm = self.fused_gn = False
+        self.fused_op = ""
 
     def _mixer_branch(self, x: torch.Tensor) -> torch.Tensor:
         """``token_mixer(norm1(x))``; a norm-affine mixer is folded into norm1's affine (one kernel pass)."""
@@ -112,14 +115,14 @@ class MetaFormerBlock(nn.Module):
         cf = self.layout == "NCHW"
         rs1, ls1, rs2, ls2 = (getattr(m, "scale", None) for m in (
             self.res_scale1, self.layer_scale1, self.res_scale2, self.layer_scale2))
-        if self.fused_pool:
+        if self.fused_op == "pool_mixer":
             x, moments = pool_mixer(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, ls1, rs1,
                                     self.token_mixer.pool_size, keep=drop_path_keep(self.drop_path1, x, _norm_dtype(x)))
             n2 = group_norm1(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, moments=moments)
         else:
             y = self._mixer_branch(x)
             keep = drop_path_keep(self.drop_path1, y)
-            if self.fused_norm:
+            if self.fused_op == "norm_residual":
                 x, n2 = norm_residual(x, y, rs1, ls1, self.norm2.weight, self.norm2.bias, self.norm2.eps,
                                       channels_first=cf, keep=keep)
             else:  # one-group norm2: residual update in one pass, then the group-norm kernel

@@ -4,6 +4,9 @@ Precedence: the call's ``backend`` argument, then :func:`use_backend` (context),
 ``METAZOO_KERNELS`` environment variable, then ``auto`` (Triton when the tensors live on a CUDA
 device and Triton imports; otherwise the reference). ``TRITON_INTERPRET=1`` lets an explicit
 ``backend="triton"`` run on CPU tensors, which is how the test suite checks kernels without a GPU.
+
+Callers (mixers, blocks) decide first whether to call a kernel at all: :func:`plain_pytorch` sends
+TorchScript, FX symbolic tracing and, per op (:data:`COMPILE_OPS`), torch.compile to their plain path.
 """
 from __future__ import annotations
 
@@ -141,13 +144,14 @@ def _resolve(backend: str | None, on_cuda: bool) -> str:
 
 def dispatcher(ref):
     """Decorator of a kernel's public function (the one mixers call), given its reference ``ref``
-    (same signature). Eager and ``torch.compile`` calls run the function. Two tracers never enter it:
+    (same signature, kept as ``.reference``). Eager and ``torch.compile`` calls run the function; the
+    tracers that must see plain PyTorch never reach it, because every caller branches on
+    ``torch.jit.is_scripting() or plain_pytorch("<op>")`` (:func:`plain_pytorch`):
 
     - TorchScript compiles a call to it as a stub that raises (``torch.jit.unused``), so a scripted
-      module compiles; its ``torch.jit.is_scripting()`` branch must compute the result in plain PyTorch.
-    - FX symbolic tracing (the first argument is a ``torch.fx.Proxy``) records one ``call_function``
-      node of ``ref`` instead of running the checks and the backend choice on proxies; the traced
-      graph then runs the reference on real tensors.
+      module compiles; TorchScript compiles only the caller's plain branch.
+    - FX symbolic tracing reaching it (the first argument is a ``torch.fx.Proxy``) is a caller's
+      missing branch: it raises, naming the branch to write.
     """
     def wrap(fn):
         first = next(iter(inspect.signature(fn).parameters))
@@ -156,7 +160,9 @@ def dispatcher(ref):
         def call(*args, **kwargs):
             lead = args[0] if args else kwargs.get(first)
             if isinstance(lead, torch.fx.Proxy):
-                return lead.tracer.create_proxy("call_function", ref, args, kwargs)
+                raise RuntimeError(f"{fn.__name__} was called while torch.fx traces symbolically; its caller must "
+                                   f"take its plain PyTorch path: `if torch.jit.is_scripting() or "
+                                   f"plain_pytorch({fn.__name__!r}): ...`")
             return fn(*args, **kwargs)
 
         call.reference = ref
@@ -169,10 +175,80 @@ _fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing
 
 
 def fx_tracing() -> bool:
-    """True while ``torch.fx`` traces symbolically (not under torch.compile/export): models then take
-    their plain-PyTorch path, so graphs hold standard ops and no control flow runs on traced values.
-    Callers write ``torch.jit.is_scripting() or fx_tracing()``: TorchScript compiles only the branch
-    that literal selects."""
+    """True while ``torch.fx`` traces symbolically (not under torch.compile/export): sizes are proxies,
+    so code that computes with them (input checks, position tables, Python loops over a weight's size)
+    takes a path that does not. Kernel call sites use :func:`plain_pytorch`, which includes this."""
     if torch.jit.is_scripting():
         return False
     return _fx_symbolic_tracing()
+
+
+# What torch.compile gets for each kernel op: "custom" keeps the registered Triton op (opaque to
+# inductor: it cannot fuse it with its neighbours), "inductor" makes the caller take its plain PyTorch
+# path (the op's reference math), which inductor decomposes and fuses. A MetaFormer block's fused path
+# follows the entry of its lead op: pool_mixer (PoolFormer: + group_norm1 on the moments, scale_add),
+# norm_residual (ConvFormer/CAFormer: + scale_add), scale_add (one-group norm2: IdentityFormer,
+# RandFormer, RIFormer). Justify each entry with `bench/kernels.py --compiled` (fwd+bwd ms of the
+# compiled custom op / compiled reference, bf16 autocast, stage shapes) and the model rows of
+# `bench/models.py --compile-ops custom,inductor`. Until measured on a GPU every entry is "custom"
+# (the behaviour before the table existed).
+COMPILE_OPS = {
+    "act_linear": "custom",            # not measured yet
+    "aff_filter": "custom",            # not measured yet
+    "aggregated_attention": "custom",  # not measured yet
+    "dwconv2d": "custom",              # not measured yet
+    "gated_dwconv_linear": "custom",   # not measured yet
+    "group_norm1": "custom",           # not measured yet
+    "layer_norm": "custom",            # not measured yet
+    "norm_residual": "custom",         # not measured yet
+    "pool_mixer": "custom",            # not measured yet
+    "scale_add": "custom",             # not measured yet
+    "selective_scan": "custom",        # not measured yet
+    "star_relu": "custom",             # not measured yet
+}
+COMPILE_POLICIES = ("custom", "inductor", "table")
+COMPILE_ENV_VAR = "METAZOO_COMPILE_OPS"
+
+
+def _check_policy(policy: str, what: str) -> str:
+    if policy not in COMPILE_POLICIES:
+        raise ValueError(f"{what}={policy!r} is not a compile policy; accepted values: {', '.join(COMPILE_POLICIES)}")
+    return policy
+
+
+@contextlib.contextmanager
+def compile_ops(policy: str):
+    """Context manager overriding :data:`COMPILE_OPS` for ops traced inside it (thread-local):
+    ``custom`` or ``inductor`` for every op, ``table`` for the table. A compiled graph keeps the choice
+    it was traced with: call ``torch._dynamo.reset()`` before compiling again under another policy."""
+    _check_policy(policy, "policy")
+    prev = getattr(_state, "compile_ops", None)
+    _state.compile_ops = policy
+    try:
+        yield
+    finally:
+        _state.compile_ops = prev
+
+
+@torch.compiler.assume_constant_result
+def compile_policy(op: str) -> str:
+    """``'custom'`` or ``'inductor'``: what torch.compile gets for ``op``. Precedence:
+    :func:`compile_ops` (context), then ``METAZOO_COMPILE_OPS``, then :data:`COMPILE_OPS`."""
+    want = getattr(_state, "compile_ops", None)
+    if want is None:
+        want = _check_policy(os.environ.get(COMPILE_ENV_VAR, "table").strip().lower() or "table", COMPILE_ENV_VAR)
+    return COMPILE_OPS[op] if want == "table" else want
+
+
+def plain_pytorch(op: str) -> bool:
+    """True when the caller of kernel op ``op`` (a :data:`COMPILE_OPS` key) must compute it in plain
+    PyTorch: always while torch.fx traces symbolically (graphs of standard ops, no checks on proxies),
+    and under torch.compile when :func:`compile_policy` gives ``'inductor'``. Eager calls get False
+    (the kernel's dispatcher then picks Triton or the reference). Callers write
+    ``torch.jit.is_scripting() or plain_pytorch("<op>")``: TorchScript folds ``is_scripting()`` and
+    compiles only the plain branch."""
+    if op not in COMPILE_OPS:
+        raise ValueError(f"op={op!r} is not a kernel op; accepted values: {', '.join(COMPILE_OPS)}")
+    if fx_tracing():
+        return True
+    return torch.compiler.is_compiling() and compile_policy(op) == "inductor"

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.dispatch import fx_tracing
-
+from ..kernels.dispatch import plain_pytorch
 from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import layer_norm
 
@@ -26,7 +25,7 @@ class GroupNorm1(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
-        if torch.jit.is_scripting() or fx_tracing():
+        if torch.jit.is_scripting() or plain_pytorch("group_norm1"):
             return F.group_norm(x, 1, self.weight, self.bias, self.eps)
         return group_norm1(x, self.weight, self.bias, self.eps)
 
@@ -40,7 +39,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., C), or NCHW when ``channels_first``."""
-        if torch.jit.is_scripting() or fx_tracing():
+        if torch.jit.is_scripting() or plain_pytorch("layer_norm"):
             if self.channels_first:
                 x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
                 return x.permute(0, 3, 1, 2)

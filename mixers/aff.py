@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metazoo.kernels.aff_filter import ACTS, aff_filter
-from metazoo.kernels.dispatch import fx_tracing
+from metazoo.kernels.dispatch import plain_pytorch
 
 __all__ = ["AFFMixer", "fft_flop_mapping"]
 
@@ -52,7 +52,7 @@ class AFFMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW -> NCHW (same dtype)."""
-        if torch.jit.is_scripting() or fx_tracing():
+        if torch.jit.is_scripting() or plain_pytorch("aff_filter"):
             return self._forward_fp32(x)
         h, w = x.shape[-2:]
         cd = self._compute_dtype(x)

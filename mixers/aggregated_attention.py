@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
-from metazoo.kernels.aggregated_attention import aggregated_attention
+from metazoo.kernels.aggregated_attention import aggregated_attention, aggregated_attention_ref
+from metazoo.kernels.dispatch import plain_pytorch
 
 __all__ = ["AggregatedAttention", "LengthScaledAttention", "relative_position_table", "pool_size"]
 
@@ -145,7 +146,8 @@ class AggregatedAttention(_ScaledCosineMixin):
         kv_pool = self.kv(pooled)
         pool_bias = self._position_bias((height, width), self.key_grid(height, width), rel_pos, x.device)
         h = self.num_heads
-        out = aggregated_attention(
+        attend = aggregated_attention_ref if plain_pytorch("aggregated_attention") else aggregated_attention
+        out = attend(
             self.q(x), self.kv(x), kv_pool, self.query_embedding.reshape(h, self.head_dim),
             self.temperature.reshape(h), self.relative_pos_bias_local, pool_bias, self.learnable_tokens,
             self.learnable_bias.reshape(h, -1), height, width, h, self.window_size, backend=self.backend)

@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath, LayerScale
 from torch import nn
 
-from ..kernels.dispatch import fx_tracing
+from ..kernels.dispatch import plain_pytorch
 from ..kernels.gated_conv import gated_dwconv_linear
 from ..kernels.norm_residual import scale_add
 from ..layers.drop import drop_path_keep
@@ -37,14 +37,14 @@ class GatedCNNBlock(nn.Module):
         """x: NHWC."""
         shortcut = x
         u = self.fc1(self.norm(x))
-        if torch.jit.is_scripting() or fx_tracing() or not self.fused:
+        if torch.jit.is_scripting() or not self.fused or plain_pytorch("gated_dwconv_linear"):
             g, i, c = torch.split(u, self.split_indices, dim=-1)
             c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             y = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
         else:  # split, depthwise conv, exact GELU gate, concat and fc2 in one op that saves only u
             y = gated_dwconv_linear(u, self.conv.weight, self.conv.bias, self.split_indices[0],
                                     self.fc2.weight, self.fc2.bias)
-        if torch.jit.is_scripting() or fx_tracing():
+        if torch.jit.is_scripting() or plain_pytorch("scale_add"):
             return self.drop_path(self.ls(y)) + shortcut
         # residual, layer scale and drop path (its per-sample mask drawn as DropPath draws it) in one pass
         ls = self.ls.gamma if isinstance(self.ls, LayerScale) else None

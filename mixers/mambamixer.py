@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..kernels.dispatch import fx_tracing
+from ..kernels.dispatch import fx_tracing, plain_pytorch
 from ..kernels.selective_scan import selective_scan, selective_scan_chunked
 
 # torch.fx records the chunked scan as one call (its chunk loop depends on the sequence length)
@@ -58,7 +58,7 @@ class S6Params(nn.Module):
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.matmul(self.dt_proj_weight.to(xs.dtype), dts)
         u, delta, A = xs.reshape(bsz, g * c, seqlen), dts.reshape(bsz, g * c, seqlen), -torch.exp(self.A_log.float())
-        if torch.jit.is_scripting() or fx_tracing():
+        if torch.jit.is_scripting() or plain_pytorch("selective_scan"):
             y = selective_scan_chunked(u, delta, A, Bs, Cs, self.D.float(), self.dt_proj_bias.float().flatten(), True)
         else:
             y = selective_scan(u, delta, A, Bs, Cs, D=self.D.float(), delta_bias=self.dt_proj_bias.float().flatten(),

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..kernels.act_linear import act_linear
-from ..kernels.dispatch import fx_tracing
+from ..kernels.dispatch import plain_pytorch
 from ..layers.activations import StarReLU
 
 
@@ -31,7 +31,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW when built with ``use_conv`` else (..., C)."""
         z = self.fc1(x)
-        if torch.jit.is_scripting() or fx_tracing() or (self.drop1.p > 0 and self.training):
+        if torch.jit.is_scripting() or plain_pytorch("act_linear") or (self.drop1.p > 0 and self.training):
             return self.drop2(self.fc2(self.drop1(self.act(z))))
         if isinstance(self.act, StarReLU):  # act + fc2 in one op that keeps only z for backward
             y = act_linear(z, self.fc2.weight, self.fc2.bias, "star_relu", self.act.scale, self.act.bias, self.use_conv)

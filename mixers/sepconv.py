@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.dispatch import fx_tracing
+from ..kernels.dispatch import plain_pytorch
 from ..kernels.dwconv import dwconv2d
 from ..layers.activations import StarReLU
 
@@ -25,7 +25,7 @@ class SepConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
         x = self.pwconv1(x)
-        if torch.jit.is_scripting() or fx_tracing():
+        if torch.jit.is_scripting() or plain_pytorch("dwconv2d"):
             return self.pwconv2(self.act2(self.dwconv(self.act1(x))))
         if isinstance(self.act1, StarReLU) and isinstance(self.act2, nn.Identity):
             # StarReLU applied inside the depthwise conv's loads: the activation is never stored

@@ -526,29 +526,18 @@ def test_compiled_call_sees_the_registered_op(name):
 
 
 @pytest.mark.parametrize("name", DISPATCHERS)
-def test_fx_symbolic_trace_records_the_reference(name):
-    """Under FX symbolic tracing a dispatcher is one node calling its reference (no checks or backend
-    choice run on proxies); the traced graph computes the reference's result."""
-    fn, ref, _, make = _contract_cases()[name]
+def test_fx_symbolic_trace_reaching_a_dispatcher_names_the_missing_branch(name):
+    """Callers branch to plain PyTorch under FX symbolic tracing (``plain_pytorch``); a call that
+    reaches a dispatcher with a proxy raises, naming that branch."""
+    fn, _, _, make = _contract_cases()[name]
     args = [a.detach() if torch.is_tensor(a) else a for a in make()]
 
     class Caller(torch.nn.Module):
-        """Takes the activation (the first argument) as input, holds the other tensors."""
-
-        def __init__(self):
-            super().__init__()
-            for i, a in enumerate(args[1:], 1):
-                if torch.is_tensor(a):
-                    self.register_buffer(f"a{i}", a)
-
         def forward(self, x):
-            rest = [getattr(self, f"a{i}") if torch.is_tensor(a) else a for i, a in enumerate(args[1:], 1)]
-            return fn(x, *rest, backend="triton")
+            return fn(x, *args[1:], backend="triton")
 
-    gm = torch.fx.symbolic_trace(Caller())
-    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [ref]
-    got, want = torch.utils._pytree.tree_leaves(gm(args[0])), torch.utils._pytree.tree_leaves(ref(*args))
-    assert len(got) == len(want) and all(g is w is None or torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(RuntimeError, match="plain_pytorch"):
+        torch.fx.symbolic_trace(Caller())
 
 
 def test_torchscript_compiles_callers_of_the_dispatchers():
@@ -610,8 +599,11 @@ def _blocks(drop_path: float = 0.0):
     }
 
 
-@pytest.mark.parametrize("family", ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout",
-                                    "riformer", "riformer_deploy", "identityformer", "randformer"])
+BLOCKS = ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout", "riformer",
+          "riformer_deploy", "identityformer", "randformer"]
+
+
+@pytest.mark.parametrize("family", BLOCKS)
 def test_block_kernels_on_equals_off(family):
     """A whole block (the wiring of the kernels into mixers and the fused residual/norm path):
     output and every parameter gradient with Triton kernels equal the plain PyTorch path."""
@@ -662,7 +654,7 @@ def test_block_with_drop_path_kernels_on_equals_off_and_plain(family):
             (y * cot).sum().backward()
         return [y, xi.grad] + [p.grad for p in block.parameters()]
 
-    saved = {k: getattr(block, k) for k in ("fused_norm", "fused_pool", "fused_gn") if hasattr(block, k)}
+    saved = {"fused_op": block.fused_op} if hasattr(block, "fused_op") else {}
     res = {"triton": run("triton"), "torch": run("torch")}
     if saved:
         res["plain"] = run("torch", fused=False)
@@ -678,6 +670,92 @@ def test_block_with_drop_path_kernels_on_equals_off_and_plain(family):
                 assert k.norm() < zero, name
                 continue
             assert rel_err(k, r) < 1e-5, f"{family} ({other}): {name} differs by {rel_err(k, r):.2e}"
+
+
+# RandFormer's mixer picks its matrix by the token grid (Python control flow on sizes): not FX-traceable
+@pytest.mark.parametrize("family", [f for f in BLOCKS if f != "randformer"])
+def test_block_traces_to_plain_pytorch_under_fx(family):
+    """FX symbolic tracing takes every call site's plain branch (``plain_pytorch``): the graph calls no
+    kernel dispatcher and computes the block's output."""
+    block, shape = _blocks()[family]
+    block.eval()
+    x = _rand(*shape)
+    gm = torch.fx.symbolic_trace(block)
+    dispatchers = {case[0] for case in _contract_cases().values()}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in dispatchers]
+    assert not called, called
+    with torch.no_grad(), dispatch.use_backend("torch"):
+        assert rel_err(gm(x), block(x)) < 1e-6
+
+
+def test_compile_ops_table_names_the_dispatchers():
+    """Every ``COMPILE_OPS`` key is a kernel dispatcher, and every default entry keeps the custom op
+    until a GPU measurement justifies another."""
+    assert set(dispatch.COMPILE_OPS) <= set(DISPATCHERS), sorted(set(dispatch.COMPILE_OPS) - set(DISPATCHERS))
+    assert set(dispatch.COMPILE_OPS.values()) <= {"custom", "inductor"}
+
+
+def _compiled_ops(block, x, policy):
+    """(metazoo ops in the forward graph torch.compile traces, output, input gradient) under ``policy``."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = set()
+
+    def capture(gm, example_inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("metazoo."))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()  # a compiled graph keeps the policy it was traced with
+    xi = x.clone().requires_grad_()
+    with dispatch.compile_ops(policy), dispatch.use_backend("triton"):
+        y = torch.compile(block, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))(xi)
+        y.sum().backward()
+    torch._dynamo.reset()
+    return {o.split(".")[1] for o in ops}, y.detach(), xi.grad
+
+
+def test_compile_policy_picks_the_path_per_op(monkeypatch):
+    """Under torch.compile ``custom`` keeps the kernels' ops, ``inductor`` gives inductor plain PyTorch
+    only, and the table decides per op (here: the depthwise conv to inductor, the rest custom); every
+    policy computes the eager values."""
+    block, shape = _blocks()["convformer"]
+    block.eval()
+    x = _rand(*shape)
+    xe = x.clone().requires_grad_()
+    with dispatch.use_backend("torch"):
+        want = block(xe)
+        want.sum().backward()
+    custom, y_c, g_c = _compiled_ops(block, x, "custom")
+    assert {"norm_residual_fwd", "dwconv_fwd", "act_linear_fwd"} <= custom, custom
+    inductor, y_i, g_i = _compiled_ops(block, x, "inductor")
+    assert inductor == set(), inductor
+    monkeypatch.setitem(dispatch.COMPILE_OPS, "dwconv2d", "inductor")
+    table, y_t, g_t = _compiled_ops(block, x, "table")
+    assert "dwconv_fwd" not in table and {"norm_residual_fwd", "act_linear_fwd"} <= table, table
+    for y, g in ((y_c, g_c), (y_i, g_i), (y_t, g_t)):
+        assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5
+
+
+def test_compile_policy_precedence_and_bad_values(monkeypatch):
+    """Context over ``METAZOO_COMPILE_OPS`` over the table; unknown policies and ops raise ValueError
+    naming the argument and the accepted values."""
+    monkeypatch.setitem(dispatch.COMPILE_OPS, "star_relu", "inductor")
+    monkeypatch.delenv(dispatch.COMPILE_ENV_VAR, raising=False)
+    assert dispatch.compile_policy("star_relu") == "inductor" and dispatch.compile_policy("dwconv2d") == "custom"
+    monkeypatch.setenv(dispatch.COMPILE_ENV_VAR, "custom")
+    assert dispatch.compile_policy("star_relu") == "custom"
+    with dispatch.compile_ops("inductor"):
+        assert dispatch.compile_policy("dwconv2d") == "inductor"
+    assert not dispatch.plain_pytorch("star_relu")  # eager: the dispatcher decides
+    monkeypatch.setenv(dispatch.COMPILE_ENV_VAR, "fused")
+    with pytest.raises(ValueError, match="METAZOO_COMPILE_OPS='fused'.*custom, inductor, table"):
+        dispatch.compile_policy("star_relu")
+    with pytest.raises(ValueError, match="policy='all'"):
+        with dispatch.compile_ops("all"):
+            pass
+    with pytest.raises(ValueError, match="op='starrelu'.*star_relu"):
+        dispatch.plain_pytorch("starrelu")
 
 
 @pytest.mark.slow
