@@ -240,13 +240,15 @@ def compile_policy(op: str) -> str:
     return COMPILE_OPS[op] if want == "table" else want
 
 
-def plain_pytorch(op: str) -> bool:
+@torch.jit.unused  # a scripted caller's `torch.jit.is_scripting() or` never reaches it
+def plain_pytorch(op):
+    # type: (str) -> bool
     """True when the caller of kernel op ``op`` (a :data:`COMPILE_OPS` key) must compute it in plain
     PyTorch: always while torch.fx traces symbolically (graphs of standard ops, no checks on proxies),
     and under torch.compile when :func:`compile_policy` gives ``'inductor'``. Eager calls get False
     (the kernel's dispatcher then picks Triton or the reference). Callers write
     ``torch.jit.is_scripting() or plain_pytorch("<op>")``: TorchScript folds ``is_scripting()`` and
-    compiles only the plain branch."""
+    compiles only the plain branch of the caller."""
     if op not in COMPILE_OPS:
         raise ValueError(f"op={op!r} is not a kernel op; accepted values: {', '.join(COMPILE_OPS)}")
     if fx_tracing():
