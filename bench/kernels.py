@@ -5,13 +5,23 @@ backward), then times forward and forward+backward with ``triton.testing.do_benc
 reports the achieved bandwidth of the minimal traffic (each input read once, each output written
 once) against the device's ~3 TB/s. Both sides run under bf16 autocast, as inside the models. Writes ``kernels.json`` and ``kernels.md`` under ``--out``.
 
+``--compiled`` measures what ``kernels.dispatch.COMPILE_OPS`` decides instead: per case, fwd+bwd (then
+forward) ms of ``torch.compile`` of a small function around the call, once with the custom op
+(``custom``) and once with the op's reference (``inductor``: plain PyTorch that inductor decomposes),
+written to ``kernels_compiled.json`` after every measurement; then one suggested table line per op.
+Compilation dominates its run time (about 40 compilations). ``--tiny --device cpu`` is its smoke run
+(8x8 maps, ``aot_eager`` instead of inductor, ``TRITON_INTERPRET=1``).
+
     python bench/kernels.py --out $OUT
+    python bench/kernels.py --compiled --out $OUT
+    TRITON_INTERPRET=1 python bench/kernels.py --compiled --tiny --device cpu --batch 2 --out /tmp/k
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import time
 
 import torch
 
@@ -19,9 +29,11 @@ from metazoo.kernels.act_linear import act_linear, act_linear_ref
 from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
 from metazoo.kernels.gated_conv import gated_dwconv, gated_dwconv_linear, gated_dwconv_linear_ref, gated_dwconv_ref
 from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
-from metazoo.kernels.norm_residual import norm_residual, norm_residual_ref
+from metazoo.kernels.norm_residual import layer_norm, layer_norm_ref, norm_residual, norm_residual_ref, scale_add
+from metazoo.kernels.norm_residual import scale_add_ref
 from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
 from metazoo.kernels.star_relu import star_relu, star_relu_ref
+from metazoo.kernels.dispatch import COMPILE_OPS
 from _timing import rel_err
 
 PEAK_GBS = 3000.0
@@ -31,12 +43,15 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
-def cases(batch: int):
-    """(name, fn, ref, activations, params, kwargs, bytes_fwd, bytes_fwd_bwd) at training shapes."""
+def cases(batch: int, device: str = "cuda", tiny: bool = False):
+    """(name, fn, ref, activations, params, kwargs, bytes_fwd, bytes_fwd_bwd) at training shapes
+    (``tiny``: every map 8x8, for CPU smoke runs)."""
     bf = torch.bfloat16
-    dev = "cuda"
+    dev = device
 
     def act(*shape, cl=True):
+        if tiny:  # the spatial dims: (C, H, W) for NCHW, (H, W, C) for NHWC
+            shape = (*shape[:2], 8, 8) if cl else (shape[0], 8, 8, shape[3])
         t = torch.randn(*shape, device=dev, dtype=bf)
         return _cl(t) if cl else t
 
@@ -59,8 +74,14 @@ def cases(batch: int):
     # MambaOut NHWC LayerNorm (with bias).
     x = act(batch, 56, 56, 96, cl=False)
     n = x.numel() * 2
-    out.append(("layer_norm NHWC 56x56x96", norm_residual, norm_residual_ref, dict(x=x),
+    out.append(("layer_norm NHWC 56x56x96", layer_norm, layer_norm_ref, dict(x=x),
                 dict(weight=par(96), bias=par(96)), dict(eps=1e-6), 2 * n, 2 * n + 3 * n))
+    # The residual update closing every fused block (ConvFormer stage 1, residual scale, drop path 0.1).
+    x, y = act(batch, 64, 56, 56), act(batch, 64, 56, 56)
+    n = x.numel() * 2
+    keep = (torch.rand(batch, device=dev) > 0.1).float() / 0.9
+    out.append(("scale_add +rs +keep 64x56x56", scale_add, scale_add_ref, dict(x=x, y=y), dict(rs=par(64), ls=None),
+                dict(channels_first=True, keep=keep), 3 * n, 3 * n + 4 * n))
     # MLP activation, stage 1 hidden (4 * 64).
     x = act(batch, 256, 56, 56)
     n = x.numel() * 2
@@ -137,41 +158,135 @@ def check(name, fn, ref, acts, params, kwargs):
     return errs
 
 
-def time_case(fn, acts, params, kwargs, backend):
-    from triton.testing import do_bench
+def _autocast(device: str):
+    """As inside the models: bf16 activations, fp32 parameters."""
+    return torch.autocast(device, dtype=torch.bfloat16)
 
+
+def _steps(call, acts, params, device: str):
+    """``(fwd, fwd_bwd)`` closures around ``call(a, p)`` on fresh leaves of ``acts``/``params``: the
+    forward under no_grad, and forward plus backward of fixed random cotangents into every leaf."""
     a = {k: v.detach().requires_grad_() for k, v in acts.items()}
     p = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in params.items()}
-    kw = dict(kwargs, backend=backend)
-
-    def autocast():  # as inside the models: bf16 activations, fp32 parameters
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    leaves = list(a.values()) + [v for v in p.values() if v is not None]
+    with _autocast(device):
+        outs = _outputs(call(a, p))
+    cots = [torch.randn_like(o) for o in outs]
 
     def fwd():
-        with torch.no_grad(), autocast():
-            return fn(**a, **p, **kw)
-
-    with autocast():
-        outs = _outputs(fn(**a, **p, **kw))
-    cots = [torch.randn_like(o) for o in outs]
-    leaves = list(a.values()) + [v for v in p.values() if v is not None]
+        with torch.no_grad(), _autocast(device):
+            return call(a, p)
 
     def fwd_bwd():
-        with autocast():
-            o = _outputs(fn(**a, **p, **kw))
+        with _autocast(device):
+            o = _outputs(call(a, p))
         torch.autograd.backward(o, cots, inputs=leaves)
+        return o
 
-    t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
-    t_fb = do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
-    return t_f, t_fb
+    return fwd, fwd_bwd
 
 
-def main():
+def _ms(fn, device: str) -> float:
+    """Median ms per call (do_bench on CUDA; on CPU one call, for smoke runs only)."""
+    if device != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def time_case(fn, acts, params, kwargs, backend):
+    fwd, fwd_bwd = _steps(lambda a, p: fn(**a, **p, **kwargs, backend=backend), acts, params, "cuda")
+    return _ms(fwd, "cuda"), _ms(fwd_bwd, "cuda")
+
+
+def compiled_case(fn, ref, acts, params, kwargs, device: str, passes) -> dict:
+    """ms per pass of ``torch.compile`` around the call: ``custom`` (the registered op, Triton) and
+    ``inductor`` (``ref``, decomposed and fused by inductor), the seconds their first calls took
+    (compilation), and the relative error of the custom op's outputs against the compiled reference."""
+    backend = "inductor" if device == "cuda" else "aot_eager"  # CPU: smoke run of the code path
+    sides = {"custom": lambda a, p: fn(**a, **p, **kwargs, backend="triton"),
+             "inductor": lambda a, p: ref(**a, **p, **kwargs)}
+    row, outs = {}, {}
+    for side, call in sides.items():
+        torch._dynamo.reset()
+        steps = dict(zip(("fwd", "fwd_bwd"), _steps(torch.compile(call, backend=backend), acts, params, device)))
+        for name in passes:
+            t0 = time.perf_counter()
+            out = steps[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row[f"{side}_{name}_compile_s"] = time.perf_counter() - t0
+            row[f"{side}_{name}_ms"] = _ms(steps[name], device)
+            outs[side] = _outputs(out)
+    row["out_rel_err"] = max(rel_err(c.float(), r.float()) for c, r in zip(outs["custom"], outs["inductor"]))
+    return row
+
+
+def table_lines(rows, device: str, batch: int) -> list[str]:
+    """One ``COMPILE_OPS`` line per measured op: the faster side by summed fwd+bwd ms over its cases."""
+    ops = {}
+    for r in rows:
+        if r["op"] in COMPILE_OPS and "custom_fwd_bwd_ms" in r and "inductor_fwd_bwd_ms" in r:
+            ops.setdefault(r["op"], []).append(r)
+    lines = []
+    for op, rs in sorted(ops.items()):
+        c, i = (sum(r[f"{side}_fwd_bwd_ms"] for r in rs) for side in ("custom", "inductor"))
+        fwd = ""
+        if all("custom_fwd_ms" in r and "inductor_fwd_ms" in r for r in rs):
+            fwd = "; fwd {:.3f} / {:.3f}".format(*(sum(r[f"{side}_fwd_ms"] for r in rs) for side in ("custom", "inductor")))
+        lines.append(f'    "{op}": "{"inductor" if i < c else "custom"}",  # compiled fwd+bwd ms custom / inductor: '
+                     f"{c:.3f} / {i:.3f}{fwd} ({device}, bf16, batch {batch}, {len(rs)} case(s))")
+    return lines
+
+
+def run_compiled(args) -> None:
+    """``--compiled``: every case under torch.compile, custom op vs reference; JSON after every case."""
+    passes = [p for p in ("fwd_bwd", "fwd") if p in args.passes.split(",")]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = dict(device=device_name, torch=torch.__version__, batch=args.batch, dtype="bf16 autocast",
+                tiny=args.tiny, passes=passes)
+    rows = []
+    for name, fn, ref, acts, params, kwargs, _, _ in cases(args.batch, args.device, args.tiny):
+        if args.ops and fn.__name__ not in args.ops:
+            continue
+        row = dict(kernel=name, op=fn.__name__, **compiled_case(fn, ref, acts, params, kwargs, args.device, passes))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        path = os.path.join(args.out, "kernels_compiled.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        os.replace(path + ".tmp", path)
+    lines = table_lines(rows, device_name, args.batch)
+    with open(os.path.join(args.out, "kernels_compiled.md"), "w") as f:
+        f.write("COMPILE_OPS lines (kernels/dispatch.py):\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--batch", type=int, default=128)
-    args = ap.parse_args()
+    ap.add_argument("--compiled", action="store_true", help="custom op vs reference under torch.compile")
+    ap.add_argument("--passes", default="fwd_bwd,fwd", help="--compiled: which passes to time (fwd_bwd, fwd)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only with --compiled --tiny (smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="8x8 maps (CPU smoke run)")
+    ap.add_argument("--ops", default="", help="--compiled: only the cases of these ops (comma list; default all)")
+    args = ap.parse_args(argv)
+    known = {case[1].__name__ for case in cases(1, "meta")}
+    args.ops = [o for o in args.ops.split(",") if o]
+    if set(args.ops) - known:
+        raise ValueError(f"--ops: unknown {sorted(set(args.ops) - known)}; accepted: {', '.join(sorted(known))}")
+    if args.device not in ("cuda", "cpu"):
+        raise ValueError(f"--device: {args.device!r}; accepted: cuda, cpu")
+    if not set(args.passes.split(",")) <= {"fwd_bwd", "fwd"} or not args.passes:
+        raise ValueError(f"--passes: {args.passes!r}; accepted: a comma list of fwd_bwd, fwd")
     torch.manual_seed(0)
+    if args.compiled:
+        run_compiled(args)
+        return
     rows = []
     for name, fn, ref, acts, params, kwargs, b_f, b_fb in cases(args.batch):
         errs = check(name, fn, ref, acts, params, kwargs)

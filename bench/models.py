@@ -5,6 +5,8 @@ inference img/s (batch 256) and one training step (batch 128, fused AdamW, cross
 wall ms vs GPU-busy ms per step (torch.profiler: summed device kernel time), MFU (fwd+bwd model
 FLOPs per step over the GPU's bf16 dense peak), peak training memory; bf16 autocast, channels_last
 inputs and weights. Rows: timm/ours x eager, torch.compile, torch.compile(mode="reduce-overhead").
+``--compile-ops`` runs our compiled rows once per policy of ``kernels.dispatch.COMPILE_OPS`` (custom
+ops, inductor's plain PyTorch, or the per-op table; labelled ``ours_compile [inductor]`` etc.).
 ``--check`` first loads timm's weights into ours and compares logits and gradients (drop path 0:
 masks are random). JSON is rewritten after every row, so a cut run keeps what it measured;
 ``--combine`` merges JSON files of several runs (one model per run keeps a GPU call short).
@@ -17,6 +19,8 @@ and ``poolformer.py``, see ``bench/official_mmpretrain.py``); RIFormer also runs
     python bench/models.py --models identityformer_s12,randformer_s12,riformer_s12 \
         --impls ours_eager,ours_compile,ours_deploy_eager,ours_deploy_compile,official_eager \
         --official-dir /path/to/sail-sg/metaformer --official-dir .carry/official_riformer --check --out $OUT
+    python bench/models.py --models poolformer_s12 --impls timm_compile,ours_compile,ours_compile_ro \
+        --compile-ops custom,inductor,table --out $OUT   # our compiled rows under each COMPILE_OPS policy
     python bench/models.py --profile timm_eager --out $OUT   # torch.profiler table of train steps
     python bench/models.py --combine a.json b.json --out bench/results
     python bench/models.py --device cpu --iters 1 --warmup 1 --infer-batch 2 --train-batch 2 --size 64  # smoke
@@ -24,6 +28,7 @@ and ``poolformer.py``, see ``bench/official_mmpretrain.py``); RIFormer also runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from metazoo.kernels.dispatch import COMPILE_ENV_VAR, COMPILE_OPS, COMPILE_POLICIES
 
 MODELS = {  # timm name -> ours
     "poolformer_s12": "mz_poolformer_s12",
@@ -346,16 +353,27 @@ def check_against_official(name: str, device: str, size: int, batch: int = 8) ->
     return res
 
 
-def run_one(name: str, impl: str, args, drop_path: float, flops: int) -> dict:
+def compile_policies(impl: str, policies: list[str]) -> list[str | None]:
+    """The ``COMPILE_OPS`` policies a row runs under: ours compiled rows each of ``policies``, others none."""
+    return list(policies) if impl.startswith("ours") and not impl.endswith("eager") else [None]
+
+
+def run_one(name: str, impl: str, args, drop_path: float, flops: int, policy: str | None = None) -> dict:
+    """One row; ``policy`` (``kernels.dispatch.compile_ops``) is active while the model is traced."""
+    from metazoo.kernels.dispatch import compile_ops
+
     if args.device == "cuda":
         torch.cuda.empty_cache()
+    torch._dynamo.reset()  # a compiled graph keeps the policy it was traced with: trace every row afresh
     torch.manual_seed(0)
     t0 = time.time()
     model = compile_model(build(name, impl, drop_path, args.device), impl, args.device)
     batch = args.train_batch or TRAIN_BATCH.get(name, 128)
-    row = dict(model=name, impl=impl, drop_path=drop_path, infer_batch=args.infer_batch, train_batch=batch)
-    row["infer_img_s"] = bench_inference(model, args.infer_batch, args.size, args.warmup, args.iters, args.device)
-    row.update(bench_train(model, batch, args.size, args.warmup, args.iters, args.device))
+    row = dict(model=name, impl=impl, drop_path=drop_path, infer_batch=args.infer_batch, train_batch=batch,
+               compile_ops=policy)
+    with compile_ops(policy) if policy else contextlib.nullcontext():
+        row["infer_img_s"] = bench_inference(model, args.infer_batch, args.size, args.warmup, args.iters, args.device)
+        row.update(bench_train(model, batch, args.size, args.warmup, args.iters, args.device))
     peak = peak_tflops(args.device)
     row["train_flops_per_step"] = flops * batch
     row["train_mfu"] = flops * batch / (row["train_wall_ms"] * 1e-3) / (peak * 1e12) if peak else None
@@ -407,14 +425,12 @@ def markdown(rows: list[dict], checks: dict) -> str:
     for name in dict.fromkeys(r["model"] for r in rows):
         anchor = "official" if name in OFFICIAL else "timm"
         tc, te = by.get((name, f"{anchor}_compile")), by.get((name, f"{anchor}_eager"))
-        for impl in IMPLS:
-            r = by.get((name, impl))
-            if r is None:
-                continue
+        for r in sorted((r for r in rows if r["model"] == name), key=lambda r: IMPLS.index(r["impl"])):
             ri = f"{r['infer_img_s'] / tc['infer_img_s']:.2f}x" if tc else "-"
             rt = f"{r['train_img_s'] / tc['train_img_s']:.2f}x" if tc else "-"
             rm = f"{r['train_peak_gib'] / te['train_peak_gib']:.2f}x" if te and r.get("train_peak_gib") else "-"
             mfu = f"{100 * r['train_mfu']:.1f}%" if r.get("train_mfu") else "-"
+            impl = r["impl"] + (f" [{r['compile_ops']}]" if r.get("compile_ops") not in (None, "table") else "")
             lines.append(f"| {name} ({r.get('drop_path', 0.0)}) | {impl} | {r['infer_img_s']:.0f} | "
                          f"{r['train_img_s']:.0f} | {_x(r.get('train_wall_ms'), '.1f')} / "
                          f"{_x(r.get('train_gpu_busy_ms'), '.1f')} | {mfu} | "
@@ -470,6 +486,9 @@ def parse_args(argv=None):
                     help="repeatable; a folder holding sail-sg's metaformer_baselines.py (official_* rows of "
                          "IdentityFormer/RandFormer) or mmpretrain's riformer.py + poolformer.py (RIFormer)")
     ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--compile-ops", default="table",
+                    help="our compiled rows once per policy (comma list of custom, inductor, table; "
+                         "kernels.dispatch.COMPILE_OPS)")
     ap.add_argument("--drop-path", type=float, default=None,
                     help="default: the recipe's (configs/recipe/<family>.yaml)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu for a smoke run of the code path")
@@ -492,6 +511,7 @@ def parse_args(argv=None):
     for folder in args.official_dir:
         load_official(folder)
     args.impl_list = _choices("--impls", args.impls, IMPLS)
+    args.policies = _choices("--compile-ops", args.compile_ops, COMPILE_POLICIES)
     return args
 
 
@@ -516,7 +536,8 @@ def main(argv=None):
     meta = dict(device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), size=args.size,
                 infer_batch=args.infer_batch, iters=args.iters, warmup=args.warmup, optimizer="AdamW fused",
                 dtype="bf16 autocast", memory_format="channels_last", kernels=os.environ.get("METAZOO_KERNELS", "auto"),
-                commit=args.commit or git_commit(), peak_bf16_tflops=peak_tflops(args.device))
+                commit=args.commit or git_commit(), peak_bf16_tflops=peak_tflops(args.device),
+                compile_ops_table=dict(COMPILE_OPS), compile_ops_env=os.environ.get(COMPILE_ENV_VAR))
     checks, rows = {}, []
     if args.check:
         for name in args.names:
@@ -535,10 +556,11 @@ def main(argv=None):
             if not applicable(name, impl):
                 print(f"skip {name} {impl}: no such implementation here", flush=True)
                 continue
-            row = run_one(name, impl, args, drop_path, flops)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            write(args.out, rows, checks, meta, args.stem)
+            for policy in compile_policies(impl, args.policies):
+                row = run_one(name, impl, args, drop_path, flops, policy)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                write(args.out, rows, checks, meta, args.stem)
     print(write(args.out, rows, checks, meta, args.stem))
 
 

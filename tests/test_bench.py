@@ -25,6 +25,8 @@ def test_bad_arguments_name_the_flag():
         bench.parse_args(["--impls", "ours_fast"])
     with pytest.raises(ValueError, match="--drop-path"):
         bench.parse_args(["--drop-path", "1.0"])
+    with pytest.raises(ValueError, match="--compile-ops"):
+        bench.parse_args(["--compile-ops", "custom,fused"])
 
 
 def test_train_flops_are_forward_plus_backward():
@@ -133,3 +135,34 @@ def test_official_mmpretrain_files_import_without_mmcv_mmengine_mmpretrain(tmp_p
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
     with pytest.raises(ValueError, match="norm_cfg"):
         official_mmpretrain.build_norm_layer(dict(type="BN"), 4)
+
+
+@pytest.mark.slow
+def test_compiled_rows_run_once_per_compile_policy(tmp_path):
+    """--compile-ops runs our compiled rows under each policy (the eager row once), labelled in the table."""
+    bench.main(["--device", "cpu", "--models", "poolformer_s12", "--impls", "ours_eager,ours_compile",
+                "--compile-ops", "custom,inductor", "--iters", "1", "--warmup", "0", "--infer-batch", "1",
+                "--train-batch", "1", "--size", "32", "--out", str(tmp_path), "--commit", "abc"])
+    d = json.loads((tmp_path / "models.json").read_text())
+    assert [(r["impl"], r["compile_ops"]) for r in d["rows"]] == [
+        ("ours_eager", None), ("ours_compile", "custom"), ("ours_compile", "inductor")]
+    table = (tmp_path / "models.md").read_text()
+    assert "| ours_compile [custom] |" in table and "| ours_compile [inductor] |" in table
+
+@pytest.mark.slow
+def test_compiled_kernel_mode_smoke_run(tmp_path):
+    """bench/kernels.py --compiled on CPU (Triton's interpreter, aot_eager): both sides of two ops timed
+    in both passes, JSON rows, the custom op agreeing with the reference, one table line per op."""
+    import os
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "kernels.py", "--compiled", "--tiny", "--device", "cpu", "--batch", "2",
+                    "--ops", "star_relu,scale_add", "--out", str(tmp_path)],
+                   cwd=Path(bench.__file__).parent, env=env, check=True, capture_output=True)
+    rows = json.loads((tmp_path / "kernels_compiled.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == ["scale_add", "star_relu"]
+    for r in rows:
+        assert all(r[f"{side}_{p}_ms"] > 0 for side in ("custom", "inductor") for p in ("fwd", "fwd_bwd"))
+        assert r["out_rel_err"] < 1e-2  # bf16 custom op vs bf16 reference
+    lines = (tmp_path / "kernels_compiled.md").read_text()
+    assert '"scale_add": "' in lines and '"star_relu": "' in lines
