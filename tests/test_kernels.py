@@ -695,8 +695,9 @@ def test_compile_ops_table_names_the_dispatchers():
     assert set(dispatch.COMPILE_OPS.values()) <= {"custom", "inductor"}
 
 
-def _compiled_ops(block, x, policy):
-    """(metazoo ops in the forward graph torch.compile traces, output, input gradient) under ``policy``."""
+def _compiled_ops(block, x, policy, seed=0):
+    """(metazoo ops in the forward graph torch.compile traces, output, input gradient) under ``policy``;
+    ``seed`` seeds the run's drop path masks."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -709,6 +710,7 @@ def _compiled_ops(block, x, policy):
     torch._dynamo.reset()  # a compiled graph keeps the policy it was traced with
     xi = x.clone().requires_grad_()
     with dispatch.compile_ops(policy), dispatch.use_backend("triton"):
+        torch.manual_seed(seed)
         y = torch.compile(block, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))(xi)
         y.sum().backward()
     torch._dynamo.reset()
@@ -735,6 +737,26 @@ def test_compile_policy_picks_the_path_per_op(monkeypatch):
     assert "dwconv_fwd" not in table and {"norm_residual_fwd", "act_linear_fwd"} <= table, table
     for y, g in ((y_c, g_c), (y_i, g_i), (y_t, g_t)):
         assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["poolformer_v2", "mambaout"])
+def test_compile_policies_draw_drop_path_masks_as_eager(family):
+    """Training with drop path under torch.compile: the custom ops' keep vector and the plain path's
+    DropPath draw the same masks as an eager run seeded alike (values and input gradients equal)."""
+    block, shape = _blocks(drop_path=0.5)[family]
+    block.train()
+    x = _rand(4, *shape[1:])
+    xe = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    with dispatch.use_backend("torch"):
+        want = block(xe)
+        want.sum().backward()
+    with torch.no_grad(), dispatch.use_backend("torch"):
+        assert not torch.allclose(block.eval()(x), want), "seed 7 dropped no branch"
+    block.train()
+    for policy in ("custom", "inductor"):
+        _, y, g = _compiled_ops(block, x, policy, seed=7)
+        assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5, policy
 
 
 def test_compile_policy_precedence_and_bad_values(monkeypatch):
