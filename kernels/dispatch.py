@@ -144,7 +144,7 @@ def _resolve(backend: str | None, on_cuda: bool) -> str:
 
 def dispatcher(ref):
     """Decorator of a kernel's public function (the one mixers call), given its reference ``ref``
-    (same signature, kept as ``.reference``). Eager and ``torch.compile`` calls run the function; the
+    (same signature). Eager and ``torch.compile`` calls run the function; the
     tracers that must see plain PyTorch never reach it, because every caller branches on
     ``torch.jit.is_scripting() or plain_pytorch("<op>")`` (:func:`plain_pytorch`):
 
@@ -161,11 +161,10 @@ def dispatcher(ref):
             lead = args[0] if args else kwargs.get(first)
             if isinstance(lead, torch.fx.Proxy):
                 raise RuntimeError(f"{fn.__name__} was called while torch.fx traces symbolically; its caller must "
-                                   f"take its plain PyTorch path: `if torch.jit.is_scripting() or "
-                                   f"plain_pytorch({fn.__name__!r}): ...`")
+                                   f"take its plain PyTorch path (the math of {ref.__name__}): `if "
+                                   f"torch.jit.is_scripting() or plain_pytorch({fn.__name__!r}): ...`")
             return fn(*args, **kwargs)
 
-        call.reference = ref
         return torch.jit.unused(call)
 
     return wrap
