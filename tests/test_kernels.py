@@ -764,6 +764,7 @@ def test_compile_policy_precedence_and_bad_values(monkeypatch):
     """Context over ``METAZOO_COMPILE_OPS`` over the table; unknown policies and ops raise ValueError
     naming the argument and the accepted values."""
     monkeypatch.setitem(dispatch.COMPILE_OPS, "star_relu", "inductor")
+    monkeypatch.setitem(dispatch.COMPILE_OPS, "dwconv2d", "custom")
     monkeypatch.delenv(dispatch.COMPILE_ENV_VAR, raising=False)
     assert dispatch.compile_policy("star_relu") == "inductor" and dispatch.compile_policy("dwconv2d") == "custom"
     monkeypatch.setenv(dispatch.COMPILE_ENV_VAR, "custom")
