@@ -187,23 +187,27 @@ def fx_tracing() -> bool:
 # path (the op's reference math), which inductor decomposes and fuses. A MetaFormer block's fused path
 # follows the entry of its lead op: pool_mixer (PoolFormer: + group_norm1 on the moments, scale_add),
 # norm_residual (ConvFormer/CAFormer: + scale_add), scale_add (one-group norm2: IdentityFormer,
-# RandFormer, RIFormer). Justify each entry with `bench/kernels.py --compiled` (fwd+bwd ms of the
-# compiled custom op / compiled reference, bf16 autocast, stage shapes) and the model rows of
-# `bench/models.py --compile-ops custom,inductor`. Numbers: bench/results/kernels_compiled.json (commit
-# 81d2227); ops without a --compiled case stay "custom" (the behaviour before the table existed).
+# RandFormer, RIFormer). An entry follows the whole-model measurement where one exists, else the op's own
+# (`bench/kernels.py --compiled`: fwd+bwd ms of the compiled custom op / compiled reference, bf16
+# autocast, stage shapes; bench/results/kernels_compiled.json). The two disagree for PoolFormer's ops:
+# alone, each is faster given to inductor, but poolformer_s12 under torch.compile(mode="reduce-overhead")
+# trains at 8345 img/s on 15.0 GPU ms per step with every op custom and at 6070 img/s on 20.8 ms with
+# every op given to inductor (2.49 vs 4.58 GiB; H100, bench/results/speed_poolformer_s12*.json), so
+# PoolFormer's four ops stay custom. Ops without a --compiled case stay "custom". Comments: the op alone,
+# compiled fwd+bwd ms, custom / inductor (H100, bf16, batch 128, summed over the op's cases).
 COMPILE_OPS = {
-    "act_linear": "inductor",  # compiled fwd+bwd ms custom / inductor: 1.978 / 1.281; fwd 0.235 / 0.234 (H100, bf16, b128, 1 case(s))
+    "act_linear": "custom",            # alone 1.978 / 1.281; PoolFormer-S12's step: custom (above)
     "aff_filter": "custom",            # not measured yet
     "aggregated_attention": "custom",  # not measured yet
-    "dwconv2d": "inductor",  # compiled fwd+bwd ms custom / inductor: 3.870 / 3.319; fwd 1.313 / 0.600 (H100, bf16, b128, 2 case(s))
-    "gated_dwconv_linear": "inductor",  # compiled fwd+bwd ms custom / inductor: 3.959 / 3.337; fwd 0.820 / 0.722 (H100, bf16, b128, 1 case(s))
-    "group_norm1": "inductor",  # compiled fwd+bwd ms custom / inductor: 1.518 / 1.182; fwd 0.329 / 0.250 (H100, bf16, b128, 1 case(s))
-    "layer_norm": "inductor",  # compiled fwd+bwd ms custom / inductor: 1.632 / 0.981; fwd 0.116 / 0.083 (H100, bf16, b128, 1 case(s))
-    "norm_residual": "inductor",  # compiled fwd+bwd ms custom / inductor: 2.681 / 2.065; fwd 0.239 / 0.156 (H100, bf16, b128, 2 case(s))
-    "pool_mixer": "inductor",  # compiled fwd+bwd ms custom / inductor: 1.914 / 1.307; fwd 0.551 / 0.339 (H100, bf16, b128, 1 case(s))
-    "scale_add": "inductor",  # compiled fwd+bwd ms custom / inductor: 1.538 / 0.759; fwd 0.313 / 0.074 (H100, bf16, b128, 1 case(s))
+    "dwconv2d": "inductor",            # alone 3.870 / 3.319
+    "gated_dwconv_linear": "inductor", # alone 3.959 / 3.337
+    "group_norm1": "custom",           # alone 1.518 / 1.182; PoolFormer-S12's step: custom (above)
+    "layer_norm": "inductor",          # alone 1.632 / 0.981
+    "norm_residual": "inductor",       # alone 2.681 / 2.065
+    "pool_mixer": "custom",            # alone 1.914 / 1.307; PoolFormer-S12's step: custom (above)
+    "scale_add": "custom",             # alone 1.538 / 0.759; PoolFormer-S12's step: custom (above)
     "selective_scan": "custom",        # not measured yet
-    "star_relu": "inductor",  # compiled fwd+bwd ms custom / inductor: 1.302 / 0.714; fwd 0.151 / 0.211 (H100, bf16, b128, 1 case(s))
+    "star_relu": "inductor",           # alone 1.302 / 0.714
 }
 COMPILE_POLICIES = ("custom", "inductor", "table")
 COMPILE_ENV_VAR = "METAZOO_COMPILE_OPS"
