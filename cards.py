@@ -191,7 +191,10 @@ def _rows_models(d: dict) -> list[dict]:
     roles = {"ours_eager": "ours", "ours_compile": "ours", "ours_compile_ro": "ours", "timm_eager": "anchor",
              "timm_compile": "anchor", "timm_compile_ro": "anchor", "official_eager": "anchor",
              "official_compile": "anchor", "ours_deploy_eager": "ours", "ours_deploy_compile": "ours"}
-    return [_row(f"mz_{r['model']}", r["impl"], roles.get(r["impl"], "other"), r.get("infer_img_s"),
+    def path(r: dict) -> str:  # our compiled rows name the COMPILE_OPS policy they were traced under
+        return r["impl"] + (f" [{r['compile_ops']}]" if r.get("compile_ops") in ("custom", "inductor") else "")
+
+    return [_row(f"mz_{r['model']}", path(r), roles.get(r["impl"], "other"), r.get("infer_img_s"),
                  r.get("train_img_s"), r.get("train_peak_gib")) for r in d.get("rows", [])]
 
 
@@ -247,7 +250,8 @@ def _meta(d: dict) -> dict:
     runs = m.get("runs") if isinstance(m.get("runs"), list) else [m]
     pick = lambda k: next((r.get(k) for r in runs if isinstance(r, dict) and r.get(k) is not None), None)  # noqa: E731
     args = d.get("args", {}) if isinstance(d.get("args"), dict) else {}
-    first = next((r for r in d.get("models", []) if isinstance(r, dict)), {}) if isinstance(d.get("models"), list) else {}
+    listed = d.get("models") if isinstance(d.get("models"), list) else d.get("rows") if isinstance(d.get("rows"), list) else []
+    first = next((r for r in listed if isinstance(r, dict)), {})
     return dict(device=pick("device") or d.get("device"), torch=pick("torch") or d.get("torch"),
                 date=pick("date") or d.get("date") or d.get("started"), dtype=pick("dtype") or "bf16 autocast",
                 infer_batch=pick("infer_batch") or d.get("infer_batch") or args.get("infer_batch") or first.get("infer_batch"),
