@@ -8,6 +8,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The apps the end-to-end tests start inherit this: at torch's default (one thread per core) two such
+# processes under `-n 2` spin-wait against each other, ~5x the CPU time per training step.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -24,6 +27,11 @@ sys.modules.setdefault(Path(metazoo.__file__).resolve().parent.name, metazoo)
 
 # two xdist workers on two cores: one intra-op thread each avoids oversubscription
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Run the slow end-to-end tests first: under xdist none of them is left running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
