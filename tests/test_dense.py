@@ -399,11 +399,12 @@ def test_dense_bench_summarizes_mmengine_logs(tmp_path):
 
 
 def test_dense_bench_command_runs_both_tasks(tmp_path):
-    """The kernels on/off tool drives the real Hydra apps (here the reference kernels, 4 iterations)."""
+    """The kernels on/off tool drives the real Hydra apps (here the reference kernels, 4 iterations on
+    shapes sets of 8 train / 4 val images: the overrides reach both apps)."""
     env = dict(os.environ, WANDB_MODE="disabled")
     out = subprocess.run([sys.executable, "-m", "metazoo.bench.dense_bench", "--out", str(tmp_path),
-                          "--backends", "torch", "--iters", "4"], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
+                          "--backends", "torch", "--iters", "4", "data.train_images=8", "data.val_images=4"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = json.loads((tmp_path / "dense_bench.json").read_text())["runs"]
     assert set(runs) == {"detect/torch", "segment/torch"}
