@@ -368,11 +368,12 @@ def _run_app(module: str, tmp_path: Path) -> dict:
     return json.loads(out.stdout[start:])["metrics"]
 
 
-# The two default commands, exactly as the README runs them (~5 and ~3 min on 2 cores).
+# The two default commands, exactly as the README runs them (one thread each under -n 2, see conftest).
 @pytest.mark.slow
 def test_default_detect_command_reaches_box_ap50(tmp_path):
     metrics = _run_app("metazoo.train.detect", tmp_path)
-    assert metrics["coco/bbox_mAP_50"] >= 0.5, metrics
+    # untrained: ~0; the default measured 0.53 and 0.59 in runs differing only in float rounding
+    assert metrics["coco/bbox_mAP_50"] >= 0.4, metrics
 
 
 @pytest.mark.slow
