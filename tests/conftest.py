@@ -29,6 +29,13 @@ sys.modules.setdefault(Path(metazoo.__file__).resolve().parent.name, metazoo)
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """Under xdist, hand tests out one at a time (two queued per worker) rather than a quarter of the
+    suite per worker up front, so that the slow tests (collected first, below) spread over the workers."""
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("maxschedchunk", None) is None:
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(items):
     """Run the slow end-to-end tests first: under xdist none of them is left running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
