@@ -3,9 +3,9 @@
 Family file: variant table, official checkpoint handling, timm registration. Module and parameter
 names equal the official ``classification/transnext.py`` so its ``.pth`` files load with
 ``strict=True`` (only the ``model`` wrapper is removed). Runs at any input size >= 32: the
-position-bias tables are rebuilt (cached) for the actual feature size; at the construction size
-they equal the official buffers, kept here as non-persistent buffers so compiled graphs need no
-table look-up.
+position-bias tables are built from the actual feature size (integer arithmetic on the sizes, so
+TorchScript, torch.fx, torch.export and ONNX trace them); at the construction size they equal the
+official buffers, kept here as non-persistent buffers.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from timm.models import generate_default_cfgs
 from timm.models._manipulate import checkpoint
 
 from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention, relative_position_table
-from metazoo.kernels.dispatch import fx_tracing
 from metazoo.mixers.convglu import ConvGLU
 
 from ._common import (build, check_global_pool, check_in_chans, check_input_size, like_model, register_family,
@@ -66,7 +65,6 @@ def recompute_parts(recompute) -> frozenset:
     return frozenset(parts)
 
 
-@register_notrace_module  # timm's FX tracer keeps blocks whole: their sizes come from the input
 class TransNeXtBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))``, then ``x + ConvGLU(norm2(x))``."""
 
@@ -84,10 +82,43 @@ class TransNeXtBlock(nn.Module):
         self.mlp = ConvGLU(dim, int(dim * mlp_ratio), drop=proj_drop, recompute_gate="gate" in recompute)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, height: int, width: int, rel_pos) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, rel_pos: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: (B, N, C) tokens -> (B, N, C)."""
         x = x + self.drop_path(self.attn(self.norm1(x), height, width, rel_pos))
         return x + self.drop_path(self.mlp(self.norm2(x), height, width))
+
+
+@register_notrace_module  # timm's FX tracer keeps a stage whole: its tables and sizes come from the input
+class TransNeXtStage(nn.ModuleList):
+    """The blocks of one stage (``block<i>.<j>``, the official names) and the stage's position tables:
+    non-persistent buffers at the construction size ``hw`` (the official layout keeps them out of state
+    dicts), built from the map size at any other size."""
+
+    def __init__(self, blocks: list[TransNeXtBlock], hw: tuple[int, int], pretrain_hw: tuple[int, int]):
+        super().__init__(blocks)
+        self.buffer_hw, self.pretrain_hw = tuple(hw), tuple(pretrain_hw)
+        index, table = relative_position_table(self.buffer_hw, blocks[0].attn.key_grid(*hw), self.pretrain_hw,
+                                               torch.device("cpu"))
+        device = torch.get_default_device()
+        self.register_buffer("relative_pos_index", index.to(device, copy=True), persistent=False)
+        self.register_buffer("relative_coords_table", table.to(device, copy=True), persistent=False)
+
+    def position_tables(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, coordinate table) of :func:`relative_position_table` for a ``height×width`` map."""
+        if height == self.buffer_hw[0] and width == self.buffer_hw[1]:
+            return self.relative_pos_index, self.relative_coords_table
+        return relative_position_table((height, width), self[0].attn.key_grid(height, width), self.pretrain_hw,
+                                       self.relative_coords_table.device)
+
+    def forward(self, x: torch.Tensor, height: int, width: int, grad_checkpointing: bool = False) -> torch.Tensor:
+        """x: (B, N, C) tokens of a row-major ``height×width`` map -> (B, N, C)."""
+        rel_pos = self.position_tables(height, width)
+        for blk in self:
+            if grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, height, width, rel_pos)
+            else:
+                x = blk(x, height, width, rel_pos)
+        return x
 
 
 class TransNeXt(TimmBackboneMixin, nn.Module):
@@ -130,22 +161,14 @@ class TransNeXt(TimmBackboneMixin, nn.Module):
         for i in range(NUM_STAGES):
             embed = OverlapPatchEmbed(in_chans if i == 0 else embed_dims[i - 1], embed_dims[i],
                                       patch_size=7 if i == 0 else 3, stride=4 if i == 0 else 2)
-            blocks = nn.ModuleList([
-                TransNeXtBlock(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], window_sizes[i],
-                               self.pretrain_hw[i], drop_path=dpr[sum(depths[:i]) + j], proj_drop=proj_drop_rate,
-                               backend=backend, recompute=recompute)
-                for j in range(depths[i])])
+            blocks = [TransNeXtBlock(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], window_sizes[i],
+                                     self.pretrain_hw[i], drop_path=dpr[sum(depths[:i]) + j], proj_drop=proj_drop_rate,
+                                     backend=backend, recompute=recompute)
+                      for j in range(depths[i])]
             setattr(self, f"patch_embed{i + 1}", embed)
-            setattr(self, f"block{i + 1}", blocks)
+            setattr(self, f"block{i + 1}", TransNeXtStage(blocks, (img_size // 2 ** (i + 2),) * 2, self.pretrain_hw[i]))
             setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f"block{i + 1}"))
-            # tables at the construction size, as buffers (the official layout keeps them out of state dicts)
-            hw = (img_size // 2 ** (i + 2),) * 2
-            index, table = relative_position_table(hw, blocks[0].attn.key_grid(*hw), self.pretrain_hw[i], "cpu")
-            device = torch.get_default_device()
-            self.register_buffer(f"relative_pos_index{i + 1}", index.to(device, copy=True), persistent=False)
-            self.register_buffer(f"relative_coords_table{i + 1}", table.to(device, copy=True), persistent=False)
-        self._buffer_hw = [(img_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -183,13 +206,33 @@ class TransNeXt(TimmBackboneMixin, nn.Module):
         return self.num_stages
 
     def _forward_stages(self, x: torch.Tensor, last: int, take: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """NCHW image -> NCHW output of stage ``last`` (after its LayerNorm), plus the stages in ``take``."""
-        check_input_size(x, MIN_INPUT)
-        tables = self._position_tables(x.shape[-2], x.shape[-1])
-        taken = []
-        for i in range(last + 1):
-            x = self._stage(i, x, tables[i])
-            if i in take:
+        """NCHW image -> NCHW output of stage ``last`` (after its LayerNorm), plus the stages in ``take``.
+
+        Stages are named by literals, one ``if`` each: TorchScript reaches attributes by literal names
+        only, and decides ``hasattr`` when compiling (stages removed by pruning are skipped).
+        """
+        if not torch.jit.is_scripting():  # a global int is no TorchScript constant
+            check_input_size(x, MIN_INPUT)
+        taken: list[torch.Tensor] = []
+        if hasattr(self, "block1") and last >= 0:
+            t, h, w = self.patch_embed1(x)
+            x = _to_map(self.norm1(self.block1(t, h, w, self.grad_checkpointing)), h, w)
+            if 0 in take:
+                taken.append(x)
+        if hasattr(self, "block2") and last >= 1:
+            t, h, w = self.patch_embed2(x)
+            x = _to_map(self.norm2(self.block2(t, h, w, self.grad_checkpointing)), h, w)
+            if 1 in take:
+                taken.append(x)
+        if hasattr(self, "block3") and last >= 2:
+            t, h, w = self.patch_embed3(x)
+            x = _to_map(self.norm3(self.block3(t, h, w, self.grad_checkpointing)), h, w)
+            if 2 in take:
+                taken.append(x)
+        if hasattr(self, "block4") and last >= 3:
+            t, h, w = self.patch_embed4(x)
+            x = _to_map(self.norm4(self.block4(t, h, w, self.grad_checkpointing)), h, w)
+            if 3 in take:
                 taken.append(x)
         return x, taken
 
@@ -199,46 +242,11 @@ class TransNeXt(TimmBackboneMixin, nn.Module):
                 delattr(self, name)
         self.num_stages = n
 
-    # --- forward --------------------------------------------------------------------------------
-    def _stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Feature sizes of the stages for an ``height×width`` input (the patch embeds' conv arithmetic)."""
-        sizes = []
-        for i in range(self.num_stages):
-            conv = getattr(self, f"patch_embed{i + 1}").proj
-            k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-            height, width = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
-            sizes.append((height, width))
-        return sizes
 
-    def _position_tables(self, height: int, width: int) -> list:
-        """Every stage's position tables for an ``height×width`` input: the buffers at the construction
-        size, else computed (cached) in one call, so torch.compile breaks the graph once per forward, not
-        once per stage (per-stage breaks recompiled the stage code with symbolic sizes). While torch.fx
-        traces (symbolic sizes), None: each block computes its tables from the sizes it is run at."""
-        if fx_tracing():
-            return [None] * self.num_stages
-        sizes = self._stage_sizes(height, width)
-        if sizes == self._buffer_hw:
-            return [(getattr(self, f"relative_pos_index{i + 1}"), getattr(self, f"relative_coords_table{i + 1}"))
-                    for i in range(self.num_stages)]
-        return self._computed_tables(sizes)
 
-    @torch.compiler.disable
-    def _computed_tables(self, sizes: list[tuple[int, int]]) -> list:
-        device = self.relative_coords_table1.device
-        return [relative_position_table(hw, getattr(self, f"block{i + 1}")[0].attn.key_grid(*hw), self.pretrain_hw[i],
-                                        device) for i, hw in enumerate(sizes)]
-
-    def _stage(self, i: int, x: torch.Tensor, rel_pos) -> torch.Tensor:
-        """NCHW in -> NCHW out (after the stage's LayerNorm); ``rel_pos``: this stage's position tables."""
-        x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
-        for blk in getattr(self, f"block{i + 1}"):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, H, W, rel_pos)
-            else:
-                x = blk(x, H, W, rel_pos)
-        x = getattr(self, f"norm{i + 1}")(x)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+def _to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, C) row-major tokens -> (B, C, height, width)."""
+    return x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
 
 
 def checkpoint_filter_fn(state_dict, model: TransNeXt):

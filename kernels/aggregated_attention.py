@@ -33,11 +33,13 @@ _EPS = 1e-12  # F.normalize's default clamp on the norm
 
 # ----------------------------------------------------------------------------- input checks
 
-def _check(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token_bias,
-           height, width, num_heads, window_size):
+def _check(q: Tensor, kv: Tensor, kv_pool: Tensor, query_embedding: Tensor, local_bias: Tensor, pool_bias: Tensor,
+           tokens: Tensor, token_bias: Tensor, height: int, width: int, num_heads: int,
+           window_size: int) -> tuple[int, int, int, int, int, int]:
+    """Shapes -> (B, N, C, D, P, k²); plain enough for TorchScript (the reference runs in scripted models)."""
     if q.dim() != 3:
-        raise ValueError(f"q must be (B, N, C); got shape {tuple(q.shape)}")
-    B, N, C = q.shape
+        raise ValueError(f"q must be (B, N, C); got shape {list(q.shape)}")
+    B, N, C = q.shape[0], q.shape[1], q.shape[2]
     if height * width != N or height < 1 or width < 1:
         raise ValueError(f"height*width must equal N={N}; got height={height}, width={width}")
     if num_heads < 1 or C % num_heads:
@@ -45,24 +47,24 @@ def _check(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens, token
     if window_size < 1 or window_size % 2 == 0:
         raise ValueError(f"window_size must be a positive odd integer; got {window_size}")
     D, KK = C // num_heads, window_size * window_size
-    if tuple(kv.shape) != (B, N, 2 * C):
-        raise ValueError(f"kv must be (B, N, 2C)={(B, N, 2 * C)}; got {tuple(kv.shape)}")
+    if list(kv.shape) != [B, N, 2 * C]:
+        raise ValueError(f"kv must be (B, N, 2C)={[B, N, 2 * C]}; got {list(kv.shape)}")
     if kv_pool.dim() != 3 or kv_pool.shape[0] != B or kv_pool.shape[2] != 2 * C or kv_pool.shape[1] < 1:
-        raise ValueError(f"kv_pool must be (B, P, 2C) with P >= 1; got {tuple(kv_pool.shape)}")
+        raise ValueError(f"kv_pool must be (B, P, 2C) with P >= 1; got {list(kv_pool.shape)}")
     P = kv_pool.shape[1]
-    expected = {"query_embedding": (num_heads, D), "local_bias": (num_heads, KK),
-                "pool_bias": (num_heads, N, P), "tokens": (num_heads, D, KK), "token_bias": (num_heads, KK)}
+    expected = {"query_embedding": [num_heads, D], "local_bias": [num_heads, KK],
+                "pool_bias": [num_heads, N, P], "tokens": [num_heads, D, KK], "token_bias": [num_heads, KK]}
     got = {"query_embedding": query_embedding, "local_bias": local_bias, "pool_bias": pool_bias,
            "tokens": tokens, "token_bias": token_bias}
     for name, shape in expected.items():
-        if tuple(got[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}; got {tuple(got[name].shape)}")
+        if list(got[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {list(got[name].shape)}")
     return B, N, C, D, P, KK
 
 
 # ----------------------------------------------------------------------------- reference
 
-def _window_length_scale(height, width, window_size, pool_len, device):
+def _window_length_scale(height: int, width: int, window_size: int, pool_len: int, device: torch.device) -> Tensor:
     """log(#in-map window keys + pooled keys) per query: TransNeXt's length-aware scale, (N,)."""
     ones = torch.ones(1, 1, height, width, device=device)
     count = F.avg_pool2d(ones, window_size, stride=1, padding=window_size // 2,
@@ -70,18 +72,21 @@ def _window_length_scale(height, width, window_size, pool_len, device):
     return torch.log(count.round().flatten() + pool_len)
 
 
-def _window_gather(t, height, width, window_size):
+def _window_gather(t: Tensor, height: int, width: int, window_size: int) -> Tensor:
     """(B, N, X) -> (B, N, k², X): the k×k neighbours of each token, zeros outside the map."""
     B, N, X = t.shape
     r = window_size // 2
     padded = F.pad(t.reshape(B, height, width, X), (0, 0, r, r, r, r))
-    shifts = [padded[:, dy:dy + height, dx:dx + width] for dy in range(window_size) for dx in range(window_size)]
-    return torch.stack(shifts, dim=3).reshape(B, N, window_size * window_size, X)
+    kk = window_size * window_size
+    shifts = [padded[:, j // window_size:j // window_size + height, j % window_size:j % window_size + width]
+              for j in range(kk)]
+    return torch.stack(shifts, dim=3).reshape(B, N, kk, X)
 
 
-def aggregated_attention_ref(q, kv, kv_pool, query_embedding, temperature, local_bias, pool_bias, tokens,
-                             token_bias, height: int, width: int, num_heads: int, window_size: int = 3,
-                             backend: str | None = None):
+def aggregated_attention_ref(q: Tensor, kv: Tensor, kv_pool: Tensor, query_embedding: Tensor, temperature: Tensor,
+                             local_bias: Tensor, pool_bias: Tensor, tokens: Tensor, token_bias: Tensor, height: int,
+                             width: int, num_heads: int, window_size: int = 3,
+                             backend: str | None = None) -> Tensor:
     """Plain PyTorch aggregated attention. q (B, N, C), kv (B, N, 2C), kv_pool (B, P, 2C) -> (B, N, C)."""
     B, N, C, D, P, KK = _check(q, kv, kv_pool, query_embedding, local_bias, pool_bias, tokens,
                                token_bias, height, width, num_heads, window_size)

@@ -20,7 +20,9 @@ class Affine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW."""
-        return torch.addcmul(self.affine.bias.view(-1, 1, 1), x, self.affine.weight.view(-1, 1, 1) - 1)
+        bias = self.affine.bias
+        assert bias is not None  # built with bias=True; TorchScript types a conv's bias as Optional
+        return torch.addcmul(bias.view(-1, 1, 1), x, self.affine.weight.view(-1, 1, 1) - 1)
 
     def fold_into_norm(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Affine of ``norm(x; weight, bias)`` followed by this mixer (differentiable in all four)."""

@@ -3,7 +3,7 @@
 Both use L2-normalised queries and keys, a learned query embedding, a softplus temperature times a
 log-length scale, and a continuous relative-position bias from a small MLP over log-spaced
 coordinates. Parameter names follow the official implementation so its checkpoints load as-is.
-Resolution-dependent tables are rebuilt for the actual feature size (cached), so any input size runs.
+Resolution-dependent tables are built from the actual feature size, so any input size runs.
 """
 from __future__ import annotations
 
@@ -27,41 +27,51 @@ def pool_size(height: int, width: int, sr_ratio: int) -> tuple[int, int]:
     return max(1, height // sr_ratio), max(1, width // sr_ratio)
 
 
-@functools.lru_cache(maxsize=32)
-def _relative_position_table_cpu(query_hw, key_hw, pretrain_hw):
-    axes_q, axes_k = [], []
-    for q_len, k_len in zip(query_hw, key_hw):
-        axis = torch.arange(q_len, dtype=torch.float32, device="cpu")
-        axes_q.append(axis)
-        axes_k.append(F.adaptive_avg_pool1d(axis[None], k_len)[0])  # pooled-key centres
-    qh, qw = (t.reshape(-1) for t in torch.meshgrid(*axes_q, indexing="ij"))
-    kh, kw = (t.reshape(-1) for t in torch.meshgrid(*axes_k, indexing="ij"))
-    rel = torch.stack([(qh[:, None] - kh[None, :]) / (pretrain_hw[0] - 1) * 8,
-                       (qw[:, None] - kw[None, :]) / (pretrain_hw[1] - 1) * 8], dim=-1).reshape(-1, 2)
-    table, index = torch.unique(rel, return_inverse=True, dim=0)
-    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-    return index.reshape(-1), table
+def _axis_offsets(length: int, keys: int) -> tuple[list[int], list[int]]:
+    """One axis of the position table, in integer arithmetic on the sizes only (so TorchScript, torch.fx,
+    torch.export and ONNX see no data-dependent shapes): the doubled offsets ``2·(query - key centre)``
+    that occur, ascending, and for every (query, key) pair, row-major, its slot among them. Key centres
+    are those of adaptive average pooling, ``(start + end - 1) / 2`` of each pooling bin."""
+    lo = 2 * (length - 1)  # |doubled offset| <= 2·(length - 1)
+    doubled: list[int] = []
+    for q in range(length):
+        for k in range(keys):
+            doubled.append(2 * q - (k * length) // keys - ((k + 1) * length + keys - 1) // keys + 1)
+    slot = [-1] * (2 * lo + 1)
+    for d in doubled:
+        slot[d + lo] = 0
+    values: list[int] = []
+    for s in range(len(slot)):
+        if slot[s] == 0:
+            slot[s] = len(values)
+            values.append(s - lo)
+    return values, [slot[d + lo] for d in doubled]
 
 
-_DEVICE_CACHE: dict = {}
+_axis_offsets_cached = functools.lru_cache(maxsize=64)(_axis_offsets)  # Python ints only: safe under any tracer
 
 
-@torch.compiler.disable
-def relative_position_table(query_hw, key_hw, pretrain_hw, device) -> tuple[torch.Tensor, torch.Tensor]:
+def relative_position_table(query_hw: tuple[int, int], key_hw: tuple[int, int], pretrain_hw: tuple[int, int],
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(index (Nq*Nk,), log-spaced coordinate table (U, 2)) for the continuous position bias.
 
     Coordinates are query minus pooled-key centre, scaled so ``pretrain_hw`` spans ±8, then
-    sign·log2(1+|x|)/3. Small LRU cache per (sizes, device).
+    sign·log2(1+|x|)/3; the table holds each distinct coordinate once, sorted (the official
+    ``torch.unique`` table, bit for bit). It is the product of the two axes' distinct offsets, so it is
+    built from the sizes alone: no ``torch.unique``, static shapes for every tracer and exporter.
     """
-    key = (tuple(query_hw), tuple(key_hw), tuple(pretrain_hw), str(device))
-    hit = _DEVICE_CACHE.get(key)
-    if hit is None:
-        index, table = _relative_position_table_cpu(*key[:3])
-        hit = (index.to(device), table.to(device))
-        if len(_DEVICE_CACHE) >= 32:
-            _DEVICE_CACHE.pop(next(iter(_DEVICE_CACHE)))
-        _DEVICE_CACHE[key] = hit
-    return hit
+    if torch.jit.is_scripting():
+        rows, row_slot = _axis_offsets(query_hw[0], key_hw[0])
+        cols, col_slot = _axis_offsets(query_hw[1], key_hw[1])
+    else:
+        rows, row_slot = _axis_offsets_cached(query_hw[0], key_hw[0])
+        cols, col_slot = _axis_offsets_cached(query_hw[1], key_hw[1])
+    index = (torch.tensor(row_slot, device=device).view(query_hw[0], 1, key_hw[0], 1) * len(cols)
+             + torch.tensor(col_slot, device=device).view(1, query_hw[1], 1, key_hw[1])).reshape(-1)
+    dh = torch.tensor(rows, dtype=torch.float32, device=device) * 0.5 / (pretrain_hw[0] - 1) * 8
+    dw = torch.tensor(cols, dtype=torch.float32, device=device) * 0.5 / (pretrain_hw[1] - 1) * 8
+    coords = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).reshape(-1, 2)
+    return index, torch.sign(coords) * torch.log2(coords.abs() + 1.0) / 3.0  # log2(8) = 3
 
 
 class _ScaledCosineMixin(nn.Module):
@@ -79,10 +89,12 @@ class _ScaledCosineMixin(nn.Module):
         self.cpb_act = nn.ReLU(inplace=True)
         self.cpb_fc2 = nn.Linear(512, num_heads)
 
-    def _position_bias(self, query_hw, key_hw, rel_pos, device) -> torch.Tensor:
+    def _position_bias(self, query_hw: tuple[int, int], key_hw: tuple[int, int],
+                       rel_pos: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device) -> torch.Tensor:
         """(heads, Nq, Nk) continuous relative-position bias; ``rel_pos`` = (index, table) or None."""
-        index, table = rel_pos if rel_pos is not None else relative_position_table(
-            query_hw, key_hw, self.pretrain_hw, device)
+        if rel_pos is None:
+            rel_pos = relative_position_table(query_hw, key_hw, self.pretrain_hw, device)
+        index, table = rel_pos
         per_coord = self.cpb_fc2(self.cpb_act(self.cpb_fc1(table)))  # (U, heads)
         nq, nk = query_hw[0] * query_hw[1], key_hw[0] * key_hw[1]
         return per_coord.t()[:, index].reshape(self.num_heads, nq, nk)
@@ -134,23 +146,26 @@ class AggregatedAttention(_ScaledCosineMixin):
         """Pooled-key grid this mixer uses on a ``height×width`` map."""
         return pool_size(height, width, self.sr_ratio)
 
-    def forward(self, x: torch.Tensor, height: int, width: int, rel_pos=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int,
+                rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, N, C) tokens of a row-major ``height×width`` map -> (B, N, C).
 
         ``rel_pos``: precomputed :func:`relative_position_table` for this map (shared by a stage).
         """
-        if self.recompute_pool and torch.is_grad_enabled() and x.requires_grad:
+        if not torch.jit.is_scripting() and self.recompute_pool and torch.is_grad_enabled() and x.requires_grad:
             pooled = checkpoint(self.pooled_tokens, x, height, width, use_reentrant=False)
         else:
             pooled = self.pooled_tokens(x, height, width)
         kv_pool = self.kv(pooled)
         pool_bias = self._position_bias((height, width), self.key_grid(height, width), rel_pos, x.device)
         h = self.num_heads
-        attend = aggregated_attention_ref if plain_pytorch("aggregated_attention") else aggregated_attention
-        out = attend(
-            self.q(x), self.kv(x), kv_pool, self.query_embedding.reshape(h, self.head_dim),
-            self.temperature.reshape(h), self.relative_pos_bias_local, pool_bias, self.learnable_tokens,
-            self.learnable_bias.reshape(h, -1), height, width, h, self.window_size, backend=self.backend)
+        args = (self.q(x), self.kv(x), kv_pool, self.query_embedding.reshape(h, self.head_dim),
+                self.temperature.reshape(h), self.relative_pos_bias_local, pool_bias, self.learnable_tokens,
+                self.learnable_bias.reshape(h, -1))
+        if torch.jit.is_scripting() or plain_pytorch("aggregated_attention"):
+            out = aggregated_attention_ref(*args, height, width, h, self.window_size)
+        else:
+            out = aggregated_attention(*args, height, width, h, self.window_size, backend=self.backend)
         return self.proj_drop(self.proj(out))
 
 
@@ -168,17 +183,21 @@ class LengthScaledAttention(_ScaledCosineMixin):
         """Every token is a key: the key grid is the map itself."""
         return height, width
 
-    def forward(self, x: torch.Tensor, height: int, width: int, rel_pos=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int,
+                rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, N, C) tokens of a row-major ``height×width`` map -> (B, N, C).
 
         ``rel_pos``: precomputed :func:`relative_position_table` for this map (shared by a stage).
         """
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         scale = F.softplus(self.temperature) * math.log(N)
         q = (F.normalize(q, dim=-1) + self.query_embedding) * scale
         bias = self._position_bias((height, width), (height, width), rel_pos, x.device)
         k = F.normalize(k, dim=-1)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
                                              attn_mask=bias.to(q.dtype).expand(B, -1, -1, -1), scale=1.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C).to(x.dtype)))
+        # a copy, never a view: CPU SDPA returns (B, N, h, D)-strided output, so export would record a view
+        # that the ONNX exporter's SDPA decomposition (contiguous (B, h, N, D) output) cannot take
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        return self.proj_drop(self.proj(out.reshape(B, N, C).to(x.dtype)))

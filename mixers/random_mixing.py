@@ -14,9 +14,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 
+@register_notrace_module  # timm's FX tracer keeps the mixer whole: the matrix it uses depends on the grid size
 class RandomMixing(nn.Module):
     """``out[:, :, m] = sum_n M[m, n] x[:, :, n]`` over the flattened H*W tokens of an NCHW map."""
 

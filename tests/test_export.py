@@ -4,12 +4,13 @@ import pytest
 import timm
 import torch
 
-SMALL = ["mz_poolformer_s12", "mz_convformer_s18", "mz_caformer_s18", "mz_mambaout_femto",
-         "mz_transnext_micro", "mz_affnet_et", "mz_vim2_t"]
-# TransNeXt exports at its construction size (position tables are buffers there; other sizes build
-# them with torch.unique, which export cannot trace). Its ONNX export still fails: the exporter's
-# decomposition of the last stage's SDPA changes the output strides and a recorded view breaks.
-ONNX = [n for n in SMALL if n != "mz_transnext_micro"]
+SMALL = ["mz_poolformer_s12", "mz_poolformerv2_s12", "mz_convformer_s18", "mz_caformer_s18", "mz_mambaout_femto",
+         "mz_identityformer_s12", "mz_randformer_s12", "mz_riformer_s12", "mz_transnext_micro", "mz_affnet_et",
+         "mz_vim2_t"]
+# 224 px for every family; odd sizes where padding or size-dependent tables matter: ConvFormer at 100 px
+# (maps of 25/13/7/4), TransNeXt at 100 px (position tables and pooled keys built for 25x25 .. 4x4 maps,
+# not the construction-size buffers)
+ONNX_CASES = [(n, 224) for n in SMALL] + [("mz_convformer_s18", 100), ("mz_transnext_micro", 100)]
 
 
 def _model(name):
@@ -20,26 +21,22 @@ def _model(name):
 @pytest.mark.parametrize("name", SMALL)
 def test_torch_export(name):
     model = _model(name)
-    size = 224 if name == "mz_transnext_micro" else 64
-    x = torch.randn(1, 3, size, size)
+    x = torch.randn(1, 3, 64, 64)
     program = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ONNX)
-def test_onnx_export_matches_pytorch(name, tmp_path):
-    """224 px, and an odd size (ConvFormer, 100 px: maps of 25/13/7/4) where padding matters."""
+@pytest.mark.parametrize("name,size", ONNX_CASES)
+def test_onnx_export_matches_pytorch(name, size, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = _model(name)
-    sizes = (224, 100) if name == "mz_convformer_s18" else (224,)
-    for size in sizes:
-        x = torch.randn(1, 3, size, size)
-        path = tmp_path / f"{name}_{size}.onnx"
-        torch.onnx.export(model, (x,), dynamo=True).save(str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-        with torch.no_grad():
-            want = model(x)
-        torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=1e-4)
+    x = torch.randn(1, 3, size, size)
+    path = tmp_path / f"{name}_{size}.onnx"
+    torch.onnx.export(model, (x,), dynamo=True).save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=1e-4)

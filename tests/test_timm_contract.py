@@ -15,10 +15,8 @@ from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 SMALL = ["mz_poolformer_s12", "mz_poolformerv2_s12", "mz_convformer_s18", "mz_caformer_s18", "mz_mambaout_femto",
-         "mz_transnext_micro", "mz_affnet_et", "mz_vim2_t"]
-# TransNeXt is not scriptable: its stages are reached by name (getattr) and its position tables are
-# cached per input size in Python; TorchScript supports neither.
-SCRIPTABLE = [n for n in SMALL if n != "mz_transnext_micro"]
+         "mz_identityformer_s12", "mz_randformer_s12", "mz_riformer_s12", "mz_transnext_micro", "mz_affnet_et",
+         "mz_vim2_t"]
 SIZE = 64
 
 
@@ -40,7 +38,7 @@ def _fx(model):
                                     eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kw)
 
 
-@pytest.mark.parametrize("name", SCRIPTABLE)
+@pytest.mark.parametrize("name", SMALL)
 def test_torchscript_matches_eager(name):
     model, twin = _pair(name)
     scripted = torch.jit.script(twin)

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import metazoo  # noqa: F401  (registers the models)
 from metazoo.backbones.transnext import TransNeXt
 from metazoo.kernels.aggregated_attention import aggregated_attention, aggregated_attention_ref
-from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention
+from metazoo.mixers.aggregated_attention import AggregatedAttention, LengthScaledAttention, relative_position_table
 
 
 def rel_err(a, b):
@@ -245,9 +245,8 @@ def test_model_at_224_and_odd_size_kernel_matches_reference(micro):
         with use_backend("triton"):
             out_odd = micro(odd)
         assert rel_err(out_odd, ref_odd) < 1e-4
-        # tables recomputed for 97x131 (not the construction size), cached for the next call
-        assert micro._stage_sizes(97, 131) == [(25, 33), (13, 17), (7, 9), (4, 5)]
-        assert micro._position_tables(97, 131)[0][0].numel() == 25 * 33 * 3 * 4
+        # tables built for stage 1's 25x33 map (not the construction size) and its 3x4 pooled keys
+        assert micro.block1.position_tables(25, 33)[0].numel() == 25 * 33 * 3 * 4
 
 
 def test_odd_size_backward_kernel_matches_reference():
@@ -324,12 +323,38 @@ def test_recompute_parts():
         timm.create_model("mz_transnext_micro", recompute="everything")
 
 
-def test_compiled_graph_breaks_once_for_the_position_tables():
-    """Under torch.compile the tables of another input size are fetched in one call (one graph break), and
-    none at the construction size: per-stage breaks recompiled the stage code with symbolic sizes."""
+def test_compiled_model_has_no_graph_break_at_any_size():
+    """Under torch.compile the position tables of any input size are traced (built from the sizes, no
+    torch.unique): one graph, no break, at the construction size and at others."""
     torch._dynamo.reset()
     model = TransNeXt(img_size=64, embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1),
                       num_classes=5, backend="torch").eval()
     with torch.no_grad():
-        assert torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64)).graph_break_count == 0
-        assert torch._dynamo.explain(model)(torch.randn(1, 3, 96, 64)).graph_break_count == 1
+        for size in ((64, 64), (96, 64)):
+            explained = torch._dynamo.explain(model)(torch.randn(1, 3, *size))
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def _unique_table(query_hw, key_hw, pretrain_hw):
+    """The official construction: every (query, pooled-key centre) offset, de-duplicated by torch.unique."""
+    axes_q = [torch.arange(n, dtype=torch.float32) for n in query_hw]
+    axes_k = [F.adaptive_avg_pool1d(a[None], k)[0] for a, k in zip(axes_q, key_hw)]
+    qh, qw = (t.reshape(-1) for t in torch.meshgrid(*axes_q, indexing="ij"))
+    kh, kw = (t.reshape(-1) for t in torch.meshgrid(*axes_k, indexing="ij"))
+    rel = torch.stack([(qh[:, None] - kh[None, :]) / (pretrain_hw[0] - 1) * 8,
+                       (qw[:, None] - kw[None, :]) / (pretrain_hw[1] - 1) * 8], dim=-1).reshape(-1, 2)
+    table, index = torch.unique(rel, return_inverse=True, dim=0)
+    return index.reshape(-1), torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+@pytest.mark.parametrize("query_hw,key_hw,pretrain_hw", [((56, 56), (7, 7), (56, 56)), ((25, 33), (3, 4), (56, 56)),
+                                                         ((7, 9), (7, 9), (7, 7)), ((10, 11), (3, 3), (14, 14)),
+                                                         ((5, 5), (1, 1), (14, 14))])
+def test_position_table_from_sizes_equals_the_unique_table(query_hw, key_hw, pretrain_hw):
+    """The table built from the sizes alone equals torch.unique's, bit for bit (odd and uneven pooling bins too),
+    and TorchScript compiles it."""
+    want = _unique_table(query_hw, key_hw, pretrain_hw)
+    got = relative_position_table(query_hw, key_hw, pretrain_hw, torch.device("cpu"))
+    scripted = torch.jit.script(relative_position_table)(query_hw, key_hw, pretrain_hw, torch.device("cpu"))
+    for g, s, w in zip(got, scripted, want):
+        assert torch.equal(g, w) and torch.equal(s, w)
