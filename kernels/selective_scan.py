@@ -106,12 +106,14 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
                            C: torch.Tensor, D: Optional[torch.Tensor] = None,
                            delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                            chunk: int = 64) -> torch.Tensor:
-    """The reference's recurrence in ``chunk + L/chunk`` vectorised steps, not L (CPU, TorchScript, export).
+    """The reference's recurrence in ``log2(chunk) + log2(L/chunk)`` vectorised steps, not L (CPU,
+    TorchScript, export: a graph of a few hundred ops whatever L).
 
     Steps are padded to whole chunks with identity steps (Δ = 0). Within every chunk at once: the
     decay from the chunk start is ``exp(cumsum(ΔA))`` (a sum of non-positive terms, so no overflow)
-    and the zero-start state comes from a loop over the ``chunk`` positions; a loop over the chunks
-    then carries the state across chunk boundaries. Shapes as :func:`selective_scan_ref`. Batches
+    and the zero-start state comes from a doubling scan over the chunk's positions; a doubling scan
+    over the chunks then carries the state across chunk boundaries. Shapes as
+    :func:`selective_scan_ref`. Batches
     run in slices of at most ~2^24 state elements (ViM2's channel mixer scans one sequence per pixel).
     """
     if chunk < 1:
@@ -125,6 +127,22 @@ def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor
         parts.append(_scan_chunked(u[i:i + step], delta[i:i + step], A, B[i:i + step], C[i:i + step], D, delta_bias,
                                    delta_softplus, chunk))
     return torch.cat(parts, dim=0)
+
+
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """``h_t = a_t h_{t-1} + b_t`` from ``h_{-1} = 0`` along ``dim``, in ceil(log2 L) vectorised steps
+    (Hillis-Steele: after the step of span k each element holds the map of its last 2k steps). Only
+    products of the a's (decays, at most 1) are formed, so nothing overflows; a graph of O(log L) ops."""
+    length = a.shape[dim]
+    k = 1
+    while k < length:
+        rest = length - k
+        b = torch.cat([b.narrow(dim, 0, k), torch.addcmul(b.narrow(dim, k, rest), a.narrow(dim, k, rest),
+                                                           b.narrow(dim, 0, rest))], dim)
+        if 2 * k < length:  # the last step needs no new a
+            a = torch.cat([a.narrow(dim, 0, k), a.narrow(dim, k, rest) * a.narrow(dim, 0, rest)], dim)
+        k *= 2
+    return b
 
 
 def _scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -152,18 +170,10 @@ def _scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     a = torch.exp(x)
     b = dt * uc * _phi_ref(x) * Bc
     decay = torch.exp(torch.cumsum(x, dim=4))  # product of a from the chunk start
-    q = b[:, :, :, :, 0]
-    qs = [q]
-    for t in range(1, chunk):  # zero-start state within every chunk
-        q = torch.addcmul(b[:, :, :, :, t], a[:, :, :, :, t], q)
-        qs.append(q)
-    local = torch.stack(qs, dim=4)
-    h0 = u.new_zeros((bsz, groups, dg, n), dtype=ct)
-    starts = []
-    for c in range(nc):  # state entering each chunk
-        starts.append(h0)
-        h0 = torch.addcmul(local[:, :, :, c, -1], decay[:, :, :, c, -1], h0)
-    h = torch.addcmul(local, decay, torch.stack(starts, dim=3)[:, :, :, :, None])
+    local = _doubling_scan(a, b, dim=4)  # zero-start state within every chunk
+    ends = _doubling_scan(decay[:, :, :, :, -1], local[:, :, :, :, -1], dim=3)  # state after each chunk
+    starts = F.pad(ends[:, :, :, :-1], (0, 0, 1, 0))  # state entering each chunk (zero before the first)
+    h = torch.addcmul(local, decay, starts[:, :, :, :, None])
     Cc = F.pad(C4.to(ct), (0, pad)).view(bsz, groups, n, nc * chunk)
     y = torch.einsum("bgdln,bgnl->bgdl", h.reshape(bsz, groups, dg, nc * chunk, n), Cc)
     y = y.reshape(bsz, dim, nc * chunk)[:, :, :seqlen]
