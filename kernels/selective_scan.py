@@ -145,6 +145,16 @@ def _doubling_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b
 
 
+def _step_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`_doubling_scan` as a loop over the steps (less arithmetic, one op per step)."""
+    h = b.select(dim, 0)
+    hs = [h]
+    for t in range(1, a.shape[dim]):
+        h = torch.addcmul(b.select(dim, t), a.select(dim, t), h)
+        hs.append(h)
+    return torch.stack(hs, dim)
+
+
 def _scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
                   chunk: int) -> torch.Tensor:
@@ -170,8 +180,14 @@ def _scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     a = torch.exp(x)
     b = dt * uc * _phi_ref(x) * Bc
     decay = torch.exp(torch.cumsum(x, dim=4))  # product of a from the chunk start
-    local = _doubling_scan(a, b, dim=4)  # zero-start state within every chunk
-    ends = _doubling_scan(decay[:, :, :, :, -1], local[:, :, :, :, -1], dim=3)  # state after each chunk
+    # traced graphs (torch.compile, export, ONNX) take log-depth scans: O(log L) ops, not O(L); eager and
+    # TorchScript loop over the steps (half the arithmetic: ViM2-T at 384 px, 2 CPU cores, 27 s vs 57 s)
+    if torch.jit.is_scripting() or not torch.compiler.is_compiling():
+        local = _step_scan(a, b, 4)  # zero-start state within every chunk
+        ends = _step_scan(decay[:, :, :, :, -1], local[:, :, :, :, -1], 3)  # state after each chunk
+    else:
+        local = _doubling_scan(a, b, 4)
+        ends = _doubling_scan(decay[:, :, :, :, -1], local[:, :, :, :, -1], 3)
     starts = F.pad(ends[:, :, :, :-1], (0, 0, 1, 0))  # state entering each chunk (zero before the first)
     h = torch.addcmul(local, decay, starts[:, :, :, :, None])
     Cc = F.pad(C4.to(ct), (0, pad)).view(bsz, groups, n, nc * chunk)

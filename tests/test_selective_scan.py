@@ -155,3 +155,13 @@ def test_custom_op_registration():
     u, delta, A, B, C, D, _ = _inputs(s, torch.float32, gen)
     torch.library.opcheck(_fwd.op, (u, delta, A, B, C, D, None, True, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 100])
+def test_doubling_scan_matches_step_scan(length):
+    """The log-depth scan traced graphs take (torch.compile, export, ONNX) equals the step loop."""
+    from metazoo.kernels.selective_scan import _doubling_scan, _step_scan
+    g = torch.Generator().manual_seed(length)
+    a = torch.rand(3, length, 5, generator=g, dtype=torch.float64)  # decays in [0, 1)
+    b = torch.randn(3, length, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_doubling_scan(a, b, 1), _step_scan(a, b, 1), rtol=1e-12, atol=1e-12)
