@@ -95,15 +95,19 @@ def interpret_mode() -> bool:
 
 
 @contextlib.contextmanager
-def use_backend(backend: str):
-    """Context manager forcing a backend for every kernel call inside it (thread-local)."""
-    _check(backend, "backend")
-    prev = getattr(_state, "backend", None)
-    _state.backend = backend
+def _scoped(attr: str, value: str):
+    """Set the thread-local setting ``attr`` to ``value`` inside the block; restore it after."""
+    prev = getattr(_state, attr, None)
+    setattr(_state, attr, value)
     try:
         yield
     finally:
-        _state.backend = prev
+        setattr(_state, attr, prev)
+
+
+def use_backend(backend: str):
+    """Context manager forcing a backend for every kernel call inside it (thread-local)."""
+    return _scoped("backend", _check(backend, "backend"))
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -219,18 +223,11 @@ def _check_policy(policy: str, what: str) -> str:
     return policy
 
 
-@contextlib.contextmanager
 def compile_ops(policy: str):
     """Context manager overriding :data:`COMPILE_OPS` for ops traced inside it (thread-local):
     ``custom`` or ``inductor`` for every op, ``table`` for the table. A compiled graph keeps the choice
     it was traced with: call ``torch._dynamo.reset()`` before compiling again under another policy."""
-    _check_policy(policy, "policy")
-    prev = getattr(_state, "compile_ops", None)
-    _state.compile_ops = policy
-    try:
-        yield
-    finally:
-        _state.compile_ops = prev
+    return _scoped("compile_ops", _check_policy(policy, "policy"))
 
 
 @torch.compiler.assume_constant_result
