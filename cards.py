@@ -28,6 +28,9 @@ ANCHORS = {  # what the "anchor" (reference) rows of each benchmark file are
     "models.json": "`timm_*` = timm's own implementation of the same model (eager, `torch.compile`); `official_*` = "
                    "the official sail-sg `metaformer_baselines.py` (IdentityFormer, RandFormer); `ours_deploy_*` = "
                    "RIFormer re-parameterised (no token mixer)",
+    "models_baselines.json": "`official_*` = the official code: sail-sg `metaformer_baselines.py` (IdentityFormer, "
+                             "RandFormer), mmpretrain `riformer.py` (RIFormer); `ours_deploy_*` = RIFormer "
+                             "re-parameterised (no token mixer)",
     "transnext.json": "`official_native` = the official TransNeXt code (native PyTorch attention path); "
                       "`reference_eager` = our model on its plain-PyTorch reference path (role `other`)",
     "affnet.json": "`official` = our model with the reference filter forced to fp32, the official code's numerics "
@@ -191,8 +194,9 @@ def _rows_models(d: dict) -> list[dict]:
     roles = {"ours_eager": "ours", "ours_compile": "ours", "ours_compile_ro": "ours", "timm_eager": "anchor",
              "timm_compile": "anchor", "timm_compile_ro": "anchor", "official_eager": "anchor",
              "official_compile": "anchor", "ours_deploy_eager": "ours", "ours_deploy_compile": "ours"}
-    def path(r: dict) -> str:  # our compiled rows name the COMPILE_OPS policy they were traced under
-        return r["impl"] + (f" [{r['compile_ops']}]" if r.get("compile_ops") in ("custom", "inductor") else "")
+    def path(r: dict) -> str:  # the drop path a row trained at; our compiled rows' COMPILE_OPS policy
+        return (r["impl"] + (f" [{r['compile_ops']}]" if r.get("compile_ops") in ("custom", "inductor") else "")
+                + (f", drop path {r['drop_path']}" if r.get("drop_path") is not None else ""))
 
     return [_row(f"mz_{r['model']}", path(r), roles.get(r["impl"], "other"), r.get("infer_img_s"),
                  r.get("train_img_s"), r.get("train_peak_gib")) for r in d.get("rows", [])]
@@ -241,7 +245,7 @@ def _rows_generic(d: dict) -> list[dict]:
     return rows
 
 
-ADAPTERS = {"models.json": _rows_models, "transnext.json": _rows_transnext, "affnet.json": _rows_affnet,
+ADAPTERS = {"models.json": _rows_models, "models_baselines.json": _rows_models, "transnext.json": _rows_transnext, "affnet.json": _rows_affnet,
             "vim2.json": _rows_vim2}
 
 
@@ -312,7 +316,7 @@ def _bench_section(fam: str, names: list[str], bench: dict) -> list[str]:
         return out + [f"Not measured yet: `bench/results/{fname}` is not in the repository.", ""]
     if "error" in entry:
         return out + [f"`bench/results/{fname}` is {entry['error']}.", ""]
-    rows = [r for r in entry["rows"] if r["model"] in names or fname != "models.json"]
+    rows = [r for r in entry["rows"] if r["model"] in names or fname not in ("models.json", "models_baselines.json")]
     if not any(r["model"] in names for r in rows):
         return out + [f"Not measured yet: `bench/results/{fname}` holds no row for this family's models.", ""]
     m = entry["meta"]
