@@ -2,7 +2,8 @@
 
 At the family's published recipe drop path (``--drop-path`` overrides), for each model and row:
 inference img/s (batch 256) and one training step (batch 128, fused AdamW, cross-entropy) in img/s,
-wall ms vs GPU-busy ms per step (torch.profiler: summed device kernel time), MFU (fwd+bwd model
+wall ms vs GPU-busy ms per step (torch.profiler: summed device kernel time; the kernels behind it go
+to ``<stem>_kernels.txt``), MFU (fwd+bwd model
 FLOPs per step over the GPU's bf16 dense peak), peak training memory; bf16 autocast, channels_last
 inputs and weights. Rows: timm/ours x eager, torch.compile, torch.compile(mode="reduce-overhead").
 ``--compile-ops`` runs our compiled rows once per policy of ``kernels.dispatch.COMPILE_OPS`` (custom
@@ -208,18 +209,21 @@ def make_train_step(model, batch: int, size: int = 224, device: str = "cuda"):
     return step
 
 
-def busy_ms(step, steps: int, device: str) -> float | None:
-    """Summed device kernel time per step over ``steps`` profiled steps (None off CUDA)."""
+def busy_ms(step, steps: int, device: str) -> tuple[float | None, str]:
+    """Summed device kernel time per step over ``steps`` profiled steps, and the table of the kernels
+    that took it, largest first (None and "" off CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     if device != "cuda":
-        return None
+        return None, ""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
-    return us / 1e3 / steps
+    events = prof.key_averages()
+    us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    return us / 1e3 / steps, f"{steps} steps\n{table}"
 
 
 def bench_train(model, batch: int, size: int, warmup: int, iters: int, device: str) -> dict:
@@ -232,8 +236,9 @@ def bench_train(model, batch: int, size: int, warmup: int, iters: int, device: s
     _sync(device)
     sec = _seconds(step, iters, device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+    busy, kernels = busy_ms(step, min(iters, 3), device)
     return dict(train_img_s=batch * iters / sec, train_wall_ms=1e3 * sec / iters, train_peak_gib=peak,
-                train_gpu_busy_ms=busy_ms(step, min(iters, 3), device))
+                train_gpu_busy_ms=busy, train_kernels=kernels)
 
 
 def train_flops(name: str, batch: int, size: int) -> int:
@@ -558,6 +563,11 @@ def main(argv=None):
                 continue
             for policy in compile_policies(impl, args.policies):
                 row = run_one(name, impl, args, drop_path, flops, policy)
+                kernels = row.pop("train_kernels")
+                if kernels:  # the profiled training steps' kernels, beside the JSON
+                    with open(os.path.join(args.out, f"{args.stem}_kernels.txt"), "a") as f:
+                        f.write(f"### {name} {impl} [{policy or '-'}] (drop path {drop_path}, batch "
+                                f"{row['train_batch']}): {kernels}\n\n")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write(args.out, rows, checks, meta, args.stem)
