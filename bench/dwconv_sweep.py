@@ -1,8 +1,9 @@
-"""Launch-tile sweep of the depthwise 7x7 conv kernel (GPU): forward and input-gradient pass.
+"""Launch-tile sweep of the depthwise 7x7 conv's Triton input-gradient pass (GPU), beside cuDNN.
 
 For each tile ``BLOCK_HxBLOCK_WxBLOCK_Cxwarps`` at ConvFormer and MambaOut training shapes: the
 relative error against the fp32 reference (forward output and input gradient), and the median
-milliseconds of ``conv_forward`` and ``conv_backward`` beside cuDNN's channels-last depthwise conv.
+milliseconds of ``conv_backward`` (Triton input gradient with the activation's grads, plus cuDNN's
+weight gradient) beside cuDNN's input + weight gradient; ``conv_forward`` is cuDNN's forward.
 Writes ``dwconv_sweep.json`` under ``--out``.
 
     python bench/dwconv_sweep.py --out $OUT
@@ -52,23 +53,29 @@ def main():
         ref = dwconv.dwconv2d_ref(xr, w, bias, s, sb, channels_first=False)
         ref.backward(g.float())
         xc = x.permute(0, 3, 1, 2)
-        cudnn_ms = median_ms(lambda: F.conv2d(xc, w.to(x.dtype), bias.to(x.dtype), padding=3, groups=C), 3, 20)
+        wb = w.to(x.dtype)
+        cudnn_ms = median_ms(lambda: F.conv2d(xc, wb, bias.to(x.dtype), padding=3, groups=C), 3, 20)
+        gc = g.permute(0, 3, 1, 2)
+        cudnn_bwd_ms = median_ms(lambda: torch.ops.aten.convolution_backward(
+            gc, xc, wb, [C], [1, 1], [3, 3], [1, 1], False, [0, 0], C, [True, True, True]), 3, 20)
+        y = dwconv.conv_forward(x, w, bias, s, sb)
+        fwd_ms = median_ms(lambda: dwconv.conv_forward(x, w, bias, s, sb), 3, 20)
         for t in configs:
-            y = dwconv.conv_forward(x, w, bias, s, sb, tiles=t)
             dx = torch.full(x.shape, float("nan"), device="cuda", dtype=x.dtype)
             dwconv.conv_backward(g, x, w, True, s, sb, dx, tiles=t)
             row = dict(shape=name, tiles="x".join(map(str, t)), fwd_err=rel_err(y, ref), dx_err=rel_err(dx, xr.grad),
-                       fwd_ms=median_ms(lambda: dwconv.conv_forward(x, w, bias, s, sb, tiles=t), 3, 20),
+                       fwd_ms=fwd_ms,
                        bwd_ms=median_ms(lambda: dwconv.conv_backward(g, x, w, True, s, sb, dx, tiles=t), 3, 20),
-                       cudnn_fwd_ms=cudnn_ms)
+                       cudnn_fwd_ms=cudnn_ms, cudnn_bwd_ms=cudnn_bwd_ms)
             rows.append(row)
             print(f"{name:32s} {row['tiles']:10s} err {row['fwd_err']:.1e}/{row['dx_err']:.1e} "
-                  f"fwd {row['fwd_ms']:.3f} bwd {row['bwd_ms']:.3f} ms (cuDNN fwd {cudnn_ms:.3f})", flush=True)
+                  f"fwd {fwd_ms:.3f} bwd {row['bwd_ms']:.3f} ms (cuDNN fwd {cudnn_ms:.3f}, "
+                  f"bwd {cudnn_bwd_ms:.3f} without the activation)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "dwconv_sweep.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), batch=args.batch, rows=rows), f, indent=1)
     for name in dict.fromkeys(r["shape"] for r in rows):
-        best = min((r for r in rows if r["shape"] == name), key=lambda r: r["fwd_ms"] + r["bwd_ms"])
+        best = min((r for r in rows if r["shape"] == name), key=lambda r: r["bwd_ms"])
         print(f"best {name}: {best['tiles']} fwd {best['fwd_ms']:.3f} bwd {best['bwd_ms']:.3f} ms")
 
 
