@@ -197,17 +197,22 @@ def fx_tracing() -> bool:
 # alone, each is faster given to inductor, but poolformer_s12 under torch.compile(mode="reduce-overhead")
 # trains at 8345 img/s on 15.0 GPU ms per step with every op custom and at 6070 img/s on 20.8 ms with
 # every op given to inductor (2.49 vs 4.58 GiB; H100, bench/results/speed_poolformer_s12*.json), so
-# PoolFormer's four ops stay custom. Ops without a --compiled case stay "custom". Comments: the op alone,
-# compiled fwd+bwd ms, custom / inductor (H100, bf16, batch 128, summed over the op's cases).
+# PoolFormer's four ops stay custom. The same holds for ConvFormer's fused ops (cuDNN forward conv
+# inside dwconv2d): convformer_s18 reduce-overhead trains at 4034 img/s on 31.1 GPU ms with every op
+# custom, timm's compiled graph (what inductor builds from the plain path) at 3224 on 39.1 ms; inference
+# 13710 vs 13371 img/s (speed_convformer_s18.json, session 10). MambaOut goes the other way: every op
+# custom trains at 3014 vs 3557 img/s (42.1 vs 35.7 GPU ms), so its gated conv and layer_norm go to
+# inductor. Ops without a --compiled case stay "custom". Comments: the op alone, compiled fwd+bwd ms,
+# custom / inductor (H100, bf16, batch 128, summed over the op's cases).
 COMPILE_OPS = {
     "act_linear": "custom",            # alone 1.978 / 1.281; PoolFormer-S12's step: custom (above)
     "aff_filter": "custom",            # not measured yet
     "aggregated_attention": "custom",  # not measured yet
-    "dwconv2d": "inductor",            # alone 3.870 / 3.319
-    "gated_dwconv_linear": "inductor", # alone 3.959 / 3.337
+    "dwconv2d": "custom",              # alone 3.870 / 3.319 (Triton fwd); ConvFormer-S18's step: custom
+    "gated_dwconv_linear": "inductor", # alone 3.959 / 3.337; MambaOut-tiny's step: inductor (above)
     "group_norm1": "custom",           # alone 1.518 / 1.182; PoolFormer-S12's step: custom (above)
     "layer_norm": "inductor",          # alone 1.632 / 0.981
-    "norm_residual": "inductor",       # alone 2.681 / 2.065
+    "norm_residual": "custom",         # alone 2.681 / 2.065; ConvFormer-S18's step: custom (above)
     "pool_mixer": "custom",            # alone 1.914 / 1.307; PoolFormer-S12's step: custom (above)
     "scale_add": "custom",             # alone 1.538 / 0.759; PoolFormer-S12's step: custom (above)
     "selective_scan": "custom",        # not measured yet
