@@ -468,12 +468,15 @@ def write(out_dir: str, rows, checks, meta, stem="models"):
 
 
 def git_commit() -> str:
-    """The measured commit: ``git rev-parse HEAD`` of this checkout, else ``$METAZOO_COMMIT``."""
+    """The measured commit: ``$METAZOO_COMMIT`` when set (a copied tree's ``.git`` may be stale), else
+    ``git rev-parse HEAD`` of this checkout."""
+    if os.environ.get("METAZOO_COMMIT"):
+        return os.environ["METAZOO_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=RECIPES.parent, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("METAZOO_COMMIT", "unknown")
+        return "unknown"
 
 
 def _choices(arg: str, value: str, accepted) -> list[str]:
