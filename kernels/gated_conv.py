@@ -119,23 +119,31 @@ def _conv_part(u: Tensor, cc: int) -> Tensor:
     return u[..., u.shape[-1] - cc:]
 
 
-def _fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> Tensor:
-    cc = weight.shape[0]
-    cv = dwconv.conv_forward(_conv_part(u, cc), weight, bias, None, None)
+def _gate_forward(u: Tensor, cv: Tensor, hidden: int) -> Tensor:
     h = u.new_empty((*u.shape[:-1], hidden))
-    _launch(u, cv, hidden, cc, h, None, None, None)
+    _launch(u, cv, hidden, cv.shape[-1], h, None, None, None)
     return h
+
+
+def _fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> Tensor:
+    return _gate_forward(u, dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None), hidden)
+
+
+def _gate_backward(dh: Tensor, u: Tensor, cv: Tensor, weight: Tensor, has_bias: bool, hidden: int
+                   ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(du, dweight, dbias) from ``dh`` and the conv output ``cv`` (recomputed by the caller)."""
+    cc = weight.shape[0]
+    du = torch.empty_like(u)
+    dcv = torch.empty_like(cv)
+    _launch(u, cv, hidden, cc, None, dh.contiguous(), du, dcv)
+    dw, db, _, _ = dwconv.conv_backward(dcv, _conv_part(u, cc), weight, has_bias, None, None, _conv_part(du, cc))
+    return du, dw, db
 
 
 def _bwd_impl(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
               ) -> tuple[Tensor, Tensor, Tensor]:
-    cc = weight.shape[0]
-    c = _conv_part(u, cc)
-    cv = dwconv.conv_forward(c, weight, bias, None, None)
-    du = torch.empty_like(u)
-    dcv = torch.empty_like(cv)
-    _launch(u, cv, hidden, cc, None, dh.contiguous(), du, dcv)
-    dw, db, _, _ = dwconv.conv_backward(dcv, c, weight, bias is not None, None, None, _conv_part(du, cc))
+    cv = dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None)
+    du, dw, db = _gate_backward(dh, u, cv, weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32)
 
 
@@ -146,9 +154,10 @@ def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
 
 def _lin_bwd_impl(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                   has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    h = _fwd_impl(u, weight, bias, hidden)  # recomputed, never saved
-    dh, dfw, dfb = project_backward(dy, h, fc_weight, has_fc_bias)
-    du, dw, db = _bwd_op(dh, u, weight, bias, hidden)  # an eager call: db is None without a bias
+    # the conv output is recomputed once and serves both h (for fc2's gradients) and the gate's backward
+    cv = dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None)
+    dh, dfw, dfb = project_backward(dy, _gate_forward(u, cv, hidden), fc_weight, has_fc_bias)
+    du, dw, db = _gate_backward(dh, u, cv, weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32), dfw, dfb
 
 
