@@ -146,6 +146,20 @@ def test_gated_dwconv(seed, dtype):
     compare(gated_dwconv, gated_dwconv_ref, {"u": _rand(B, H, W, 2 * hidden)}, params, dtype, dict(hidden=hidden))
 
 
+def test_gated_dwconv_linear_backward_runs_the_conv_once(monkeypatch):
+    """Training runs the depthwise conv twice per block: forward, and one recompute serving both h
+    (fc2's gradients) and the gate's backward (the profile showed three before)."""
+    from metazoo.kernels import dwconv, gated_conv
+
+    calls = []
+    forward = dwconv.conv_forward
+    monkeypatch.setattr(dwconv, "conv_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    u = _rand(2, 5, 6, 16).requires_grad_(True)
+    w, fw = _rand(6, 1, 3, 3).requires_grad_(True), _rand(4, 8).requires_grad_(True)
+    gated_conv.gated_dwconv_linear(u, w, None, 8, fw, None, backend="triton").sum().backward()
+    assert len(calls) == 2, calls
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("seed", range(N_SHAPES))
 def test_gated_dwconv_linear(seed, dtype):
