@@ -357,13 +357,21 @@ def _equivalence_section(fam: str, names: list[str], facts: dict, reg: dict, ben
                        f"{e['weights']} | {e['max_abs_diff_logits']:.1e} | {e['max_abs_diff_features']:.1e} |")
         out.append("")
     raw = bench.get(BENCH_FILES[fam], {}).get("raw") or {}
-    if fam in ("poolformer", "convformer", "caformer", "mambaout") and raw.get("checks"):
-        out += [f"On the GPU (`bench/results/{BENCH_FILES[fam]}`, bf16 autocast, timm's weights loaded into ours):", "",
-                "| model | logits rel. err. vs timm | gradient rel. err. median / max |", "|---|---:|---:|"]
-        for n, c in raw["checks"].items():
-            if f"mz_{n}" in names:
-                out.append(f"| mz_{n} | {_e(c.get('logits_rel_err'))} | {_e(c.get('grad_rel_err_median'))} / "
-                           f"{_e(c.get('grad_rel_err_max'))} |")
+    checks = {n: c for n, c in (raw.get("checks") or {}).items() if f"mz_{n.split('@')[0]}" in names}
+    if fam in ("poolformer", "convformer", "caformer", "mambaout") and checks:
+        out += [f"On the GPU (`bench/results/{BENCH_FILES[fam]}`, timm's weights loaded into ours, train mode, TF32 off "
+                "in fp32; at the recipe drop path both models draw the same masks). Last column: each model's bf16 "
+                "error against timm's fp32 result, ours / timm's own (logits; gradients):", "",
+                "| model | drop path | dtype | logits rel. err. vs timm | gradient rel. err. all / max | "
+                "bf16 vs timm fp32: ours / timm |", "|---|---:|---|---:|---:|---|"]
+        for n, c in checks.items():
+            for dtype in ("fp32", "bf16"):
+                m = c.get(dtype) or {}
+                ours, ref = m.get("ours_vs_timm_fp32"), m.get("timm_vs_timm_fp32")
+                bar = (f"{_e(ours['logits'])} / {_e(ref['logits'])}; {_e(ours['grads'])} / {_e(ref['grads'])}"
+                       if ours and ref else "—")
+                out.append(f"| mz_{n.split('@')[0]} | {c.get('drop_path', 0.0)} | {dtype} | {_e(m.get('logits_rel_err'))} | "
+                           f"{_e(m.get('grad_rel_err_all'))} / {_e(m.get('grad_rel_err_max'))} | {bar} |")
         out.append("")
     if fam == "transnext" and raw:
         if raw.get("official_equivalence"):
