@@ -107,8 +107,9 @@ Tiles = tuple[int, int, int, int]  # (BLOCK_H, BLOCK_W, BLOCK_C, num_warps)
 
 
 def _tiles(H: int, W: int, C: int) -> Tiles:
-    """Default launch tiles: 2 rows x 8 columns x 128 channels was the fastest of 12 tiles at ConvFormer
-    and MambaOut shapes on an H100 (``bench/dwconv_sweep.py``; 1.6x-2x the 1x16x64 tile it replaced)."""
+    """Default launch tiles of the input-gradient pass: 2 rows x 8 columns x 128 channels was its fastest of
+    12 tiles at ConvFormer and MambaOut shapes on an H100 (``bench/dwconv_sweep.py``, results/dwconv_sweep.json;
+    1.4x-1.7x the 1x16x64 tile it replaced)."""
     return min(2, H), min(8, next_pow2(W)), min(128, next_pow2(C)), 4
 
 

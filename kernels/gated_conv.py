@@ -119,6 +119,11 @@ def _conv_part(u: Tensor, cc: int) -> Tensor:
     return u[..., u.shape[-1] - cc:]
 
 
+def _conv_out(u: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The depthwise conv of ``u``'s last ``weight.shape[0]`` channels (dense NHWC)."""
+    return dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None)
+
+
 def _gate_forward(u: Tensor, cv: Tensor, hidden: int) -> Tensor:
     h = u.new_empty((*u.shape[:-1], hidden))
     _launch(u, cv, hidden, cv.shape[-1], h, None, None, None)
@@ -126,7 +131,7 @@ def _gate_forward(u: Tensor, cv: Tensor, hidden: int) -> Tensor:
 
 
 def _fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> Tensor:
-    return _gate_forward(u, dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None), hidden)
+    return _gate_forward(u, _conv_out(u, weight, bias), hidden)
 
 
 def _gate_backward(dh: Tensor, u: Tensor, cv: Tensor, weight: Tensor, has_bias: bool, hidden: int
@@ -142,7 +147,7 @@ def _gate_backward(dh: Tensor, u: Tensor, cv: Tensor, weight: Tensor, has_bias: 
 
 def _bwd_impl(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
               ) -> tuple[Tensor, Tensor, Tensor]:
-    cv = dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None)
+    cv = _conv_out(u, weight, bias)
     du, dw, db = _gate_backward(dh, u, cv, weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32)
 
@@ -155,7 +160,7 @@ def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
 def _lin_bwd_impl(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                   has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # the conv output is recomputed once and serves both h (for fc2's gradients) and the gate's backward
-    cv = dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None)
+    cv = _conv_out(u, weight, bias)
     dh, dfw, dfb = project_backward(dy, _gate_forward(u, cv, hidden), fc_weight, has_fc_bias)
     du, dw, db = _gate_backward(dh, u, cv, weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32), dfw, dfb
