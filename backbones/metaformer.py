@@ -14,6 +14,7 @@ from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..kernels.dtypes import matmul_input_dtype, norm_dtype
 from ..kernels.dispatch import plain_pytorch
 from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import norm_residual, scale_add
@@ -22,15 +23,9 @@ from ..layers.activations import Scale
 from ..mixers.identity import IdentityMixer
 from ..layers.drop import drop_path_keep
 from ..mixers.mlp import Mlp
-from ..layers.norms import GroupNorm1, LayerNorm, LayerNorm2d
+from ..layers.norms import GroupNorm1, LayerNorm, LayerNorm2d, norm_for_matmul
 from ..mixers.pooling import Pooling
 from ._timm_api import TimmBackboneMixin
-
-
-def _norm_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype of a GroupNorm's output on ``x`` (the pooling branch's): fp32 under autocast, else ``x``'s."""
-    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta: no autocast
-    return torch.float32 if autocast else x.dtype
 
 
 class MetaFormerBlock(nn.Module):
@@ -91,7 +86,8 @@ class MetaFormerBlock(nn.Module):
     def _mixer_branch(self, x: torch.Tensor) -> torch.Tensor:
         """``token_mixer(norm1(x))``; a norm-affine mixer is folded into norm1's affine (one kernel pass)."""
         if not self.folds:
-            return self.token_mixer(self.norm1(x))
+            matmul_first = getattr(self.token_mixer, "matmul_input", False)
+            return self.token_mixer(norm_for_matmul(self.norm1, x) if matmul_first else self.norm1(x))
         w, b = self.token_mixer.fold_into_norm(self.norm1.weight, self.norm1.bias)
         return group_norm1(x, w, b, self.norm1.eps)
 
@@ -111,20 +107,22 @@ class MetaFormerBlock(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Same math as the plain path: residual+scales+drop path fused with norm2 (PoolFormer: norm1+pool
-        too); drop path's masks are drawn in the plain path's order (branch 1, then branch 2)."""
+        too); drop path's masks are drawn in the plain path's order (branch 1, then branch 2). norm2's only
+        consumer is the MLP's fc1, a matmul: its output is written in fc1's autocast input dtype."""
         cf = self.layout == "NCHW"
         rs1, ls1, rs2, ls2 = (getattr(m, "scale", None) for m in (
             self.res_scale1, self.layer_scale1, self.res_scale2, self.layer_scale2))
         if self.fused_op == "pool_mixer":
             x, moments = pool_mixer(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, ls1, rs1,
-                                    self.token_mixer.pool_size, keep=drop_path_keep(self.drop_path1, x, _norm_dtype(x)))
-            n2 = group_norm1(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, moments=moments)
+                                    self.token_mixer.pool_size, keep=drop_path_keep(self.drop_path1, x, norm_dtype(x)))
+            n2 = group_norm1(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, moments=moments,
+                             n_dtype=matmul_input_dtype(x))
         else:
             y = self._mixer_branch(x)
             keep = drop_path_keep(self.drop_path1, y)
             if self.fused_op == "norm_residual":
                 x, n2 = norm_residual(x, y, rs1, ls1, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                                      channels_first=cf, keep=keep)
+                                      channels_first=cf, keep=keep, n_dtype=matmul_input_dtype(x))
             else:  # one-group norm2: residual update in one pass, then the group-norm kernel
                 x = scale_add(x, y, rs1, ls1, channels_first=cf, keep=keep)
                 n2 = self.norm2(x)

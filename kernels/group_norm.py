@@ -2,7 +2,8 @@
 
 Statistics are over (C, H, W) of each sample; the affine is per channel. ``moments`` is shared with
 the fused pooling mixer, which also hands the moments of its output to the next norm so that norm
-skips its own statistics pass.
+skips its own statistics pass. The output takes F.group_norm's dtype (fp32 under CUDA autocast)
+unless the caller names ``n_dtype`` (its matmul consumer's input dtype).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import BackwardOp, ForwardOp
+from .dtypes import norm_dtype
 from ._layout import cdiv, dense_in_layout, next_pow2
 from .dispatch import dispatcher, lazy_triton, resolve
 
@@ -29,9 +31,12 @@ def _check(x: Tensor) -> None:
 # ----------------------------------------------------------------------------- reference
 
 def group_norm1_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
-                    moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
-    """Plain PyTorch reference: ``F.group_norm(x, 1, ...)`` on NCHW (``moments`` is only a hint, unused)."""
-    return torch.nn.functional.group_norm(x, 1, weight, bias, eps)
+                    moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None,
+                    n_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Plain PyTorch reference: ``F.group_norm(x, 1, ...)`` on NCHW (``moments`` is only a hint, unused),
+    cast to ``n_dtype`` when given."""
+    n = torch.nn.functional.group_norm(x, 1, weight, bias, eps)
+    return n.to(n_dtype) if n_dtype is not None else n
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -174,13 +179,13 @@ def sample_moments(x: Tensor, eps: Optional[float] = None) -> tuple[Tensor, Tens
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean: Optional[Tensor],
-              var: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+              var: Optional[Tensor], n_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     apply = _load().apply
     if mean is None or var is None:
         mean, _, rstd = sample_moments(x, eps)
     else:
         mean, rstd = mean.clone(), torch.rsqrt(var + eps)  # outputs must not alias the inputs
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=n_dtype)
     B, C = x.shape[0], x.shape[1]
     N = x.numel() // B
     apply[(B, cdiv(N, _FLAT))](x, mean, rstd, weight, bias if bias is not None else weight, y, N, C,
@@ -210,9 +215,9 @@ def _bwd_impl(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) 
 
 # ----------------------------------------------------------------------------- op registration
 
-def _fwd_fake(x, weight, bias, eps, mean, var):
+def _fwd_fake(x, weight, bias, eps, mean, var, n_dtype):
     B = x.shape[0]
-    return torch.empty_like(x), x.new_empty(B, dtype=torch.float32), x.new_empty(B, dtype=torch.float32)
+    return torch.empty_like(x, dtype=n_dtype), x.new_empty(B, dtype=torch.float32), x.new_empty(B, dtype=torch.float32)
 
 
 def _bwd_fake(g, x, weight, mean, rstd):
@@ -221,7 +226,7 @@ def _bwd_fake(g, x, weight, mean, rstd):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, eps, mean, var = inputs
+    x, weight, bias, eps, mean, var, _ = inputs
     _, mean_used, rstd = output
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, mean_used, rstd)
@@ -230,7 +235,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g, g_mean, g_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _bwd_op(dense_in_layout(g, True), x, weight, mean, rstd)
-    return dx, dw.to(weight.dtype), (db.to(weight.dtype) if ctx.has_bias else None), None, None, None
+    return dx, dw.to(weight.dtype), (db.to(weight.dtype) if ctx.has_bias else None), None, None, None, None
 
 
 _bwd_op = BackwardOp("metazoo::group_norm1_bwd", _bwd_impl, _bwd_fake)
@@ -241,11 +246,13 @@ _fwd = ForwardOp("metazoo::group_norm1_fwd", _fwd_impl, _fwd_fake, _setup, _back
 
 @dispatcher(group_norm1_ref)
 def group_norm1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
-                moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None) -> Tensor:
-    """One-group GroupNorm of an NCHW map. ``moments`` = per-sample (mean, var) of ``x`` when already known."""
+                moments: Optional[tuple[Tensor, Tensor]] = None, backend: Optional[str] = None,
+                n_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """One-group GroupNorm of an NCHW map. ``moments`` = per-sample (mean, var) of ``x`` when already known;
+    ``n_dtype``: write the result in it (default: F.group_norm's dtype)."""
     _check(x)
     if resolve(backend, x) == "torch":
-        return group_norm1_ref(x, weight, bias, eps)
+        return group_norm1_ref(x, weight, bias, eps, n_dtype=n_dtype)
     mean, var = moments if moments is not None else (None, None)
-    y, _, _ = _fwd(dense_in_layout(x, True), weight, bias, float(eps), mean, var)
+    y, _, _ = _fwd(dense_in_layout(x, True), weight, bias, float(eps), mean, var, n_dtype or norm_dtype(x))
     return y

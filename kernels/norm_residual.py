@@ -3,7 +3,9 @@
 One pass reads the shortcut and the branch and writes both the new residual stream and its
 normalised copy, which the next mixer consumes. Without ``y`` it is a plain LayerNorm; without
 ``weight`` it is only the scaled residual. ``keep`` (B,) fp32, drop path's per-sample keep/(1-p),
-scales the branch of each sample (``y*ls*keep``), so training with drop path stays fused. Works on
+scales the branch of each sample (``y*ls*keep``), so training with drop path stays fused. Outputs
+take the plain ops' dtypes (``dtypes``): under autocast an fp32 scale makes ``out`` fp32, and on
+CUDA ``n`` is fp32 unless the caller names ``n_dtype`` (its matmul consumer's input dtype). Works on
 (..., C) rows and on NCHW maps, which it reads in place in channels_last memory (no permuted views:
 each view is a host-side op, and eager training is host-bound).
 """
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import BackwardOp, ForwardOp, absent, grad_as
+from .dtypes import norm_dtype, promoted
 from ._layout import cdiv, check_keep, dense_in_layout, next_pow2, param_grid, stand_in
 from .dispatch import dispatcher, lazy_triton, resolve
 
@@ -34,25 +37,29 @@ def _check(x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], channels_fi
 def norm_residual_ref(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
                       ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                       bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
-                      backend: Optional[str] = None, keep: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Plain PyTorch reference (timm's op order): returns ``(out, n)`` (``n`` is None without ``weight``)."""
+                      backend: Optional[str] = None, keep: Optional[Tensor] = None,
+                      n_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Plain PyTorch reference (timm's op order): returns ``(out, n)`` (``n`` is None without ``weight``;
+    cast to ``n_dtype`` when given)."""
     shape = (-1, 1, 1) if channels_first else (-1,)
     out = x
     if y is not None:
-        if keep is not None:  # drop path before the layer scale, as timm's blocks apply them
-            y = y * keep.view((-1,) + (1,) * (y.dim() - 1))
+        if keep is not None:  # drop path before the layer scale, its mask in the branch's dtype (timm's DropPath)
+            y = y * keep.to(y.dtype).view((-1,) + (1,) * (y.dim() - 1))
         out = (x * rs.view(shape) if rs is not None else x) + (y * ls.view(shape) if ls is not None else y)
     if weight is None:
         return out, None
     o = out.permute(0, 2, 3, 1) if channels_first else out
     n = torch.nn.functional.layer_norm(o, (o.shape[-1],), weight, bias, eps)
+    n = n.to(n_dtype) if n_dtype is not None else n
     return out, (n.permute(0, 3, 1, 2) if channels_first else n)
 
 
 def layer_norm_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,
-                   channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+                   channels_first: bool = False, backend: Optional[str] = None,
+                   n_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Reference of :func:`layer_norm`."""
-    return norm_residual_ref(x, None, None, None, weight, bias, eps, channels_first)[1]
+    return norm_residual_ref(x, None, None, None, weight, bias, eps, channels_first, n_dtype=n_dtype)[1]
 
 
 def scale_add_ref(x: Tensor, y: Tensor, rs: Optional[Tensor], ls: Optional[Tensor], channels_first: bool = False,
@@ -179,14 +186,13 @@ def _blocks(C: int, tile: int = 4096):
 
 def _fwd_impl(x: Tensor, y: Optional[Tensor], rs: Optional[Tensor], ls: Optional[Tensor],
               weight: Optional[Tensor], bias: Optional[Tensor], eps: float, channels_first: bool,
-              keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              out_dtype: torch.dtype, n_dtype: torch.dtype, keep: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     C = x.shape[1] if channels_first else x.shape[-1]
     M = x.numel() // C
-    # (promote_types is itself a dispatched op: skip it in the common same-dtype case)
-    dtype = x.dtype if y is None or y.dtype == x.dtype else torch.promote_types(x.dtype, y.dtype)
-    out = torch.empty_like(x, dtype=dtype) if y is not None else absent(x)
+    out = torch.empty_like(x, dtype=out_dtype) if y is not None else absent(x)
     has_norm = weight is not None
-    n = torch.empty_like(x, dtype=dtype) if has_norm else absent(x)
+    n = torch.empty_like(x, dtype=n_dtype) if has_norm else absent(x)
     f32 = torch.float32
     mean = torch.empty(M, dtype=f32, device=x.device) if has_norm else absent(x, f32)
     rstd = torch.empty(M, dtype=f32, device=x.device) if has_norm else absent(x, f32)
@@ -236,13 +242,12 @@ def _bwd_impl(g_out: Optional[Tensor], g_n: Optional[Tensor], x: Optional[Tensor
 
 # ----------------------------------------------------------------------------- op registration
 
-def _fwd_fake(x, y, rs, ls, weight, bias, eps, channels_first, keep=None):
+def _fwd_fake(x, y, rs, ls, weight, bias, eps, channels_first, out_dtype, n_dtype, keep=None):
     C = x.shape[1] if channels_first else x.shape[-1]
     M = x.numel() // C
-    dtype = torch.promote_types(x.dtype, y.dtype) if y is not None else x.dtype
-    out = torch.empty_like(x, dtype=dtype) if y is not None else x.new_empty(0)
+    out = torch.empty_like(x, dtype=out_dtype) if y is not None else x.new_empty(0)
     has_norm = weight is not None
-    n = torch.empty_like(x, dtype=dtype) if has_norm else x.new_empty(0)
+    n = torch.empty_like(x, dtype=n_dtype) if has_norm else x.new_empty(0)
     mean = x.new_empty(M if has_norm else 0, dtype=torch.float32)
     return out, n, mean, x.new_empty(M if has_norm else 0, dtype=torch.float32)
 
@@ -262,7 +267,7 @@ def _bwd_fake(g_out, g_n, x, y, out, rs, ls, weight, has_bias, mean, rstd, has_y
 
 
 def _setup(ctx, inputs, output):
-    x, y, rs, ls, weight, bias, eps, channels_first, keep = inputs
+    x, y, rs, ls, weight, bias, eps, channels_first, _, _, keep = inputs
     out, n, mean, rstd = output
     ctx.has_bias, ctx.has_y, ctx.channels_first = bias is not None, y is not None, channels_first
     ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if y is not None else x.dtype)
@@ -279,12 +284,12 @@ def _backward(ctx, g_out, g_n, g_mean, g_rstd):
     g_out = dense_in_layout(g_out, cf) if ctx.has_y and g_out is not None else None
     g_n = dense_in_layout(g_n, cf) if weight is not None and g_n is not None else None
     if g_out is None and g_n is None:  # neither output reached the loss
-        return (None,) * 9
+        return (None,) * 11
     dx, dy, drs, dls, dw, db = _bwd_op(g_out, g_n, x, y, out, rs, ls, weight, ctx.has_bias, mean, rstd,
                                        ctx.has_y, ctx.x_dtype, ctx.y_dtype, cf, keep)
 
     return (dx, dy if ctx.has_y else None, grad_as(drs, rs), grad_as(dls, ls), grad_as(dw, weight),
-            grad_as(db, weight) if ctx.has_bias else None, None, None, None)
+            grad_as(db, weight) if ctx.has_bias else None, None, None, None, None, None)
 
 
 _bwd_op = BackwardOp("metazoo::norm_residual_bwd", _bwd_impl, _bwd_fake)
@@ -297,24 +302,28 @@ _fwd = ForwardOp("metazoo::norm_residual_fwd", _fwd_impl, _fwd_fake, _setup, _ba
 def norm_residual(x: Tensor, y: Optional[Tensor] = None, rs: Optional[Tensor] = None,
                   ls: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, eps: float = 1e-6, channels_first: bool = False,
-                  backend: Optional[str] = None, keep: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+                  backend: Optional[str] = None, keep: Optional[Tensor] = None,
+                  n_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``out = x*rs + y*ls*keep`` (terms optional; ``keep`` per sample) and ``n = LayerNorm_C(out)``;
-    returns ``(out, n)``."""
+    returns ``(out, n)``. ``n_dtype``: write ``n`` in it (default: the plain LayerNorm's dtype)."""
     _check(x, y, weight, channels_first)
     check_keep(keep, x, "norm_residual")
     if resolve(backend, x) == "torch":
-        return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first, keep=keep)
+        return norm_residual_ref(x, y, rs, ls, weight, bias, eps, channels_first, keep=keep, n_dtype=n_dtype)
     xr = dense_in_layout(x, channels_first)
     yr = dense_in_layout(y, channels_first) if y is not None else None
-    out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps), bool(channels_first), keep)
+    out_dtype = promoted(x, y, rs, ls) if y is not None else x.dtype
+    n_dtype = n_dtype or norm_dtype(x, out_dtype)
+    out, n, _, _ = _fwd(xr, yr, rs, ls, weight, bias, float(eps), bool(channels_first), out_dtype, n_dtype, keep)
     return (out if y is not None else x), (n if weight is not None else None)
 
 
 @dispatcher(layer_norm_ref)
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-6,
-               channels_first: bool = False, backend: Optional[str] = None) -> Tensor:
+               channels_first: bool = False, backend: Optional[str] = None,
+               n_dtype: Optional[torch.dtype] = None) -> Tensor:
     """LayerNorm over channels (last dim, or dim 1 of NCHW when ``channels_first``)."""
-    return norm_residual(x, None, None, None, weight, bias, eps, channels_first, backend)[1]
+    return norm_residual(x, None, None, None, weight, bias, eps, channels_first, backend, n_dtype=n_dtype)[1]
 
 
 @dispatcher(scale_add_ref)

@@ -6,7 +6,8 @@ Average pooling commutes with the per-channel affine of the norm, so the branch 
 bias cancels exactly (its gradient is zero). The pass also returns the per-sample moments of
 ``out`` so the following GroupNorm skips its statistics pass. ``keep`` (B,) fp32, drop path's
 per-sample keep/(1-p), scales each sample's branch (it folds into ``rstd``'s branch factor), so
-training with drop path stays fused. Channels-last maps.
+training with drop path stays fused. Channels-last maps. ``out`` takes the plain ops' dtype
+(``dtypes``: fp32 under CUDA autocast, where the norm is fp32; with an fp32 layer scale, on CPU too).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import BackwardOp, ForwardOp, absent
+from .dtypes import norm_dtype, promoted
 from ._layout import cdiv, check_keep, dense_in_layout, next_pow2, nhwc_shape, stand_in
 from .dispatch import dispatcher, lazy_triton, resolve
 from .group_norm import finish_moments, sample_moments
@@ -41,8 +43,8 @@ def pool_mixer_ref(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] =
     n = torch.nn.functional.group_norm(x, 1, norm_weight, norm_bias, eps)
     p = torch.nn.functional.avg_pool2d(n, pool_size, 1, pool_size // 2, count_include_pad=False)
     branch = p - n
-    if keep is not None:  # drop path before the layer scale, as timm's blocks apply them
-        branch = branch * keep.view(-1, 1, 1, 1)
+    if keep is not None:  # drop path before the layer scale, its mask in the branch's dtype (timm's DropPath)
+        branch = branch * keep.to(branch.dtype).view(-1, 1, 1, 1)
     branch = branch * ls.view(-1, 1, 1) if ls is not None else branch
     return (x * rs.view(-1, 1, 1) if rs is not None else x) + branch, None
 
@@ -176,11 +178,11 @@ def _grid(x: Tensor):
 
 
 def _fwd_impl(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor], eps: float, ls: Optional[Tensor],
-              rs: Optional[Tensor], pool_size: int, keep: Optional[Tensor] = None
+              rs: Optional[Tensor], pool_size: int, out_dtype: torch.dtype, keep: Optional[Tensor] = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     mean, _, rstd = sample_moments(x, eps)
     grid, bw, bc = _grid(x)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=out_dtype)
     ps = torch.empty((grid[0], grid[1] * grid[2], 2), dtype=torch.float32, device=x.device)
     _load().fwd[grid](x, mean, rstd, norm_weight, stand_in(ls, x), stand_in(rs, x), out, ps, *nhwc_shape(x)[1:],
                       stand_in(keep, x), P=pool_size, HAS_LS=ls is not None, HAS_RS=rs is not None, BLOCK_W=bw,
@@ -214,13 +216,13 @@ def _bwd_impl(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Ten
 
 # ----------------------------------------------------------------------------- op registration
 
-def _fwd_fake(x, norm_weight, norm_bias, eps, ls, rs, pool_size, keep=None):
+def _fwd_fake(x, norm_weight, norm_bias, eps, ls, rs, pool_size, out_dtype, keep=None):
     B = x.shape[0]
 
     def vec():
         return x.new_empty(B, dtype=torch.float32)
 
-    return torch.empty_like(x), vec(), vec(), vec(), vec()
+    return torch.empty_like(x, dtype=out_dtype), vec(), vec(), vec(), vec()
 
 
 def _bwd_fake(g, x, mean, rstd, norm_weight, ls, rs, pool_size, keep=None):
@@ -233,7 +235,7 @@ def _bwd_fake(g, x, mean, rstd, norm_weight, ls, rs, pool_size, keep=None):
 
 
 def _setup(ctx, inputs, output):
-    x, norm_weight, norm_bias, eps, ls, rs, pool_size, keep = inputs
+    x, norm_weight, norm_bias, eps, ls, rs, pool_size, _, keep = inputs
     out, mean, rstd, out_mean, out_var = output
     ctx.mark_non_differentiable(mean, rstd, out_mean, out_var)
     ctx.pool_size = pool_size
@@ -246,7 +248,7 @@ def _backward(ctx, g, *_):
     dx, dw, dls, drs = _bwd_op(dense_in_layout(g, True), x, mean, rstd, norm_weight, ls, rs, ctx.pool_size, keep)
     db = torch.zeros_like(norm_weight) if ctx.has_bias else None
     return (dx, dw.to(norm_weight.dtype), db, None, dls.to(ls.dtype) if ls is not None else None,
-            drs.to(rs.dtype) if rs is not None else None, None, None)
+            drs.to(rs.dtype) if rs is not None else None, None, None, None)
 
 
 _bwd_op = BackwardOp("metazoo::pool_mixer_bwd", _bwd_impl, _bwd_fake)
@@ -267,6 +269,7 @@ def pool_mixer(x: Tensor, norm_weight: Tensor, norm_bias: Optional[Tensor] = Non
     check_keep(keep, x, "pool_mixer")
     if resolve(backend, x) == "torch":
         return pool_mixer_ref(x, norm_weight, norm_bias, eps, ls, rs, pool_size, keep=keep)
+    out_dtype = promoted(x, rs, ls, norm_dtype(x))
     out, _, _, out_mean, out_var = _fwd(dense_in_layout(x, True), norm_weight, norm_bias, float(eps),
-                                           ls, rs, int(pool_size), keep)
+                                           ls, rs, int(pool_size), out_dtype, keep)
     return out, (out_mean, out_var)

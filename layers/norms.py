@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dispatch import plain_pytorch
+from ..kernels.dtypes import matmul_input_dtype
 from ..kernels.group_norm import group_norm1
 from ..kernels.norm_residual import layer_norm
 
@@ -52,6 +53,16 @@ class LayerNorm2d(LayerNorm):
 
     def __init__(self, num_channels: int, eps: float = 1e-6, bias: bool = True):
         super().__init__(num_channels, eps=eps, bias=bias, channels_first=True)
+
+
+def norm_for_matmul(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` whose only consumer is a matmul (linear, 1x1 conv). Our LayerNorms' kernel then writes
+    it in the dtype autocast casts that matmul's input to: the bits autocast would make of the fp32
+    result, in half the bytes and without the cast. Other norms, and the plain path, run as they are."""
+    if type(norm) in (LayerNorm, LayerNorm2d) and not plain_pytorch("layer_norm"):
+        return layer_norm(x, norm.weight, norm.bias, norm.eps, channels_first=norm.channels_first,
+                          n_dtype=matmul_input_dtype(x))
+    return norm(x)
 
 
 def group_norm1_no_bias(num_channels: int) -> GroupNorm1:

@@ -9,6 +9,8 @@ from torch import nn
 class Attention(nn.Module):
     """Vanilla MHSA; heads of ``head_dim`` channels; ``F.scaled_dot_product_attention`` does the math."""
 
+    matmul_input = True  # its first op is qkv: the norm before it may hand over autocast's dtype
+
     def __init__(self, dim: int, head_dim: int = 32, num_heads: int | None = None, qkv_bias: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, proj_bias: bool = False, **_):
         super().__init__()

@@ -10,7 +10,7 @@ from ..kernels.dispatch import plain_pytorch
 from ..kernels.gated_conv import gated_dwconv_linear
 from ..kernels.norm_residual import scale_add
 from ..layers.drop import drop_path_keep
-from ..layers.norms import LayerNorm
+from ..layers.norms import LayerNorm, norm_for_matmul
 
 
 class GatedCNNBlock(nn.Module):
@@ -36,12 +36,12 @@ class GatedCNNBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NHWC."""
         shortcut = x
-        u = self.fc1(self.norm(x))
         if torch.jit.is_scripting() or not self.fused or plain_pytorch("gated_dwconv_linear"):
-            g, i, c = torch.split(u, self.split_indices, dim=-1)
+            g, i, c = torch.split(self.fc1(self.norm(x)), self.split_indices, dim=-1)
             c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             y = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
         else:  # split, depthwise conv, exact GELU gate, concat and fc2 in one op that saves only u
+            u = self.fc1(norm_for_matmul(self.norm, x))
             y = gated_dwconv_linear(u, self.conv.weight, self.conv.bias, self.split_indices[0],
                                     self.fc2.weight, self.fc2.bias)
         if torch.jit.is_scripting() or plain_pytorch("scale_add"):

@@ -12,6 +12,8 @@ from ..layers.activations import StarReLU
 class SepConv(nn.Module):
     """MobileNetV2-style separable conv on NCHW; 1x1 convs kept as Conv2d (timm's weight layout)."""
 
+    matmul_input = True  # its first op is pwconv1: the norm before it may hand over autocast's dtype
+
     def __init__(self, dim: int, expansion_ratio: float = 2.0, act1_layer=StarReLU, act2_layer=nn.Identity,
                  bias: bool = False, kernel_size: int = 7, **_):
         super().__init__()

@@ -20,7 +20,7 @@ from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
 from metazoo.kernels.gated_conv import (gated_dwconv, gated_dwconv_linear, gated_dwconv_linear_ref,
                                         gated_dwconv_ref)
 from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
-from metazoo.kernels.norm_residual import norm_residual, norm_residual_ref
+from metazoo.kernels.norm_residual import layer_norm, layer_norm_ref, norm_residual, norm_residual_ref, scale_add
 from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
 from metazoo.kernels.star_relu import star_relu, star_relu_ref
 
@@ -271,6 +271,59 @@ def test_pool_mixer_moments_feed_group_norm(dtype):
     assert rel_err(n_hint, n_ref) < TOL[dtype]
 
 
+def test_interpreter_rounds_bf16_like_the_gpu():
+    """A kernel's fp32 -> bf16 store rounds to nearest even, as torch and the GPU do (Triton's CPU
+    interpreter is patched to, tests/conftest.py): the bf16 errors measured on CPU are the GPU's."""
+    from metazoo.kernels.norm_residual import _fwd
+
+    x = torch.randn(1, 4099, device=DEVICE) * 3
+    x[0, :4] = torch.tensor([1 + 0.75 * 2 ** -7, 1 + 0.5 * 2 ** -7, 1 + 1.5 * 2 ** -7, -(1 + 0.75 * 2 ** -7)])  # ties: even
+    out = _fwd(x, torch.zeros_like(x), None, None, None, None, 0.0, False, torch.bfloat16, torch.bfloat16,
+               None)[0]
+    assert out.dtype == torch.bfloat16 and torch.equal(out, x.to(torch.bfloat16))
+
+
+def _autocast_cases(norms_fp32: bool):
+    """(name, kernel outputs, expected dtypes) of each fused op on bf16 activations and fp32 parameters
+    under autocast; ``norms_fp32``: the device's autocast runs norms in fp32 (CUDA)."""
+    bf, f32 = torch.bfloat16, torch.float32
+    norm = f32 if norms_fp32 else bf
+    x, y = _rand(2, 6, 3, 5).to(bf), _rand(2, 6, 3, 5).to(bf)
+    w, ls = _rand(6), _rand(6)
+    kw = dict(channels_first=True, backend="triton")
+    return [
+        ("scaled residual", norm_residual(x, y, None, ls, w, **kw), (f32, f32)),
+        ("residual, norm", norm_residual(x, y, None, None, w, **kw), (bf, norm)),
+        ("n_dtype given", norm_residual(x, y, None, ls, w, **kw, n_dtype=bf), (f32, bf)),
+        ("layer_norm", (layer_norm(x, w, **kw),), (norm,)),
+        ("scale_add", (scale_add(x, y, ls, None, **kw),), (f32,)),
+        ("scale_add, no scales", (scale_add(x, y, None, None, **kw),), (bf,)),
+        ("group_norm1", (group_norm1(x, w, backend="triton"),), (norm,)),
+        ("pool_mixer with ls", pool_mixer(x, w, None, 1e-5, ls, backend="triton")[:1], (f32,)),
+        ("pool_mixer", pool_mixer(x, w, None, 1e-5, None, backend="triton")[:1], (norm,)),
+    ]
+
+
+@pytest.mark.parametrize("norms_fp32", [False, True], ids=["norms_as_input", "norms_fp32"])
+def test_outputs_take_the_plain_ops_dtypes_under_autocast(norms_fp32, monkeypatch):
+    """Under autocast each fused op returns the dtypes of the plain ops it replaces: an fp32 scale
+    makes the residual stream fp32, and norms follow the device's autocast (fp32 on CUDA; emulated on
+    CPU), so the stream keeps timm's precision. Where the plain path is what runs here, its dtypes are
+    also checked directly."""
+    from metazoo.kernels import dtypes
+
+    plain_norms_fp32 = DEVICE in dtypes.NORMS_FP32_UNDER_AUTOCAST
+    if norms_fp32 != plain_norms_fp32:
+        monkeypatch.setattr(dtypes, "NORMS_FP32_UNDER_AUTOCAST", {DEVICE} if norms_fp32 else set())
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        for name, outs, want in _autocast_cases(norms_fp32):
+            assert tuple(o.dtype for o in outs) == want, name
+        if norms_fp32 == plain_norms_fp32:
+            x, w = _rand(2, 6, 3, 5).to(torch.bfloat16), _rand(6)
+            norm = torch.float32 if norms_fp32 else torch.bfloat16
+            assert layer_norm_ref(x, w, channels_first=True).dtype == group_norm1_ref(x, w).dtype == norm
+
+
 class _OpLog(TorchDispatchMode):
     """Records the aten ops run under it: their names, and how many made a 0-size tensor outside
     Triton's CPU interpreter (which allocates its own scratch)."""
@@ -338,7 +391,7 @@ def test_absent_outputs_are_none_in_eager_and_empty_in_the_op(monkeypatch):
     ref_n = norm_residual_ref(x.detach(), weight=w.detach())[1]
     assert rel_err(n, ref_n) < TOL[torch.float32] and x.grad is not None and w.grad is not None
     out, n_op, mean, rstd = torch.ops.metazoo.norm_residual_fwd(x.detach(), None, None, None, w.detach(), None,
-                                                                1e-6, False)
+                                                                1e-6, False, torch.float32, torch.float32)
     assert out.numel() == 0 and mean.shape == (15,) and rel_err(n_op, ref_n) < TOL[torch.float32]
 
 
@@ -642,6 +695,50 @@ def test_block_kernels_on_equals_off(family):
             assert k.norm() < zero, name
             continue
         assert rel_err(k, r) < 2e-5, f"{family}: {name} differs by {rel_err(k, r):.2e}"
+
+
+def test_norm_for_matmul_writes_autocasts_matmul_dtype():
+    """A LayerNorm feeding a matmul is written in autocast's dtype: the bits of the plain norm's result
+    cast by autocast (to one bf16 step: the fp32 sums may round differently); otherwise plain."""
+    from metazoo.layers.norms import LayerNorm2d, GroupNorm1, norm_for_matmul
+
+    x = _rand(2, 8, 3, 5, scale=2.0, shift=0.5)
+    ln, gn = LayerNorm2d(8), GroupNorm1(8)
+    with torch.no_grad():
+        ln.weight.copy_(_rand(8)), ln.bias.copy_(_rand(8))
+    with dispatch.use_backend("triton"), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        n = norm_for_matmul(ln, x)
+        assert n.dtype == torch.bfloat16 and norm_for_matmul(gn, x).dtype == gn(x).dtype
+    with dispatch.use_backend("torch"):
+        want = ln(x).to(torch.bfloat16)
+    ulp = want.float().abs().clamp_min(1e-3) * 2 ** -7
+    assert ((n.float() - want.float()).abs() <= ulp).all()
+    with dispatch.use_backend("triton"):
+        assert norm_for_matmul(ln, x).dtype == torch.float32  # no autocast: the norm's own dtype
+
+
+@pytest.mark.parametrize("family", BLOCKS)
+def test_block_under_autocast_matches_the_plain_paths_dtypes_and_error(family):
+    """Under bf16 autocast a block with kernels returns the plain path's dtypes (output, input
+    gradient), and its bf16 error against the plain fp32 block is within the plain bf16 path's own."""
+    block, shape = _blocks()[family]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = _rand(*shape)
+    w = torch.linspace(-1, 1, x.numel(), device=DEVICE).view(shape)
+    res = {}
+    for tag, backend, amp in (("fp32", "torch", False), ("plain", "torch", True), ("kernels", "triton", True)):
+        block.zero_grad()
+        xi = x.detach().to(torch.bfloat16 if amp else x.dtype, copy=True).requires_grad_()
+        with dispatch.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
+            y = block(xi)
+        (y.float() * w).sum().backward()
+        res[tag] = (y, xi.grad, torch.cat([p.grad.flatten() for p in block.parameters()]))
+    assert [t.dtype for t in res["kernels"][:2]] == [t.dtype for t in res["plain"][:2]], family
+    for i, name in enumerate(("out", "d_x", "param grads")):
+        err, bar = (rel_err(res[tag][i].float(), res["fp32"][i]) for tag in ("kernels", "plain"))
+        assert err <= 1.25 * bar + 1e-4, f"{family} {name}: bf16 error {err:.2e}, plain bf16 path {bar:.2e}"
 
 
 @pytest.mark.parametrize("family", ["poolformer_v1", "poolformer_v2", "convformer", "caformer_attention", "mambaout",
