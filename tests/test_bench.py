@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from metazoo.bench import models as bench
+from metazoo.kernels import dispatch
 
 
 def test_recipe_drop_paths_are_the_published_ones():
@@ -166,3 +167,20 @@ def test_compiled_kernel_mode_smoke_run(tmp_path):
         assert r["out_rel_err"] < 1e-2  # bf16 custom op vs bf16 reference
     lines = (tmp_path / "kernels_compiled.md").read_text()
     assert '"scale_add": "' in lines and '"star_relu": "' in lines
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="needs Triton (its interpreter on CPU)")
+def test_activation_memory_emulates_cuda_norms_and_counts_ours_below_timm():
+    """bench/activation_memory.py on CPU: under its CUDA norm policy timm's LayerNorm returns fp32 in
+    autocast (as on the GPU) and so do our kernels; ours keeps fewer bytes per image for backward."""
+    from metazoo.bench import activation_memory as am
+    from metazoo.kernels.norm_residual import layer_norm
+
+    x, w = torch.randn(2, 4, 3, 3).bfloat16(), torch.ones(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.layer_norm(x, (3,)).dtype == torch.bfloat16  # CPU autocast's own policy
+        with am.cuda_norm_policy("cpu"):
+            assert torch.nn.functional.layer_norm(x, (3,)).dtype == torch.float32
+            assert layer_norm(x, w, channels_first=True, backend="triton").dtype == torch.float32
+    rows = [am.measure("poolformer_s12", ours, 1, 32, "cpu") for ours in (False, True)]
+    assert 0 < rows[1]["bytes_per_image"] < 0.8 * rows[0]["bytes_per_image"], rows
