@@ -2,8 +2,8 @@
 
 Under autocast this decides the precision of the residual stream. timm's blocks add fp32 layer/res
 scales to a bf16 branch, and on CUDA its norms return fp32, so its stream is fp32; a kernel that
-wrote the stream in its input's bf16 would round it once per block (measured: up to 9x timm's own
-bf16 gradient error).
+wrote the stream in its input's bf16 would round it once per block (ConvFormer-S18, CPU with the GPU's
+rounding: 1.33x timm's own bf16 gradient error; 1.01x with these rules).
 """
 from __future__ import annotations
 
