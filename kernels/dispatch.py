@@ -212,6 +212,7 @@ COMPILE_OPS = {
     "gated_dwconv_linear": "inductor", # alone 3.959 / 3.337; MambaOut-tiny's step: inductor (above)
     "group_norm1": "custom",           # alone 1.518 / 1.182; PoolFormer-S12's step: custom (above)
     "layer_norm": "inductor",          # alone 1.632 / 0.981
+    "norm_linear": "inductor",         # not measured; as layer_norm (MambaOut's step: inductor)
     "norm_residual": "custom",         # alone 2.681 / 2.065; ConvFormer-S18's step: custom (above)
     "pool_mixer": "custom",            # alone 1.914 / 1.307; PoolFormer-S12's step: custom (above)
     "scale_add": "custom",             # alone 1.538 / 0.759; PoolFormer-S12's step: custom (above)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..kernels.dispatch import plain_pytorch
 from ..kernels.gated_conv import gated_dwconv_linear
+from ..kernels.norm_linear import norm_linear
 from ..kernels.norm_residual import scale_add
 from ..layers.drop import drop_path_keep
 from ..layers.norms import LayerNorm, norm_for_matmul
@@ -32,6 +33,7 @@ class GatedCNNBlock(nn.Module):
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.fused = type(self.act) is nn.GELU and self.act.approximate == "none"  # the fused op's gate
+        self.norm_fc1_fused = type(self.norm) is LayerNorm and not self.norm.channels_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NHWC."""
@@ -41,7 +43,10 @@ class GatedCNNBlock(nn.Module):
             c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             y = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
         else:  # split, depthwise conv, exact GELU gate, concat and fc2 in one op that saves only u
-            u = self.fc1(norm_for_matmul(self.norm, x))
+            if self.norm_fc1_fused and not plain_pytorch("norm_linear"):  # keeps x, not the norm's output
+                u = norm_linear(x, self.norm.weight, self.norm.bias, self.norm.eps, self.fc1.weight, self.fc1.bias)
+            else:
+                u = self.fc1(norm_for_matmul(self.norm, x))
             y = gated_dwconv_linear(u, self.conv.weight, self.conv.bias, self.split_indices[0],
                                     self.fc2.weight, self.fc2.bias)
         if torch.jit.is_scripting() or plain_pytorch("scale_add"):

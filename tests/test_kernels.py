@@ -20,6 +20,7 @@ from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
 from metazoo.kernels.gated_conv import (gated_dwconv, gated_dwconv_linear, gated_dwconv_linear_ref,
                                         gated_dwconv_ref)
 from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
+from metazoo.kernels.norm_linear import norm_linear, norm_linear_ref
 from metazoo.kernels.norm_residual import layer_norm, layer_norm_ref, norm_residual, norm_residual_ref, scale_add
 from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
 from metazoo.kernels.star_relu import star_relu, star_relu_ref
@@ -209,6 +210,43 @@ def test_act_linear_saves_only_its_input():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         act_linear(z, _rand(5, 24, 1, 1), None, "star_relu", s, b, channels_first=True, backend="triton")
     assert saved.count(z.numel()) == 1  # z itself; act(z) is recomputed in backward
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(8))
+def test_norm_linear(seed, dtype):
+    """fc(LN(x)) with LN(x) recomputed in backward: Linear over the last dim / 1x1 conv over NCHW."""
+    rng = random.Random(3000 + seed)
+    channels_first = seed % 2 == 1
+    C, out = rng.randint(1, 70), rng.randint(1, 40)
+    if channels_first:
+        B, _, H, W = _map_shape(rng)
+        x = _rand(B, C, H, W, scale=2.0, shift=0.5)
+        fc_weight = _rand(out, C, 1, 1) / C ** 0.5
+    else:
+        x = _rand(*[rng.randint(1, 4) for _ in range(rng.randint(1, 3))], C, scale=2.0, shift=0.5)
+        fc_weight = _rand(out, C) / C ** 0.5
+    params = {"weight": _rand(C), "bias": _rand(C) if seed % 3 else None, "fc_weight": fc_weight,
+              "fc_bias": _rand(out) if seed % 4 else None}
+    compare(norm_linear, norm_linear_ref, {"x": x}, params, dtype, dict(eps=1e-6, channels_first=channels_first))
+
+
+def test_norm_linear_keeps_the_stream_not_the_normalised_copy():
+    """Under autocast only the fp32 input is kept at the input's size (the norm's backward reads it);
+    LayerNorm + Linear also keep the normalised copy. The output is autocast's linear's."""
+    x, w, fc = (t.requires_grad_() for t in (_rand(2, 3, 5, 24), _rand(24), _rand(7, 24)))
+
+    def kept(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+                torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = fn(x, w, None, 1e-6, fc, None)
+        return y, [t.dtype for t in saved if t.numel() == x.numel()]
+
+    y, ours = kept(partial(norm_linear, backend="triton"))
+    y_ref, plain = kept(norm_linear_ref)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert ours == [torch.float32] and len(plain) == 2, (ours, plain)
 
 
 def test_norm_residual_saves_only_what_backward_reads():
@@ -510,6 +548,8 @@ def _contract_cases():
         "norm_residual": (norm_residual, norm_residual_ref, "norm_residual",
                           lambda: (leaf(2, 5, 8), leaf(2, 5, 8), leaf(8), leaf(8), leaf(8), leaf(8))),
         "layer_norm": (layer_norm, layer_norm_ref, "norm_residual", lambda: (leaf(2, 5, 8), leaf(8), leaf(8))),
+        "norm_linear": (norm_linear, norm_linear_ref, "norm_linear",
+                        lambda: (leaf(2, 5, 8), leaf(8), leaf(8), 1e-6, leaf(6, 8), leaf(6))),
         "scale_add": (scale_add, scale_add_ref, "norm_residual", lambda: (leaf(2, 5, 8), leaf(2, 5, 8), leaf(8), None)),
         "pool_mixer": (pool_mixer, pool_mixer_ref, "pool_mixer",
                        lambda: (leaf(1, 6, 4, 3), leaf(6), leaf(6), 1e-5, leaf(6), leaf(6))),
