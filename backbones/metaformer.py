@@ -17,6 +17,7 @@ from torch import nn
 from ..kernels.dtypes import matmul_input_dtype, norm_dtype
 from ..kernels.dispatch import plain_pytorch
 from ..kernels.group_norm import group_norm1
+from ..kernels.norm_linear import norm_linear
 from ..kernels.norm_residual import norm_residual, scale_add
 from ..kernels.pool_mixer import pool_mixer
 from ..layers.activations import Scale
@@ -115,19 +116,28 @@ class MetaFormerBlock(nn.Module):
         if self.fused_op == "pool_mixer":
             x, moments = pool_mixer(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, ls1, rs1,
                                     self.token_mixer.pool_size, keep=drop_path_keep(self.drop_path1, x, norm_dtype(x)))
-            n2 = group_norm1(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, moments=moments,
-                             n_dtype=matmul_input_dtype(x))
+            y = self._group_norm2_mlp(x, moments)
         else:
             y = self._mixer_branch(x)
             keep = drop_path_keep(self.drop_path1, y)
             if self.fused_op == "norm_residual":
                 x, n2 = norm_residual(x, y, rs1, ls1, self.norm2.weight, self.norm2.bias, self.norm2.eps,
                                       channels_first=cf, keep=keep, n_dtype=matmul_input_dtype(x))
-            else:  # one-group norm2: residual update in one pass, then the group-norm kernel
+                y = self.mlp(n2)
+            else:  # one-group norm2: residual update in one pass, then the group norm with fc1
                 x = scale_add(x, y, rs1, ls1, channels_first=cf, keep=keep)
-                n2 = self.norm2(x)
-        y = self.mlp(n2)
+                y = self._group_norm2_mlp(x)
         return scale_add(x, y, rs2, ls2, channels_first=cf, keep=drop_path_keep(self.drop_path2, y))
+
+    def _group_norm2_mlp(self, x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+        """``mlp(norm2(x))`` for a one-group norm2 (NCHW); ``moments`` of ``x`` skip the norm's statistics
+        pass. The norm and fc1 run as one op that keeps ``x`` (the stream) and not the norm's output."""
+        w, b, eps = self.norm2.weight, self.norm2.bias, self.norm2.eps
+        if plain_pytorch("norm_linear"):
+            return self.mlp(group_norm1(x, w, b, eps, moments=moments, n_dtype=matmul_input_dtype(x)))
+        fc1 = self.mlp.fc1
+        return self.mlp.forward_hidden(norm_linear(x, w, b, eps, fc1.weight, fc1.bias, True, "group1", moments))
 
 
 class MetaFormerStage(nn.Module):

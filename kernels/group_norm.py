@@ -180,17 +180,22 @@ def sample_moments(x: Tensor, eps: Optional[float] = None) -> tuple[Tensor, Tens
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, mean: Optional[Tensor],
               var: Optional[Tensor], n_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    apply = _load().apply
     if mean is None or var is None:
         mean, _, rstd = sample_moments(x, eps)
     else:
         mean, rstd = mean.clone(), torch.rsqrt(var + eps)  # outputs must not alias the inputs
+    return normalise(x, mean, rstd, weight, bias, n_dtype), mean, rstd
+
+
+def normalise(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, bias: Optional[Tensor],
+              n_dtype: torch.dtype) -> Tensor:
+    """The norm's output in ``n_dtype`` from known per-sample ``mean`` and ``rstd`` (one apply pass)."""
     y = torch.empty_like(x, dtype=n_dtype)
     B, C = x.shape[0], x.shape[1]
     N = x.numel() // B
-    apply[(B, cdiv(N, _FLAT))](x, mean, rstd, weight, bias if bias is not None else weight, y, N, C,
-                               HAS_B=bias is not None, BLOCK=_FLAT, num_warps=8)
-    return y, mean, rstd
+    _load().apply[(B, cdiv(N, _FLAT))](x, mean, rstd, weight, bias if bias is not None else weight, y, N, C,
+                                       HAS_B=bias is not None, BLOCK=_FLAT, num_warps=8)
+    return y
 
 
 def _bwd_impl(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:

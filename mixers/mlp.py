@@ -30,7 +30,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: NCHW when built with ``use_conv`` else (..., C)."""
-        z = self.fc1(x)
+        return self.forward_hidden(self.fc1(x))
+
+    def forward_hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """The MLP after fc1, ``z = fc1(x)``: for callers that fuse fc1 with the norm before it."""
         if torch.jit.is_scripting() or plain_pytorch("act_linear") or (self.drop1.p > 0 and self.training):
             return self.drop2(self.fc2(self.drop1(self.act(z))))
         if isinstance(self.act, StarReLU):  # act + fc2 in one op that keeps only z for backward

@@ -215,9 +215,11 @@ def test_act_linear_saves_only_its_input():
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("seed", range(8))
 def test_norm_linear(seed, dtype):
-    """fc(LN(x)) with LN(x) recomputed in backward: Linear over the last dim / 1x1 conv over NCHW."""
+    """fc(norm(x)) with norm(x) recomputed in backward: LayerNorm + Linear over the last dim, LayerNorm /
+    one-group GroupNorm + 1x1 conv over NCHW."""
     rng = random.Random(3000 + seed)
     channels_first = seed % 2 == 1
+    norm = "group1" if seed % 4 == 3 else "layer"
     C, out = rng.randint(1, 70), rng.randint(1, 40)
     if channels_first:
         B, _, H, W = _map_shape(rng)
@@ -228,7 +230,8 @@ def test_norm_linear(seed, dtype):
         fc_weight = _rand(out, C) / C ** 0.5
     params = {"weight": _rand(C), "bias": _rand(C) if seed % 3 else None, "fc_weight": fc_weight,
               "fc_bias": _rand(out) if seed % 4 else None}
-    compare(norm_linear, norm_linear_ref, {"x": x}, params, dtype, dict(eps=1e-6, channels_first=channels_first))
+    compare(norm_linear, norm_linear_ref, {"x": x}, params, dtype, dict(eps=1e-6, channels_first=channels_first,
+                                                                       norm=norm))
 
 
 def test_norm_linear_keeps_the_stream_not_the_normalised_copy():
@@ -307,6 +310,10 @@ def test_pool_mixer_moments_feed_group_norm(dtype):
     n_hint = group_norm1(out, w, None, 1e-6, moments=moments, backend="triton")
     n_ref = group_norm1_ref(out.double(), w.double(), None, 1e-6)
     assert rel_err(n_hint, n_ref) < TOL[dtype]
+    fc = _rand(5, 12, 1, 1)
+    z_hint = norm_linear(out, w, None, 1e-6, fc, None, True, "group1", moments=moments, backend="triton")
+    z_ref = norm_linear_ref(out.double(), w.double(), None, 1e-6, fc.double(), None, True, "group1")
+    assert rel_err(z_hint, z_ref) < TOL[dtype]
 
 
 def test_interpreter_rounds_bf16_like_the_gpu():
