@@ -29,6 +29,7 @@ from metazoo.kernels.act_linear import act_linear, act_linear_ref
 from metazoo.kernels.dwconv import dwconv2d, dwconv2d_ref
 from metazoo.kernels.gated_conv import gated_dwconv, gated_dwconv_linear, gated_dwconv_linear_ref, gated_dwconv_ref
 from metazoo.kernels.group_norm import group_norm1, group_norm1_ref
+from metazoo.kernels.norm_linear import norm_linear, norm_linear_ref
 from metazoo.kernels.norm_residual import layer_norm, layer_norm_ref, norm_residual, norm_residual_ref, scale_add
 from metazoo.kernels.norm_residual import scale_add_ref
 from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
@@ -114,6 +115,19 @@ def cases(batch: int, device: str = "cuda", tiny: bool = False):
     out.append(("act_linear star_relu 256->64 56x56", act_linear, act_linear_ref, dict(z=z),
                 dict(fc_weight=par(64, 256, 1, 1, scale=0.06), fc_bias=None, act_scale=par(1), act_bias=par(1)),
                 dict(act="star_relu", channels_first=True), n + n // 4, n + n // 4 + (2 * n + n // 4)))
+    # Norm + fc1 keeping only the norm's input (the normalised copy is recomputed in backward): MambaOut-T
+    # stage 1 (LayerNorm, 96 -> 512) and PoolFormer-S12 stage 1 (one-group GroupNorm, 1x1 conv 64 -> 256).
+    # Bytes: the norm pass and the matmul's output; backward adds the recompute, dy, dn and dx.
+    x = act(batch, 56, 56, 96, cl=False)
+    n, ny = x.numel() * 2, x.numel() * 2 * 512 // 96
+    out.append(("norm_linear LN 56x56 96->512", norm_linear, norm_linear_ref, dict(x=x),
+                dict(weight=par(96), bias=par(96), fc_weight=par(512, 96, scale=0.1), fc_bias=par(512)),
+                dict(eps=1e-6), 2 * n + ny, 2 * n + ny + (2 * n + ny + 3 * n)))
+    x = act(batch, 64, 56, 56)
+    n, ny = x.numel() * 2, x.numel() * 2 * 4
+    out.append(("norm_linear GN1 64x56x56 ->256", norm_linear, norm_linear_ref, dict(x=x),
+                dict(weight=par(64), bias=par(64), fc_weight=par(256, 64, 1, 1, scale=0.1), fc_bias=par(256)),
+                dict(eps=1e-5, channels_first=True, norm="group1"), 3 * n + ny, 3 * n + ny + (3 * n + ny + 3 * n)))
     # PoolFormer stage 1: GroupNorm1 and the fused pooling mixer.
     x = act(batch, 64, 56, 56)
     n = x.numel() * 2
