@@ -100,9 +100,10 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], eps
 def _fwd_fake(x, weight, bias, eps, fc_weight, fc_bias, channels_first, norm, n_dtype, mean=None, var=None):
     C = x.shape[1] if channels_first else x.shape[-1]
     M = x.shape[0] if norm == "group1" else x.numel() // C
-    if channels_first:
-        y = x.new_empty((x.shape[0], fc_weight.shape[0], *x.shape[2:]), dtype=n_dtype)
-        y = y.contiguous(memory_format=torch.channels_last)
+    if channels_first:  # the conv's output takes its input's memory format, as in act_linear
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
+        y = x.new_empty((x.shape[0], fc_weight.shape[0], *x.shape[2:]), dtype=n_dtype).contiguous(memory_format=fmt)
     else:
         y = x.new_empty((*x.shape[:-1], fc_weight.shape[0]), dtype=n_dtype)
     return y, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
