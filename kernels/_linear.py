@@ -1,5 +1,5 @@
 """The output projection of the fused ops that recompute their input in backward (``act_linear``,
-``gated_dwconv_linear``): run as autocast runs it, in the activation's dtype with copies of the
+``gated_dwconv_linear``, ``norm_linear``): run as autocast runs it, in the activation's dtype with copies of the
 fp32 parameters in that dtype, as a Linear over the last dim or a 1x1 conv over NCHW in either
 memory format. Autocast is switched off inside, so the result does not depend on its state."""
 from __future__ import annotations
@@ -19,6 +19,18 @@ def project(a: Tensor, weight: Tensor, bias: Optional[Tensor], channels_first: b
     b = bias.to(a.dtype) if bias is not None else None
     with torch.autocast(a.device.type, enabled=False):
         return F.conv2d(a, w, b) if channels_first else F.linear(a, w, b)
+
+
+def project_fake(a: Tensor, out_channels: int, channels_first: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An empty tensor shaped, laid out and typed as :func:`project`'s result on ``a`` (fake impls): a 1x1
+    conv's output is channels_last where its input is channels_last and not also contiguous."""
+    dtype = dtype or a.dtype
+    if channels_first:
+        fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous() \
+            else torch.contiguous_format
+        return a.new_empty((a.shape[0], out_channels, *a.shape[2:]), dtype=dtype).contiguous(memory_format=fmt)
+    return a.new_empty((*a.shape[:-1], out_channels), dtype=dtype)
 
 
 def project_backward(dy: Tensor, a: Tensor, weight: Tensor, has_bias: bool, channels_first: bool = False

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._autograd import BackwardOp, ForwardOp, absent, grad_as
-from ._linear import project, project_backward
+from ._linear import project, project_backward, project_fake
 from .dispatch import dispatcher, resolve
 from .star_relu import _bwd_op as _star_relu_bwd
 from .star_relu import star_relu_apply, star_relu_ref
@@ -82,11 +82,7 @@ def _bwd_impl(dy: Tensor, z: Tensor, fc_weight: Tensor, act: str, act_scale: Opt
 # ----------------------------------------------------------------------------- op registration
 
 def _fwd_fake(z, fc_weight, fc_bias, act, act_scale, act_bias, channels_first):
-    if channels_first:
-        fmt = torch.channels_last if z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous() \
-            else torch.contiguous_format
-        return z.new_empty((z.shape[0], fc_weight.shape[0], *z.shape[2:])).contiguous(memory_format=fmt)
-    return z.new_empty((*z.shape[:-1], fc_weight.shape[0]))
+    return project_fake(z, fc_weight.shape[0], channels_first)
 
 
 def _bwd_fake(dy, z, fc_weight, act, act_scale, act_bias, has_fc_bias, channels_first):

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from . import group_norm as gn
 from . import norm_residual as nr
-from ._autograd import BackwardOp, ForwardOp, grad_as, or_absent
+from ._autograd import BackwardOp, ForwardOp, absent, grad_as, or_absent
 from ._layout import dense_in_layout
-from ._linear import project, project_backward
+from ._linear import project, project_backward, project_fake
 from .dispatch import dispatcher, resolve
 from .dtypes import matmul_input_dtype, norm_dtype
 
@@ -89,7 +89,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], eps
     dn = dense_in_layout(dn, channels_first)
     if norm == "group1":
         dx, dw, db = gn._bwd_impl(dn, x, weight, mean, rstd)
-        return dx, dw, db if bias is not None else or_absent(None, x, torch.float32), dfw, dfb
+        return dx, dw, db if bias is not None else absent(x, torch.float32), dfw, dfb
     dx, _, _, _, dw, db = nr._bwd_impl(None, dn, None, None, x, None, None, weight, bias is not None, mean, rstd,
                                        False, x.dtype, x.dtype, channels_first)
     return dx, dw, or_absent(db, x, torch.float32), dfw, dfb
@@ -100,12 +100,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], eps
 def _fwd_fake(x, weight, bias, eps, fc_weight, fc_bias, channels_first, norm, n_dtype, mean=None, var=None):
     C = x.shape[1] if channels_first else x.shape[-1]
     M = x.shape[0] if norm == "group1" else x.numel() // C
-    if channels_first:  # the conv's output takes its input's memory format, as in act_linear
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-            else torch.contiguous_format
-        y = x.new_empty((x.shape[0], fc_weight.shape[0], *x.shape[2:]), dtype=n_dtype).contiguous(memory_format=fmt)
-    else:
-        y = x.new_empty((*x.shape[:-1], fc_weight.shape[0]), dtype=n_dtype)
+    y = project_fake(x, fc_weight.shape[0], channels_first, n_dtype)  # n is laid out as x
     return y, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
 
 
