@@ -209,21 +209,41 @@ def make_train_step(model, batch: int, size: int = 224, device: str = "cuda"):
     return step
 
 
-def busy_ms(step, steps: int, device: str) -> tuple[float | None, str]:
-    """Summed device kernel time per step over ``steps`` profiled steps, and the table of the kernels
-    that took it, largest first (None and "" off CUDA)."""
+def kernel_kind(name: str) -> str:
+    """What a device kernel does, from its name: ``attention`` (flash / fused SDPA), ``matmul`` (cuBLAS,
+    CUTLASS, inductor's mm templates), ``conv`` (cuDNN, our depthwise conv) or ``other`` (elementwise,
+    norms, reductions, copies). Inductor's fused Triton kernels name the aten ops they absorbed, so only
+    its templates count as matmul."""
+    n = name.lower()
+    if n.startswith("triton_"):
+        return "matmul" if n.startswith("triton_tem") else "other"
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("nhwckrsc", "implicit_gemm", "conv", "dgrad", "wgrad", "fprop")):
+        return "conv"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "cublas", "splitk")):
+        return "matmul"
+    return "other"
+
+
+def busy_ms(step, steps: int, device: str) -> tuple[float | None, dict, str]:
+    """Summed device kernel time per step over ``steps`` profiled steps, the same split by
+    :func:`kernel_kind`, and the table of the kernels that took it, largest first (None, {}, "" off CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     if device != "cuda":
-        return None, ""
+        return None, {}, ""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    kinds = {}
+    for e in events:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, "self_device_time_total", 0.0) / 1e3 / steps
     table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    return us / 1e3 / steps, f"{steps} steps\n{table}"
+    return sum(kinds.values()), kinds, f"{steps} steps\n{table}"
 
 
 def bench_train(model, batch: int, size: int, warmup: int, iters: int, device: str) -> dict:
@@ -236,9 +256,9 @@ def bench_train(model, batch: int, size: int, warmup: int, iters: int, device: s
     _sync(device)
     sec = _seconds(step, iters, device)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
-    busy, kernels = busy_ms(step, min(iters, 3), device)
+    busy, kinds, kernels = busy_ms(step, min(iters, 3), device)
     return dict(train_img_s=batch * iters / sec, train_wall_ms=1e3 * sec / iters, train_peak_gib=peak,
-                train_gpu_busy_ms=busy, train_kernels=kernels)
+                train_gpu_busy_ms=busy, train_gpu_ms_by_kind=kinds, train_kernels=kernels)
 
 
 def train_flops(name: str, batch: int, size: int) -> int:
@@ -422,6 +442,26 @@ def _vs_fp32(m: dict) -> str:
     return f"{o['logits']:.1e} / {o['grads']:.1e}, {t['logits']:.1e} / {t['grads']:.1e}" if o and t else "-"
 
 
+def floor_lines(rows: list[dict]) -> list[str]:
+    """Per model, the GPU time of its matmul and attention kernels (cuBLAS / SDPA, the same calls in every
+    row; least over the rows) and what it bounds: no fusion of the other kernels can make a training step
+    faster than timm's best row by more than timm's best wall time over that floor."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name and r.get("train_gpu_ms_by_kind")]
+        timm = [r for r in mine if r["impl"].startswith("timm")]
+        if not mine or not timm:
+            continue
+        floor = min(r["train_gpu_ms_by_kind"].get("matmul", 0.0) + r["train_gpu_ms_by_kind"].get("attention", 0.0)
+                    for r in mine)
+        best = max(timm, key=lambda r: r["train_img_s"])
+        lines.append(f"| {name} | {floor:.1f} | {best['impl']} {best['train_wall_ms']:.1f} | "
+                     f"{best['train_wall_ms'] / floor:.2f}x |" if floor else f"| {name} | 0 | - | - |")
+    head = ["", "| model | matmul + attention GPU ms per training step (least over rows) | timm's best training "
+            "wall ms | ceiling vs timm's best (every other kernel free) |", "|---|---|---|---|"]
+    return head + lines if lines else []
+
+
 def markdown(rows: list[dict], checks: dict) -> str:
     by = {(r["model"], r["impl"]): r for r in rows}
     lines = ["| model (drop path) | impl | infer img/s | train img/s | train wall / GPU-busy ms | MFU | "
@@ -440,6 +480,7 @@ def markdown(rows: list[dict], checks: dict) -> str:
                          f"{r['train_img_s']:.0f} | {_x(r.get('train_wall_ms'), '.1f')} / "
                          f"{_x(r.get('train_gpu_busy_ms'), '.1f')} | {mfu} | "
                          f"{_x(r.get('train_peak_gib'), '.2f')} | {ri} | {rt} | {rm} |")
+    lines += floor_lines(rows)
     if checks:
         lines += ["", "| model | mode | logits rel err vs timm | grad rel err all / median / max (param) | "
                   "vs timm fp32, logits / grads: ours, timm |", "|---|---|---|---|---|"]

@@ -184,3 +184,22 @@ def test_activation_memory_emulates_cuda_norms_and_counts_ours_below_timm():
             assert layer_norm(x, w, channels_first=True, backend="triton").dtype == torch.float32
     rows = [am.measure("poolformer_s12", ours, 1, 32, "cpu") for ours in (False, True)]
     assert 0 < rows[1]["bytes_per_image"] < 0.8 * rows[0]["bytes_per_image"], rows
+
+
+def test_kernel_kinds_and_the_matmul_floor():
+    kinds = {"nvjet_sm90_tst_160x128_64x5_1x2_h_bz_NNN": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+             "sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc": "conv",
+             "dgrad2d_c1_k1_nhwc_specialized": "conv",
+             "triton_per_fused_convolution_backward_native_layer_norm_0": "other",
+             "triton_tem_fused_mm_3": "matmul",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor>": "other"}
+    assert {k: bench.kernel_kind(k) for k in kinds} == kinds
+    rows = [dict(model="m", impl="timm_compile", train_img_s=100.0, train_wall_ms=40.0,
+                 train_gpu_ms_by_kind=dict(matmul=18.0, attention=2.0, other=19.0)),
+            dict(model="m", impl="timm_eager", train_img_s=50.0, train_wall_ms=80.0,
+                 train_gpu_ms_by_kind=dict(matmul=19.0, attention=2.5, other=50.0)),
+            dict(model="m", impl="ours_eager", train_img_s=90.0, train_wall_ms=44.0,
+                 train_gpu_ms_by_kind=dict(matmul=17.0, attention=2.0, conv=3.0))]
+    assert bench.floor_lines(rows)[-1] == "| m | 19.0 | timm_compile 40.0 | 2.11x |"
