@@ -119,9 +119,15 @@ def _conv_part(u: Tensor, cc: int) -> Tensor:
     return u[..., u.shape[-1] - cc:]
 
 
-def _conv_out(u: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The depthwise conv of ``u``'s last ``weight.shape[0]`` channels (dense NHWC)."""
-    return dwconv.conv_forward(_conv_part(u, weight.shape[0]), weight, bias, None, None)
+def _dense_conv_part(u: Tensor, cc: int) -> Tensor:
+    """``u``'s conv channels as a dense NHWC copy: backward's conv recompute and weight gradient both read
+    it, where each would otherwise make its own copy of the strided slice for cuDNN."""
+    return _conv_part(u, cc).contiguous()
+
+
+def _conv_out(c: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The depthwise conv of the conv channels ``c`` (NHWC, any pixel strides), dense NHWC out."""
+    return dwconv.conv_forward(c, weight, bias, None, None)
 
 
 def _gate_forward(u: Tensor, cv: Tensor, hidden: int) -> Tensor:
@@ -131,24 +137,24 @@ def _gate_forward(u: Tensor, cv: Tensor, hidden: int) -> Tensor:
 
 
 def _fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int) -> Tensor:
-    return _gate_forward(u, _conv_out(u, weight, bias), hidden)
+    return _gate_forward(u, _conv_out(_conv_part(u, weight.shape[0]), weight, bias), hidden)
 
 
-def _gate_backward(dh: Tensor, u: Tensor, cv: Tensor, weight: Tensor, has_bias: bool, hidden: int
+def _gate_backward(dh: Tensor, u: Tensor, c: Tensor, cv: Tensor, weight: Tensor, has_bias: bool, hidden: int
                    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(du, dweight, dbias) from ``dh`` and the conv output ``cv`` (recomputed by the caller)."""
+    """(du, dweight, dbias) from ``dh``, the conv input ``c`` and output ``cv`` (both from the caller)."""
     cc = weight.shape[0]
     du = torch.empty_like(u)
     dcv = torch.empty_like(cv)
     _launch(u, cv, hidden, cc, None, dh.contiguous(), du, dcv)
-    dw, db, _, _ = dwconv.conv_backward(dcv, _conv_part(u, cc), weight, has_bias, None, None, _conv_part(du, cc))
+    dw, db, _, _ = dwconv.conv_backward(dcv, c, weight, has_bias, None, None, _conv_part(du, cc))
     return du, dw, db
 
 
 def _bwd_impl(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
               ) -> tuple[Tensor, Tensor, Tensor]:
-    cv = _conv_out(u, weight, bias)
-    du, dw, db = _gate_backward(dh, u, cv, weight, bias is not None, hidden)
+    c = _dense_conv_part(u, weight.shape[0])
+    du, dw, db = _gate_backward(dh, u, c, _conv_out(c, weight, bias), weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32)
 
 
@@ -160,9 +166,10 @@ def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
 def _lin_bwd_impl(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                   has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # the conv output is recomputed once and serves both h (for fc2's gradients) and the gate's backward
-    cv = _conv_out(u, weight, bias)
+    c = _dense_conv_part(u, weight.shape[0])
+    cv = _conv_out(c, weight, bias)
     dh, dfw, dfb = project_backward(dy, _gate_forward(u, cv, hidden), fc_weight, has_fc_bias)
-    du, dw, db = _gate_backward(dh, u, cv, weight, bias is not None, hidden)
+    du, dw, db = _gate_backward(dh, u, c, cv, weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32), dfw, dfb
 
 

@@ -149,16 +149,21 @@ def test_gated_dwconv(seed, dtype):
 
 def test_gated_dwconv_linear_backward_runs_the_conv_once(monkeypatch):
     """Training runs the depthwise conv twice per block: forward, and one recompute serving both h
-    (fc2's gradients) and the gate's backward (the profile showed three before)."""
+    (fc2's gradients) and the gate's backward (the profile showed three before). Backward copies the
+    strided conv channels of u once, densely, for the recompute and the weight gradient (cuDNN would
+    copy the strided slice once for each)."""
     from metazoo.kernels import dwconv, gated_conv
 
-    calls = []
-    forward = dwconv.conv_forward
-    monkeypatch.setattr(dwconv, "conv_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls, grads = [], []
+    forward, backward = dwconv.conv_forward, dwconv.conv_backward
+    monkeypatch.setattr(dwconv, "conv_forward", lambda x, *a, **k: calls.append(x) or forward(x, *a, **k))
+    monkeypatch.setattr(dwconv, "conv_backward", lambda g, x, *a, **k: grads.append(x) or backward(g, x, *a, **k))
     u = _rand(2, 5, 6, 16).requires_grad_(True)
     w, fw = _rand(6, 1, 3, 3).requires_grad_(True), _rand(4, 8).requires_grad_(True)
     gated_conv.gated_dwconv_linear(u, w, None, 8, fw, None, backend="triton").sum().backward()
-    assert len(calls) == 2, calls
+    assert len(calls) == 2 and len(grads) == 1, (len(calls), len(grads))
+    assert not calls[0].is_contiguous()  # forward reads the slice of u in place
+    assert calls[1] is grads[0] and grads[0].is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
