@@ -25,7 +25,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, C)."""
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        # q, k, v as (B, heads, N, head_dim) views of qkv's output; unbinding dim 2 of (B, N, 3, heads, head_dim)
+        # makes backward stack dq, dk, dv straight into qkv's layout (one copy, where permute + unbind(0) need two)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
