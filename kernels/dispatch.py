@@ -186,7 +186,8 @@ def fx_tracing() -> bool:
     return _fx_symbolic_tracing()
 
 
-# What torch.compile gets for each kernel op: "custom" keeps the registered Triton op (opaque to
+# What torch.compile under CUDA graphs (the training command's default on CUDA) gets for each kernel op;
+# a compiled graph that runs without them gives every op to inductor (:func:`compile_policy`). "custom" keeps the registered Triton op (opaque to
 # inductor: it cannot fuse it with its neighbours), "inductor" makes the caller take its plain PyTorch
 # path (the op's reference math), which inductor decomposes and fuses. A MetaFormer block's fused path
 # follows the entry of its lead op: pool_mixer (PoolFormer: + group_norm1 on the moments, scale_add),
@@ -236,14 +237,39 @@ def compile_ops(policy: str):
     return _scoped("compile_ops", _check_policy(policy, "policy"))
 
 
+def graphed_compile() -> bool | None:
+    """Whether the torch.compile call tracing now replays its graphs through CUDA graphs (inductor with
+    ``triton.cudagraphs``: ``mode="reduce-overhead"``, ``"max-autotune"`` or that option); None when not
+    tracing, when the backend is not inductor, or when torch's tracing internals do not say."""
+    try:  # dynamo's tracer and backend wrappers are internals: any change there means "unknown"
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        backend = InstructionTranslator.current_tx().output.compiler_fn
+        if getattr(backend, "__name__", None) != "inductor":
+            return None
+        from torch._inductor import config
+
+        return bool(backend.get_compiler_config().get("triton.cudagraphs", config.triton.cudagraphs))
+    except Exception:
+        return None
+
+
 @torch.compiler.assume_constant_result
 def compile_policy(op: str) -> str:
     """``'custom'`` or ``'inductor'``: what torch.compile gets for ``op``. Precedence:
-    :func:`compile_ops` (context), then ``METAZOO_COMPILE_OPS``, then :data:`COMPILE_OPS`."""
+    :func:`compile_ops` (context), then ``METAZOO_COMPILE_OPS``, then the table: :data:`COMPILE_OPS`
+    under CUDA graphs, inductor for every op where inductor runs without them. A custom op in a compiled
+    graph costs a host-side dispatch per call that only CUDA graphs take away: without them every
+    custom-op row lost to timm's compiled graph (H100, default mode, training img/s, ours / timm:
+    convformer_s18 1183 / 2386 and mambaout_tiny 2580 / 3458 in session 12; 2141 / 2815 and 1813 / 3482
+    in session 10), while every op given to inductor builds timm's graph (caformer_s18 3474 / 3350,
+    session 9)."""
     want = getattr(_state, "compile_ops", None)
     if want is None:
         want = _check_policy(os.environ.get(COMPILE_ENV_VAR, "table").strip().lower() or "table", COMPILE_ENV_VAR)
-    return COMPILE_OPS[op] if want == "table" else want
+    if want != "table":
+        return want
+    return "inductor" if graphed_compile() is False else COMPILE_OPS[op]
 
 
 @torch.jit.unused  # a scripted caller's `torch.jit.is_scripting() or` never reaches it

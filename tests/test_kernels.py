@@ -6,6 +6,7 @@ float64 on upcast copies of the same inputs; errors are relative (||a - b|| / ||
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from functools import partial
 import traceback
@@ -921,6 +922,36 @@ def test_compile_policies_draw_drop_path_masks_as_eager(family):
     for policy in ("custom", "inductor"):
         _, y, g = _compiled_ops(block, x, policy, seed=7)
         assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5, policy
+
+
+def test_table_gives_every_op_to_inductor_without_cuda_graphs(monkeypatch):
+    """The table applies where inductor replays CUDA graphs (mode reduce-overhead, or the option);
+    default-mode inductor gets every op's plain path; other backends, the context and the environment
+    variable keep their choice."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setitem(dispatch.COMPILE_OPS, "scale_add", "custom")
+    monkeypatch.delenv(dispatch.COMPILE_ENV_VAR, raising=False)
+
+    def f(x):
+        return x + 1 if dispatch.plain_pytorch("scale_add") else x - 1
+
+    def run(policy=None, **kw):
+        torch._dynamo.reset()
+        with dispatch.compile_ops(policy) if policy else contextlib.nullcontext():
+            out = torch.compile(f, **kw)(torch.zeros(3))
+        torch._dynamo.reset()
+        return "inductor" if out[0] == 1 else "custom"
+
+    assert dispatch.graphed_compile() is None  # not tracing
+    assert run() == "inductor"
+    assert run(mode="reduce-overhead") == "custom"
+    assert run(options={"triton.cudagraphs": True}) == "custom"
+    assert run(backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward))) == "custom"  # the table
+    assert run("custom") == "custom" and run("inductor", mode="reduce-overhead") == "inductor"
+    monkeypatch.setenv(dispatch.COMPILE_ENV_VAR, "custom")
+    assert run() == "custom"
 
 
 def test_compile_policy_precedence_and_bad_values(monkeypatch):
