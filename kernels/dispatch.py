@@ -220,6 +220,10 @@ COMPILE_OPS = {
     "selective_scan": "custom",        # not measured yet
     "star_relu": "inductor",           # alone 1.302 / 0.714
 }
+# Ops that keep the table's choice under torch.compile without CUDA graphs too: their plain paths are no
+# fit for inductor (ViM2's sequential scan, AFFNet's FFT filter, TransNeXt's unfold-based attention), and
+# their custom ops are what those families' compiled rows measured (bench/results/transnext.json, affnet.json).
+TABLE_IN_EVERY_MODE = frozenset({"aff_filter", "aggregated_attention", "selective_scan"})
 COMPILE_POLICIES = ("custom", "inductor", "table")
 COMPILE_ENV_VAR = "METAZOO_COMPILE_OPS"
 
@@ -258,7 +262,8 @@ def graphed_compile() -> bool | None:
 def compile_policy(op: str) -> str:
     """``'custom'`` or ``'inductor'``: what torch.compile gets for ``op``. Precedence:
     :func:`compile_ops` (context), then ``METAZOO_COMPILE_OPS``, then the table: :data:`COMPILE_OPS`
-    under CUDA graphs, inductor for every op where inductor runs without them. A custom op in a compiled
+    under CUDA graphs; where inductor runs without them, inductor for every op but those of
+    :data:`TABLE_IN_EVERY_MODE`. A custom op in a compiled
     graph costs a host-side dispatch per call that only CUDA graphs take away: without them every
     custom-op row lost to timm's compiled graph (H100, default mode, training img/s, ours / timm:
     convformer_s18 1183 / 2386 and mambaout_tiny 2580 / 3458 in session 12; 2141 / 2815 and 1813 / 3482
@@ -269,7 +274,9 @@ def compile_policy(op: str) -> str:
         want = _check_policy(os.environ.get(COMPILE_ENV_VAR, "table").strip().lower() or "table", COMPILE_ENV_VAR)
     if want != "table":
         return want
-    return "inductor" if graphed_compile() is False else COMPILE_OPS[op]
+    if op not in TABLE_IN_EVERY_MODE and graphed_compile() is False:
+        return "inductor"
+    return COMPILE_OPS[op]
 
 
 @torch.jit.unused  # a scripted caller's `torch.jit.is_scripting() or` never reaches it

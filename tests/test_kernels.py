@@ -952,6 +952,10 @@ def test_table_gives_every_op_to_inductor_without_cuda_graphs(monkeypatch):
     assert run("custom") == "custom" and run("inductor", mode="reduce-overhead") == "inductor"
     monkeypatch.setenv(dispatch.COMPILE_ENV_VAR, "custom")
     assert run() == "custom"
+    monkeypatch.delenv(dispatch.COMPILE_ENV_VAR)
+    assert all(dispatch.COMPILE_OPS[op] == "custom" for op in dispatch.TABLE_IN_EVERY_MODE)
+    monkeypatch.setattr(dispatch, "TABLE_IN_EVERY_MODE", frozenset({"scale_add"}))
+    assert run() == "custom"  # a plain path no fit for inductor keeps the table's choice in every mode
 
 
 def test_compile_policy_precedence_and_bad_values(monkeypatch):
