@@ -8,6 +8,9 @@ import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
+from torch.utils.checkpoint import checkpoint
+
+from ..kernels.dispatch import fx_tracing
 from ..layers.activations import SquaredReLU
 from ..layers.norms import LayerNorm, LayerNorm2d
 from ._common import check_global_pool, check_input_size
@@ -31,7 +34,11 @@ class PatchStem(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """MambaOut stem: two 3x3 stride-2 convs with LayerNorm (mid norm optional) and act; NCHW -> NHWC."""
+    """MambaOut stem: two 3x3 stride-2 convs with LayerNorm (mid norm optional) and act; NCHW -> NHWC.
+
+    With gradients on, the mid norm and act are recomputed in backward from conv1's output: the norm's
+    output (the act's input, fp32 under CUDA autocast) is the largest map of the network, twice conv1's
+    bf16 output per pixel at stride 2, and autograd would otherwise keep it for the whole step."""
 
     def __init__(self, in_chans: int, dim: int, mid_norm: bool = True, act_layer=nn.GELU, norm_layer=LayerNorm):
         super().__init__()
@@ -46,10 +53,17 @@ class ConvStem(nn.Module):
         if not torch.jit.is_scripting():  # a global int is no TorchScript constant
             check_input_size(x, TOTAL_STRIDE)
         x = self.conv1(x)
+        if torch.jit.is_scripting() or self.norm1 is None or fx_tracing() or not torch.is_grad_enabled():
+            x = self._norm_act(x)  # without the mid norm, act keeps conv1's output anyway
+        else:  # keeps conv1's output only (bit-equal: the recompute runs the same ops under the same autocast)
+            x = checkpoint(self._norm_act, x, use_reentrant=False)
+        return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
+
+    def _norm_act(self, x: torch.Tensor) -> torch.Tensor:
+        """act(norm1(x)) on conv1's NCHW output (norm over channels)."""
         if self.norm1 is not None:
             x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        x = self.conv2(self.act(x))
-        return self.norm2(x.permute(0, 2, 3, 1))
+        return self.act(x)
 
 
 class Downsampling(nn.Module):

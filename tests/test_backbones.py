@@ -218,3 +218,40 @@ def test_unwrap_state_dict():
     assert unwrap_state_dict(ckpt, use_ema=True) == {"x": e}
     with pytest.raises(ValueError, match="no tensors"):
         unwrap_state_dict({"epoch": 3})
+
+
+@pytest.mark.parametrize("mid_norm", [True, False])
+def test_conv_stem_recomputes_its_norm_and_act_in_backward(mid_norm):
+    """MambaOut's stem keeps conv1's output for backward and not the mid norm's output (the largest map
+    of the network), and computes the same values and gradients as the plain chain."""
+    from metazoo.backbones._layers import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(3, 32, mid_norm=mid_norm).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def plain(x):
+        y = stem.conv2(stem._norm_act(stem.conv1(x)))
+        return stem.norm2(y.permute(0, 2, 3, 1))
+
+    def run(fn):
+        stem.zero_grad()
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn(x)
+        (y * torch.arange(y.shape[-1])).sum().backward()
+        return y, [p.grad.clone() for p in stem.parameters()], sum(saved.values())
+
+    y, grads, kept = run(stem)
+    y_plain, grads_plain, kept_plain = run(plain)
+    assert torch.equal(y, y_plain) and all(torch.equal(a, b) for a, b in zip(grads, grads_plain))
+    conv1_out = 2 * 16 * 16 * 16 * 4  # fp32 bytes of conv1's output, as many as the norm's output
+    if mid_norm:  # the norm's output and moments
+        assert kept_plain - kept >= conv1_out, (kept_plain, kept)
+    else:  # act alone keeps conv1's output either way: no recompute
+        assert kept_plain == kept, (kept_plain, kept)
