@@ -7,7 +7,6 @@ from collections import OrderedDict
 import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
-
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels.dispatch import fx_tracing

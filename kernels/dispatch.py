@@ -186,25 +186,23 @@ def fx_tracing() -> bool:
     return _fx_symbolic_tracing()
 
 
-# What torch.compile under CUDA graphs (the training command's default on CUDA) gets for each kernel op;
-# a compiled graph that runs without them gives every op to inductor (:func:`compile_policy`). "custom" keeps the registered Triton op (opaque to
-# inductor: it cannot fuse it with its neighbours), "inductor" makes the caller take its plain PyTorch
-# path (the op's reference math), which inductor decomposes and fuses. A MetaFormer block's fused path
-# follows the entry of its lead op: pool_mixer (PoolFormer: + group_norm1 on the moments, scale_add),
-# norm_residual (ConvFormer/CAFormer: + scale_add), scale_add (one-group norm2: IdentityFormer,
-# RandFormer, RIFormer). An entry follows the whole-model measurement where one exists, else the op's own
-# (`bench/kernels.py --compiled`: fwd+bwd ms of the compiled custom op / compiled reference, bf16
-# autocast, stage shapes; bench/results/kernels_compiled.json). The two disagree for PoolFormer's ops:
-# alone, each is faster given to inductor, but poolformer_s12 under torch.compile(mode="reduce-overhead")
-# trains at 8345 img/s on 15.0 GPU ms per step with every op custom and at 6070 img/s on 20.8 ms with
-# every op given to inductor (2.49 vs 4.58 GiB; H100, bench/results/speed_poolformer_s12*.json), so
-# PoolFormer's four ops stay custom. The same holds for ConvFormer's fused ops (cuDNN forward conv
-# inside dwconv2d): convformer_s18 reduce-overhead trains at 4034 img/s on 31.1 GPU ms with every op
-# custom, timm's compiled graph (what inductor builds from the plain path) at 3224 on 39.1 ms; inference
-# 13710 vs 13371 img/s (speed_convformer_s18.json, session 10). MambaOut goes the other way: every op
-# custom trains at 3014 vs 3557 img/s (42.1 vs 35.7 GPU ms), so its gated conv and layer_norm go to
-# inductor. Ops without a --compiled case stay "custom". Comments: the op alone, compiled fwd+bwd ms,
-# custom / inductor (H100, bf16, batch 128, summed over the op's cases).
+# What torch.compile under CUDA graphs (the training command's default on CUDA) gets for each kernel op; a compiled
+# graph that runs without them gives every op to inductor (:func:`compile_policy`). "custom" keeps the registered
+# Triton op (opaque to inductor: it cannot fuse it with its neighbours), "inductor" makes the caller take its plain
+# PyTorch path (the op's reference math), which inductor decomposes and fuses. A MetaFormer block's fused path follows
+# the entry of its lead op: pool_mixer (PoolFormer: + group_norm1 on the moments, scale_add), norm_residual
+# (ConvFormer/CAFormer: + scale_add), scale_add (one-group norm2: IdentityFormer, RandFormer, RIFormer). An entry
+# follows the whole-model measurement where one exists, else the op's own (`bench/kernels.py --compiled`: fwd+bwd ms
+# of the compiled custom op / compiled reference, bf16 autocast, stage shapes; bench/results/kernels_compiled.json).
+# The two disagree for PoolFormer's ops: alone, each is faster given to inductor, but poolformer_s12 under
+# torch.compile(mode="reduce-overhead") trains at 8345 img/s on 15.0 GPU ms per step with every op custom and at 6070
+# img/s on 20.8 ms with every op given to inductor (2.49 vs 4.58 GiB; H100, bench/results/speed_poolformer_s12*.json),
+# so PoolFormer's four ops stay custom. The same holds for ConvFormer's fused ops (cuDNN forward conv inside
+# dwconv2d): convformer_s18 reduce-overhead trains at 4034 img/s on 31.1 GPU ms with every op custom, timm's compiled
+# graph (what inductor builds from the plain path) at 3224 on 39.1 ms; inference 13710 vs 13371 img/s
+# (speed_convformer_s18.json, session 10). MambaOut goes the other way: every op custom trains at 3014 vs 3557 img/s
+# (42.1 vs 35.7 GPU ms), so its gated conv and layer_norm go to inductor. Ops without a --compiled case stay "custom".
+# Comments: the op alone, compiled fwd+bwd ms, custom / inductor (H100, bf16, batch 128, summed over the op's cases).
 COMPILE_OPS = {
     "act_linear": "custom",            # alone 1.978 / 1.281; PoolFormer-S12's step: custom (above)
     "aff_filter": "custom",            # not measured yet
@@ -263,12 +261,11 @@ def compile_policy(op: str) -> str:
     """``'custom'`` or ``'inductor'``: what torch.compile gets for ``op``. Precedence:
     :func:`compile_ops` (context), then ``METAZOO_COMPILE_OPS``, then the table: :data:`COMPILE_OPS`
     under CUDA graphs; where inductor runs without them, inductor for every op but those of
-    :data:`TABLE_IN_EVERY_MODE`. A custom op in a compiled
-    graph costs a host-side dispatch per call that only CUDA graphs take away: without them every
-    custom-op row lost to timm's compiled graph (H100, default mode, training img/s, ours / timm:
-    convformer_s18 1183 / 2386 and mambaout_tiny 2580 / 3458 in session 12; 2141 / 2815 and 1813 / 3482
-    in session 10), while every op given to inductor builds timm's graph (caformer_s18 3474 / 3350,
-    session 9)."""
+    :data:`TABLE_IN_EVERY_MODE`. A custom op in a compiled graph costs a host-side dispatch per call
+    that only CUDA graphs take away: without them every custom-op row lost to timm's compiled graph
+    (H100, default mode, training img/s, ours / timm: convformer_s18 1183 / 2386 and mambaout_tiny
+    2580 / 3458 in session 12; 2141 / 2815 and 1813 / 3482 in session 10), while every op given to
+    inductor builds timm's graph (caformer_s18 3474 / 3350, session 9)."""
     want = getattr(_state, "compile_ops", None)
     if want is None:
         want = _check_policy(os.environ.get(COMPILE_ENV_VAR, "table").strip().lower() or "table", COMPILE_ENV_VAR)
