@@ -119,15 +119,16 @@ def _conv_part(u: Tensor, cc: int) -> Tensor:
     return u[..., u.shape[-1] - cc:]
 
 
-def _dense_conv_part(u: Tensor, cc: int) -> Tensor:
-    """``u``'s conv channels as a dense NHWC copy: backward's conv recompute and weight gradient both read
-    it, where each would otherwise make its own copy of the strided slice for cuDNN."""
-    return _conv_part(u, cc).contiguous()
-
-
 def _conv_out(c: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The depthwise conv of the conv channels ``c`` (NHWC, any pixel strides), dense NHWC out."""
     return dwconv.conv_forward(c, weight, bias, None, None)
+
+
+def _conv_recompute(u: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Backward's (conv input, conv output): ``u``'s conv channels copied once to dense NHWC, read by both
+    the recompute and the weight gradient (each would otherwise copy the strided slice for cuDNN)."""
+    c = _conv_part(u, weight.shape[0]).contiguous()
+    return c, _conv_out(c, weight, bias)
 
 
 def _gate_forward(u: Tensor, cv: Tensor, hidden: int) -> Tensor:
@@ -153,8 +154,8 @@ def _gate_backward(dh: Tensor, u: Tensor, c: Tensor, cv: Tensor, weight: Tensor,
 
 def _bwd_impl(dh: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
               ) -> tuple[Tensor, Tensor, Tensor]:
-    c = _dense_conv_part(u, weight.shape[0])
-    du, dw, db = _gate_backward(dh, u, c, _conv_out(c, weight, bias), weight, bias is not None, hidden)
+    c, cv = _conv_recompute(u, weight, bias)
+    du, dw, db = _gate_backward(dh, u, c, cv, weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32)
 
 
@@ -166,8 +167,7 @@ def _lin_fwd_impl(u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int
 def _lin_bwd_impl(dy: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], hidden: int, fc_weight: Tensor,
                   has_fc_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # the conv output is recomputed once and serves both h (for fc2's gradients) and the gate's backward
-    c = _dense_conv_part(u, weight.shape[0])
-    cv = _conv_out(c, weight, bias)
+    c, cv = _conv_recompute(u, weight, bias)
     dh, dfw, dfb = project_backward(dy, _gate_forward(u, cv, hidden), fc_weight, has_fc_bias)
     du, dw, db = _gate_backward(dh, u, c, cv, weight, bias is not None, hidden)
     return du, dw, or_absent(db, u, torch.float32), dfw, dfb
