@@ -25,11 +25,13 @@ DEFAULT_CONFIGS = ("8x8x64x4,4x8x64x4,8x8x32x4,8x16x32x4,8x4x64x4,4x16x64x4,16x8
 
 
 def shapes(batch: int):
-    """(name, x NHWC view, act) at training shapes: ConvFormer-S18 stages 1-4 (after StarReLU),
-    MambaOut-tiny stage 1 (the 96-channel conv slice of a 512-channel fc1 output)."""
+    """(name, x NHWC view, act) at training shapes: ConvFormer-S18 stages 1-4 (after StarReLU; stage 1
+    also without it, the activation's cost), MambaOut-tiny stage 1 (the 96-channel conv slice of a 512-channel fc1 output)."""
     bf = torch.bfloat16
     u = torch.randn(batch, 56, 56, 512, device="cuda", dtype=bf)
-    return [("convformer s1 128x56x56 +act", torch.randn(batch, 56, 56, 128, device="cuda", dtype=bf), True),
+    s1 = torch.randn(batch, 56, 56, 128, device="cuda", dtype=bf)
+    return [("convformer s1 128x56x56 +act", s1, True),
+            ("convformer s1 128x56x56 no act", s1, False),
             ("convformer s2 256x28x28 +act", torch.randn(batch, 28, 28, 256, device="cuda", dtype=bf), True),
             ("convformer s3 640x14x14 +act", torch.randn(batch, 14, 14, 640, device="cuda", dtype=bf), True),
             ("convformer s4 1024x7x7 +act", torch.randn(batch, 7, 7, 1024, device="cuda", dtype=bf), True),
