@@ -195,7 +195,7 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
     _, dweight, dbias = torch.ops.aten.convolution_backward(
         g, a, weight.to(x.dtype), [C] if has_bias else None, [1, 1],
         [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, has_bias])
-    dscale, dbias_act = (parts.sum(1).unsqueeze(1).unbind(0)) if act else (None, None)
+    dscale, dbias_act = (parts[0].sum().reshape(1), parts[1].sum().reshape(1)) if act else (None, None)
     return dweight.float(), dbias.float() if has_bias else None, dscale, dbias_act
 
 
