@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from metazoo.kernels import dwconv
 from _timing import median_ms, rel_err
 
-DEFAULT_CONFIGS = ("8x8x64x4,4x8x64x4,8x8x32x4,8x16x32x4,8x4x64x4,4x16x64x4,16x8x32x4,8x8x128x8,"
-                   "8x16x64x8,4x8x128x4")
+DEFAULT_CONFIGS = ("8x8x64x4,4x8x64x4,8x8x32x2,16x8x32x4,4x16x64x4,8x16x64x8,8x8x64x2,4x8x32x1,"
+                   "16x4x64x4,4x4x64x2")
 
 
 def shapes(batch: int):

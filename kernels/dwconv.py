@@ -68,12 +68,15 @@ def _load(triton, tl):
         # FLIP mirrors the taps (the input gradient); ACT_IN applies StarReLU to what it reads
         # (rounded to the input dtype, as the reference's activated map); ACT_GRAD multiplies by
         # act'(a) and reduces the activation's scalar grads (one partial sum per program).
+        # Taps are read as (K*K, C) in the input's dtype (as autocast's conv reads its weight). Loads
+        # take the accumulator's 3-D shape (broadcast over rows or columns), so loads, taps and the
+        # accumulator share one register layout: no layout conversion inside the loop (sm_90 SASS).
         pid_bh = tl.program_id(0)
         b = pid_bh // n_htiles
         h0 = (pid_bh % n_htiles) * BLOCK_H
-        rows = tl.arange(0, BLOCK_H)
-        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rows = tl.arange(0, BLOCK_H)[:, None, None]
+        ws = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :, None]
+        cs = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C))[None, None, :]
         cmask = cs < C
         PAD: tl.constexpr = K // 2
         xb = X + b.to(tl.int64) * sxb
@@ -81,39 +84,39 @@ def _load(triton, tl):
             s_in = tl.load(AS).to(tl.float32)
             b_in = tl.load(AB).to(tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_W, BLOCK_C], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_H, BLOCK_W, BLOCK_C], dtype=tl.int32)  # loads take the accumulator's shape
+        full = zero == 0
         for r in range(BLOCK_H + K - 1):
             ih = h0 + r - PAD
             row_ok = (ih >= 0) & (ih < H)
             kh = r - rows  # vertical tap of each output row fed by this input row
-            kh_ok = ((kh >= 0) & (kh < K))[:, None] & cmask[None, :]
+            kh_ok = (kh >= 0) & (kh < K) & cmask
             if FLIP:
                 kh = K - 1 - kh
             for kw in tl.static_range(K):
                 iw = ws + kw - PAD
-                m = (row_ok & (iw >= 0) & (iw < W))[:, None] & cmask[None, :]
-                v = tl.load(xb + ih * sxh + (iw * sxw)[:, None] + cs[None, :], mask=m, other=0.0)
+                m = row_ok & (iw >= 0) & (iw < W) & cmask
+                v = tl.load(xb + ih * sxh + iw * sxw + cs + zero, mask=m & full, other=0.0)
                 if ACT_IN:
                     rl = tl.maximum(v.to(tl.float32), 0.0)
                     v = tl.where(m, (s_in * rl * rl + b_in).to(X.dtype.element_ty), 0.0)
                 tap = kh * K + (K - 1 - kw if FLIP else kw)
-                wv = tl.load(Wt + cs[None, :] * (K * K) + tap[:, None], mask=kh_ok, other=0.0).to(tl.float32)
-                acc += v.to(tl.float32)[None, :, :] * wv[:, None, :]
+                wv = tl.load(Wt + tap * C + cs + zero, mask=kh_ok & full, other=0.0).to(tl.float32)
+                acc += v.to(tl.float32) * wv
         hs = h0 + rows
-        om = ((hs < H)[:, None, None] & (ws < W)[None, :, None]) & cmask[None, None, :]
+        om = (hs < H) & (ws < W) & cmask
         if HAS_BIAS:
-            acc += tl.load(Bias + cs, mask=cmask, other=0.0).to(tl.float32)[None, None, :]
+            acc += tl.load(Bias + cs, mask=cmask, other=0.0).to(tl.float32)
         if ACT_GRAD:
             s2 = tl.load(AS).to(tl.float32)
-            a = tl.load(A + b.to(tl.int64) * sab + (hs * sah)[:, None, None] + (ws * saw)[None, :, None]
-                        + cs[None, None, :], mask=om, other=0.0).to(tl.float32)
+            a = tl.load(A + b.to(tl.int64) * sab + hs * sah + ws * saw + cs, mask=om, other=0.0).to(tl.float32)
             rl = tl.maximum(a, 0.0)
             lin = tl.program_id(0) * tl.num_programs(1) * tl.num_programs(2) + \
                 tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
             tl.store(PS + lin, tl.sum(tl.sum(tl.sum(acc * rl * rl, axis=2), axis=1), axis=0))
             tl.store(PB + lin, tl.sum(tl.sum(tl.sum(tl.where(om, acc, 0.0), axis=2), axis=1), axis=0))
             acc = 2.0 * s2 * rl * acc
-        tl.store(Y + b.to(tl.int64) * syb + (hs * syh)[:, None, None] + (ws * syw)[None, :, None] + cs[None, None, :],
-                 acc.to(Y.dtype.element_ty), mask=om)
+        tl.store(Y + b.to(tl.int64) * syb + hs * syh + ws * syw + cs, acc.to(Y.dtype.element_ty), mask=om)
 
     return SimpleNamespace(conv=conv)
 
@@ -157,10 +160,11 @@ def _launch(src: Tensor, weight: Tensor, out: Tensor, channels_first: bool, tile
     grid = (B * n_h, cdiv(W, bw), cdiv(C, bc))
     grad = act_in is not None
     parts = torch.empty(2, grid[0] * grid[1] * grid[2], dtype=torch.float32, device=src.device) if grad else None
+    taps = weight.reshape(C, K * K).t().to(src.dtype).contiguous()  # (K*K, C): a tap's channels contiguous
     conv[grid](
-        src, weight, bias if bias is not None else weight, act_scale if act_scale is not None else weight,
-        act_bias if act_bias is not None else weight, out, act_in if grad else src,
-        parts[0] if grad else weight, parts[1] if grad else weight, H, W, C, n_h, *ss,
+        src, taps, bias if bias is not None else taps, act_scale if act_scale is not None else taps,
+        act_bias if act_bias is not None else taps, out, act_in if grad else src,
+        parts[0] if grad else taps, parts[1] if grad else taps, H, W, C, n_h, *ss,
         *_nhwc(out, channels_first)[1], *_nhwc(act_in if grad else src, channels_first)[1],
         K=K, FLIP=flip, ACT_IN=act_scale is not None and not grad, ACT_GRAD=grad, HAS_BIAS=bias is not None,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
