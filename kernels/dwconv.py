@@ -4,10 +4,11 @@ Optionally applies StarReLU to the input (ConvFormer's SepConv: ``dwconv(act(pw1
 activated tensor is not kept for backward, which recomputes it. The input may be a channel slice
 of a wider NHWC tensor (MambaOut's ``fc1`` output), or an NCHW map in channels_last memory: only
 the channel dim must be unit-stride.
-The forward and the input gradient are one Triton kernel (taps mirrored for the gradient) that
-loads each input row once per horizontal tap and feeds every output row of its tile from it; the
-activation is applied as the input is read in forward, and its derivative and scalar grads are
-fused into the input gradient. The weight/bias gradient is cuDNN's channels-last depthwise kernel.
+The forward conv and the weight/bias gradient are cuDNN's channels-last depthwise kernels; the
+input gradient is Triton, fused with the activation's derivative and its scalar grads. Profiled in
+the whole ConvFormer-S18 training step (H100, bf16, batch 128; bench/results/speed_convformer_s18*):
+cuDNN's forward took 3.2 ms, our Triton forward with the activation fused ~6.4 ms; the Triton input
+gradient (~6.4 ms with the activation's grads) matches cuDNN's (7.0 ms without them).
 """
 from __future__ import annotations
 
@@ -58,65 +59,44 @@ def _load(triton, tl):
     """Build this module's Triton kernels (run once, on first use)."""
 
     @triton.jit
-    def conv(X, Wt, Bias, AS, AB, Y, A, PS, PB, H, W, C, n_htiles, sxb, sxh, sxw, syb, syh, syw, sab, sah, saw,
-             K: tl.constexpr, FLIP: tl.constexpr, ACT_IN: tl.constexpr, ACT_GRAD: tl.constexpr,
-             HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        # One program: BLOCK_H output rows x BLOCK_W columns x BLOCK_C channels. Each of the
-        # BLOCK_H + K - 1 input rows it reads is loaded once per horizontal tap (K loads) and
-        # added to every output row it feeds, with that row's vertical tap gathered per row
-        # (zero where out of the kernel): K loads per input row instead of K*K per output row.
-        # FLIP mirrors the taps (the input gradient); ACT_IN applies StarReLU to what it reads
-        # (rounded to the input dtype, as the reference's activated map); ACT_GRAD multiplies by
-        # act'(a) and reduces the activation's scalar grads (one partial sum per program).
-        # Taps are read as (K*K, C) in the input's dtype (as autocast's conv reads its weight). Loads
-        # take the accumulator's 3-D shape (broadcast over rows or columns), so loads, taps and the
-        # accumulator share one register layout: no layout conversion inside the loop (sm_90 SASS).
+    def conv(G, Wt, AS, DX, A, PS, PB, H, W, C, n_htiles, sgb, sgh, sgw, sdb, sdh, sdw, sab, sah, saw,
+             K: tl.constexpr, ACT_GRAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+             BLOCK_C: tl.constexpr):
+        # Input gradient of y = conv(act(x)): one program, BLOCK_H x BLOCK_W pixels (flattened to one
+        # tile axis) x BLOCK_C channels, taps mirrored. With ACT_GRAD it multiplies by act'(a) at the
+        # centre and reduces the activation's scalar grads (one partial sum per program).
         pid_bh = tl.program_id(0)
         b = pid_bh // n_htiles
-        h0 = (pid_bh % n_htiles) * BLOCK_H
-        rows = tl.arange(0, BLOCK_H)[:, None, None]
-        ws = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :, None]
-        cs = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C))[None, None, :]
+        r = tl.arange(0, BLOCK_H * BLOCK_W)
+        hs = (pid_bh % n_htiles) * BLOCK_H + r // BLOCK_W
+        ws = tl.program_id(1) * BLOCK_W + r % BLOCK_W
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         PAD: tl.constexpr = K // 2
-        xb = X + b.to(tl.int64) * sxb
-        if ACT_IN:
-            s_in = tl.load(AS).to(tl.float32)
-            b_in = tl.load(AB).to(tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_W, BLOCK_C], dtype=tl.float32)
-        zero = tl.zeros([BLOCK_H, BLOCK_W, BLOCK_C], dtype=tl.int32)  # loads take the accumulator's shape
-        full = zero == 0
-        for r in range(BLOCK_H + K - 1):
-            ih = h0 + r - PAD
-            row_ok = (ih >= 0) & (ih < H)
-            kh = r - rows  # vertical tap of each output row fed by this input row
-            kh_ok = (kh >= 0) & (kh < K) & cmask
-            if FLIP:
-                kh = K - 1 - kh
+        acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=tl.float32)
+        gb = G + b.to(tl.int64) * sgb
+        for kh in tl.static_range(K):
+            hh = hs + PAD - kh
+            hval = (hh >= 0) & (hh < H)
             for kw in tl.static_range(K):
-                iw = ws + kw - PAD
-                m = row_ok & (iw >= 0) & (iw < W) & cmask
-                v = tl.load(xb + ih * sxh + iw * sxw + cs + zero, mask=m & full, other=0.0)
-                if ACT_IN:
-                    rl = tl.maximum(v.to(tl.float32), 0.0)
-                    v = tl.where(m, (s_in * rl * rl + b_in).to(X.dtype.element_ty), 0.0)
-                tap = kh * K + (K - 1 - kw if FLIP else kw)
-                wv = tl.load(Wt + tap * C + cs + zero, mask=kh_ok & full, other=0.0).to(tl.float32)
-                acc += v.to(tl.float32) * wv
-        hs = h0 + rows
-        om = (hs < H) & (ws < W) & cmask
-        if HAS_BIAS:
-            acc += tl.load(Bias + cs, mask=cmask, other=0.0).to(tl.float32)
+                ww = ws + PAD - kw
+                m = (hval & (ww >= 0) & (ww < W))[:, None] & cmask[None, :]
+                v = tl.load(gb + (hh * sgh + ww * sgw)[:, None] + cs[None, :], mask=m, other=0.0).to(tl.float32)
+                wv = tl.load(Wt + cs * (K * K) + (kh * K + kw), mask=cmask, other=0.0).to(tl.float32)
+                acc += v * wv[None, :]
+        om = ((hs < H) & (ws < W))[:, None] & cmask[None, :]
         if ACT_GRAD:
             s2 = tl.load(AS).to(tl.float32)
-            a = tl.load(A + b.to(tl.int64) * sab + hs * sah + ws * saw + cs, mask=om, other=0.0).to(tl.float32)
+            a = tl.load(A + b.to(tl.int64) * sab + (hs * sah + ws * saw)[:, None] + cs[None, :], mask=om,
+                        other=0.0).to(tl.float32)
             rl = tl.maximum(a, 0.0)
             lin = tl.program_id(0) * tl.num_programs(1) * tl.num_programs(2) + \
                 tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
-            tl.store(PS + lin, tl.sum(tl.sum(tl.sum(acc * rl * rl, axis=2), axis=1), axis=0))
-            tl.store(PB + lin, tl.sum(tl.sum(tl.sum(tl.where(om, acc, 0.0), axis=2), axis=1), axis=0))
+            tl.store(PS + lin, tl.sum(tl.sum(acc * rl * rl, axis=1), axis=0))
+            tl.store(PB + lin, tl.sum(tl.sum(tl.where(om, acc, 0.0), axis=1), axis=0))
             acc = 2.0 * s2 * rl * acc
-        tl.store(Y + b.to(tl.int64) * syb + hs * syh + ws * syw + cs, acc.to(Y.dtype.element_ty), mask=om)
+        tl.store(DX + b.to(tl.int64) * sdb + (hs * sdh + ws * sdw)[:, None] + cs[None, :],
+                 acc.to(DX.dtype.element_ty), mask=om)
 
     return SimpleNamespace(conv=conv)
 
@@ -127,8 +107,16 @@ Tiles = tuple[int, int, int, int]  # (BLOCK_H, BLOCK_W, BLOCK_C, num_warps)
 
 
 def _tiles(H: int, W: int, C: int) -> Tiles:
-    """Default launch tiles: 8 output rows x 8 columns x 64 channels, 4 warps."""
-    return min(8, next_pow2(H)), min(8, next_pow2(W)), min(64, next_pow2(C)), 4
+    """Default launch tiles of the input-gradient pass: 2 rows x 8 columns x 128 channels was its fastest of
+    12 tiles at ConvFormer and MambaOut shapes on an H100 (``bench/dwconv_sweep.py``, results/dwconv_sweep.json;
+    1.4x-1.7x the 1x16x64 tile it replaced)."""
+    return min(2, H), min(8, next_pow2(W)), min(128, next_pow2(C)), 4
+
+
+def _grid(B: int, H: int, W: int, C: int, tiles: Tiles) -> tuple[tuple[int, int, int], int]:
+    bh, bw, bc, _ = tiles
+    n_h = cdiv(H, bh)
+    return (B * n_h, cdiv(W, bw), cdiv(C, bc)), n_h
 
 
 def _nhwc(t: Tensor, channels_first: bool) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
@@ -145,39 +133,24 @@ def new_map(x: Tensor, channels_first: bool) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _launch(src: Tensor, weight: Tensor, out: Tensor, channels_first: bool, tiles: Optional[Tiles], *,
-            flip: bool = False, bias: Optional[Tensor] = None, act_scale: Optional[Tensor] = None,
-            act_bias: Optional[Tensor] = None, act_in: Optional[Tensor] = None) -> Optional[Tensor]:
-    """Run the conv kernel from ``src`` into ``out`` (same shape, any unit-stride-channel strides).
-    With ``act_in`` (the forward input ``x``; ``flip`` set) the activation's derivative at ``x`` is
-    applied and the (2, n_programs) partial sums of its scalar grads are returned."""
-    conv = _load().conv
-    (B, H, W, C), ss = _nhwc(src, channels_first)
-    K = weight.shape[-1]
-    tiles = tiles or _tiles(H, W, C)
-    bh, bw, bc, warps = tiles
-    n_h = cdiv(H, bh)
-    grid = (B * n_h, cdiv(W, bw), cdiv(C, bc))
-    grad = act_in is not None
-    parts = torch.empty(2, grid[0] * grid[1] * grid[2], dtype=torch.float32, device=src.device) if grad else None
-    taps = weight.reshape(C, K * K).t().to(src.dtype).contiguous()  # (K*K, C): a tap's channels contiguous
-    conv[grid](
-        src, taps, bias if bias is not None else taps, act_scale if act_scale is not None else taps,
-        act_bias if act_bias is not None else taps, out, act_in if grad else src,
-        parts[0] if grad else taps, parts[1] if grad else taps, H, W, C, n_h, *ss,
-        *_nhwc(out, channels_first)[1], *_nhwc(act_in if grad else src, channels_first)[1],
-        K=K, FLIP=flip, ACT_IN=act_scale is not None and not grad, ACT_GRAD=grad, HAS_BIAS=bias is not None,
-        BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
-    return parts
+def _as_nchw(t: Tensor, channels_first: bool) -> Tensor:
+    """``t`` as an NCHW view of channels_last memory (copied only when not densely packed so)."""
+    t = t if channels_first else t.permute(0, 3, 1, 2)
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],
-                 act_bias: Optional[Tensor], channels_first: bool = False, tiles: Optional[Tiles] = None) -> Tensor:
-    """Depthwise conv of ``act(x)`` (``x`` NHWC, or NCHW with ``channels_first``; any strides with a
-    unit-stride channel dim); returns a map of the same shape (contiguous NHWC, or NCHW channels_last)."""
-    y = new_map(x, channels_first)
-    _launch(x, weight, y, channels_first, tiles, bias=bias, act_scale=act_scale, act_bias=act_bias)
-    return y
+                 act_bias: Optional[Tensor], channels_first: bool = False) -> Tensor:
+    """cuDNN's depthwise conv of ``act(x)`` (``x`` NHWC, or NCHW with ``channels_first``; channel dim
+    unit-stride); returns a map of the same shape (contiguous NHWC, or NCHW channels_last)."""
+    a = star_relu_apply(x, act_scale, act_bias) if act_scale is not None else x
+    K = weight.shape[-1]
+    with torch.autocast(x.device.type, enabled=False):  # the op's output dtype is the input's
+        y = torch.ops.aten.convolution(
+            _as_nchw(a, channels_first), weight.to(a.dtype), bias.to(a.dtype) if bias is not None else None,
+            [1, 1], [K // 2, K // 2], [1, 1], False, [0, 0], weight.shape[0])
+    y = y.contiguous(memory_format=torch.channels_last)
+    return y if channels_first else y.permute(0, 2, 3, 1)
 
 
 def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scale: Optional[Tensor],
@@ -185,12 +158,20 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
                   ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Write the input gradient into ``dx`` (Triton; any strides with a unit-stride channel dim, layout
     as :func:`conv_forward`); return (dweight, dbias, dact_scale, dact_bias)."""
-    C = x.shape[1] if channels_first else x.shape[-1]
+    conv = _load().conv
+    (B, H, W, C), sx = _nhwc(x, channels_first)
     K = weight.shape[-1]
     g = dense_in_layout(g, channels_first)
+    tiles = tiles or _tiles(H, W, C)
+    grid, n_h = _grid(B, H, W, C, tiles)
     act = act_scale is not None
-    parts = _launch(g, weight, dx, channels_first, tiles, flip=True, act_scale=act_scale,
-                    act_in=x if act else None)
+    n_prog = grid[0] * grid[1] * grid[2]
+    ps = torch.empty(n_prog, dtype=torch.float32, device=x.device) if act else None
+    pb = torch.empty_like(ps) if act else None
+    conv[grid](
+        g, weight, act_scale if act else g, dx, x, ps if act else g, pb if act else g, H, W, C, n_h,
+        *_nhwc(g, channels_first)[1], *_nhwc(dx, channels_first)[1], *sx,
+        K=K, ACT_GRAD=act, BLOCK_H=tiles[0], BLOCK_W=tiles[1], BLOCK_C=tiles[2], num_warps=tiles[3])
     # Weight (and bias) gradient: a reduction over the whole batch, where cuDNN's depthwise kernel
     # beats a Triton reduction; it needs the activated input, recomputed here instead of stored.
     a = star_relu_apply(x, act_scale, act_bias) if act else x
@@ -199,8 +180,8 @@ def conv_backward(g: Tensor, x: Tensor, weight: Tensor, has_bias: bool, act_scal
     _, dweight, dbias = torch.ops.aten.convolution_backward(
         g, a, weight.to(x.dtype), [C] if has_bias else None, [1, 1],
         [K // 2, K // 2], [1, 1], False, [0, 0], C, [False, True, has_bias])
-    dscale, dbias_act = (parts[0].sum().reshape(1), parts[1].sum().reshape(1)) if act else (None, None)
-    return dweight.float(), dbias.float() if has_bias else None, dscale, dbias_act
+    return (dweight.float(), dbias.float() if has_bias else None, (ps.sum().reshape(1) if act else None),
+            (pb.sum().reshape(1) if act else None))
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_scale: Optional[Tensor],

@@ -136,21 +136,6 @@ def test_dwconv(seed, dtype):
     compare(dwconv2d, dwconv2d_ref, {"x": x}, params, dtype, dict(channels_first=channels_first))
 
 
-@pytest.mark.parametrize("tiles", [(2, 4, 8, 4), (4, 2, 16, 1)])
-def test_dwconv_tiles_smaller_than_the_map(tiles):
-    """Forward and input gradient (StarReLU fused) where tiles split every dim, against the reference."""
-    from metazoo.kernels import dwconv
-    x, g = _rand(2, 9, 7, 20), _rand(2, 9, 7, 20)
-    w, bias, s, sb = _rand(20, 1, 5, 5) / 5, _rand(20), _rand(1), _rand(1)
-    xr = x.clone().requires_grad_(True)
-    ref = dwconv2d_ref(xr, w, bias, s, sb, channels_first=False)
-    ref.backward(g)
-    dx = torch.full_like(x, float("nan"))
-    y = dwconv.conv_forward(x, w, bias, s, sb, tiles=tiles)
-    dwconv._launch(g, w, dx, False, tiles, flip=True, act_scale=s, act_in=x)
-    assert rel_err(y, ref) < 1e-6 and rel_err(dx, xr.grad) < 1e-6
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("seed", range(N_SHAPES))
 def test_gated_dwconv(seed, dtype):
