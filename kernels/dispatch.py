@@ -201,7 +201,8 @@ def fx_tracing() -> bool:
 # dwconv2d): convformer_s18 reduce-overhead trains at 4034 img/s on 31.1 GPU ms with every op custom, timm's compiled
 # graph (what inductor builds from the plain path) at 3224 on 39.1 ms; inference 13710 vs 13371 img/s
 # (speed_convformer_s18.json, session 10). MambaOut goes the other way: every op custom trains at 3014 vs 3557 img/s
-# (42.1 vs 35.7 GPU ms), so its gated conv and layer_norm go to inductor. Ops without a --compiled case stay "custom".
+# (42.1 vs 35.7 GPU ms), so its gated conv and layer_norm go to inductor, and its residual (scale_add) follows the
+# gated conv (mixers/gated_cnn.py). Ops without a --compiled case stay "custom".
 # Comments: the op alone, compiled fwd+bwd ms, custom / inductor (H100, bf16, batch 128, summed over the op's cases).
 COMPILE_OPS = {
     "act_linear": "custom",            # alone 1.978 / 1.281; PoolFormer-S12's step: custom (above)

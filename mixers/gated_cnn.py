@@ -49,7 +49,11 @@ class GatedCNNBlock(nn.Module):
                 u = self.fc1(norm_for_matmul(self.norm, x))
             y = gated_dwconv_linear(u, self.conv.weight, self.conv.bias, self.split_indices[0],
                                     self.fc2.weight, self.fc2.bias)
-        if torch.jit.is_scripting() or plain_pytorch("scale_add"):
+        # Under torch.compile the residual follows the block's lead op: where inductor gets the gated conv, it
+        # gets the residual too, to fuse it into fc2's neighbours (MambaOut-tiny, H100, reduce-overhead: the
+        # custom scale_add beside inductor's block took 1.9 of the 37.3 GPU ms per training step;
+        # bench/results/speed_mambaout_tiny*, session 13).
+        if torch.jit.is_scripting() or plain_pytorch("gated_dwconv_linear") or plain_pytorch("scale_add"):
             return self.drop_path(self.ls(y)) + shortcut
         # residual, layer scale and drop path (its per-sample mask drawn as DropPath draws it) in one pass
         ls = self.ls.gamma if isinstance(self.ls, LayerScale) else None

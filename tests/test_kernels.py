@@ -904,6 +904,25 @@ def test_compile_policy_picks_the_path_per_op(monkeypatch):
         assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5
 
 
+def test_gated_block_residual_follows_its_lead_op_under_compile(monkeypatch):
+    """MambaOut's block: with the gated conv given to inductor its residual is too (no custom scale_add in
+    the traced graph), with the gated conv custom the residual keeps its kernel; values as eager."""
+    block, shape = _blocks()["mambaout"]
+    block.eval()
+    x = _rand(*shape)
+    xe = x.clone().requires_grad_()
+    with dispatch.use_backend("torch"):
+        want = block(xe)
+        want.sum().backward()
+    monkeypatch.setitem(dispatch.COMPILE_OPS, "scale_add", "custom")
+    both = {f"{op}_{p}" for op in ("gated_dwconv_linear", "norm_residual") for p in ("fwd", "bwd")}
+    for lead, expect in (("inductor", set()), ("custom", both)):
+        monkeypatch.setitem(dispatch.COMPILE_OPS, "gated_dwconv_linear", lead)
+        ops, y, g = _compiled_ops(block, x, "table")  # scale_add runs as the norm_residual op
+        assert ops == expect, (lead, ops)
+        assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5
+
+
 @pytest.mark.parametrize("family", ["poolformer_v2", "mambaout"])
 def test_compile_policies_draw_drop_path_masks_as_eager(family):
     """Training with drop path under torch.compile: the custom ops' keep vector and the plain path's
