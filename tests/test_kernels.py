@@ -881,17 +881,23 @@ def _compiled_ops(block, x, policy, seed=0):
     return {o.split(".")[1] for o in ops}, y.detach(), xi.grad
 
 
-def test_compile_policy_picks_the_path_per_op(monkeypatch):
-    """Under torch.compile ``custom`` keeps the kernels' ops, ``inductor`` gives inductor plain PyTorch
-    only, and the table decides per op (here: the depthwise conv to inductor, the rest custom); every
-    policy computes the eager values."""
-    block, shape = _blocks()["convformer"]
+def _eval_block_reference(family):
+    """(block in eval mode, input, plain-PyTorch output, input gradient of its sum) for ``family``."""
+    block, shape = _blocks()[family]
     block.eval()
     x = _rand(*shape)
     xe = x.clone().requires_grad_()
     with dispatch.use_backend("torch"):
         want = block(xe)
         want.sum().backward()
+    return block, x, want, xe.grad
+
+
+def test_compile_policy_picks_the_path_per_op(monkeypatch):
+    """Under torch.compile ``custom`` keeps the kernels' ops, ``inductor`` gives inductor plain PyTorch
+    only, and the table decides per op (here: the depthwise conv to inductor, the rest custom); every
+    policy computes the eager values."""
+    block, x, want, want_grad = _eval_block_reference("convformer")
     custom, y_c, g_c = _compiled_ops(block, x, "custom")
     assert {"norm_residual_fwd", "dwconv_fwd", "act_linear_fwd"} <= custom, custom
     inductor, y_i, g_i = _compiled_ops(block, x, "inductor")
@@ -901,26 +907,20 @@ def test_compile_policy_picks_the_path_per_op(monkeypatch):
     table, y_t, g_t = _compiled_ops(block, x, "table")
     assert "dwconv_fwd" not in table and {"norm_residual_fwd", "act_linear_fwd"} <= table, table
     for y, g in ((y_c, g_c), (y_i, g_i), (y_t, g_t)):
-        assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5
+        assert rel_err(y, want) < 1e-5 and rel_err(g, want_grad) < 1e-5
 
 
 def test_gated_block_residual_follows_its_lead_op_under_compile(monkeypatch):
     """MambaOut's block: with the gated conv given to inductor its residual is too (no custom scale_add in
     the traced graph), with the gated conv custom the residual keeps its kernel; values as eager."""
-    block, shape = _blocks()["mambaout"]
-    block.eval()
-    x = _rand(*shape)
-    xe = x.clone().requires_grad_()
-    with dispatch.use_backend("torch"):
-        want = block(xe)
-        want.sum().backward()
+    block, x, want, want_grad = _eval_block_reference("mambaout")
     monkeypatch.setitem(dispatch.COMPILE_OPS, "scale_add", "custom")
     both = {f"{op}_{p}" for op in ("gated_dwconv_linear", "norm_residual") for p in ("fwd", "bwd")}
     for lead, expect in (("inductor", set()), ("custom", both)):
         monkeypatch.setitem(dispatch.COMPILE_OPS, "gated_dwconv_linear", lead)
         ops, y, g = _compiled_ops(block, x, "table")  # scale_add runs as the norm_residual op
         assert ops == expect, (lead, ops)
-        assert rel_err(y, want) < 1e-5 and rel_err(g, xe.grad) < 1e-5
+        assert rel_err(y, want) < 1e-5 and rel_err(g, want_grad) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["poolformer_v2", "mambaout"])
