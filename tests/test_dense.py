@@ -295,6 +295,22 @@ def test_runner_checkpoint_resume_weights_only(tmp_path):
     assert resumed.iter == 3
 
 
+def test_two_runs_in_one_process_keep_their_own_logs(tmp_path):
+    """mmengine's visualizer, logger and message hub are per-process singletons keyed by name: a
+    second run built in the same second must not write its config and scalars into the first's dir."""
+    from mmengine.runner import Runner
+
+    over = [*SEG_TINY, f"backbone.model_name={SMALL}"]
+    runs = [Runner.from_cfg(dense_runner.compose(_cfg("segment", tmp_path / d, over), "segment"))
+            for d in ("a", "b")]
+    assert runs[0].experiment_name != runs[1].experiment_name
+    assert runs[0].visualizer is not runs[1].visualizer
+    for run, d in zip(runs, ("a", "b")):
+        (backend,) = (b for b in run.visualizer._vis_backends.values() if type(b).__name__ == "LocalVisBackend")
+        assert Path(backend._save_dir).is_relative_to(tmp_path / d)
+        assert (Path(run.log_dir) / "vis_data" / "config.py").is_file()  # dumped by Runner.__init__
+
+
 def test_checkpoint_killed_mid_save_never_replaces_previous(tmp_path, monkeypatch):
     """A save that dies half-way leaves the previous checkpoint, and last_checkpoint, intact; the
     outdated checkpoint is removed only after the next one exists."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copyreg
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def _tuples(node: Any) -> Any:
     return node
 
 
-def _visualizer(cfg: DictConfig, scope: str) -> dict:
+def _visualizer(cfg: DictConfig, scope: str, name: str) -> dict:
     """Local metrics files, plus wandb unless ``wandb.mode=disabled`` (offline by default)."""
     if cfg.wandb.mode not in WANDB_MODES:
         raise ValueError(f"wandb.mode={cfg.wandb.mode!r} is not supported; accepted values: {WANDB_MODES}")
@@ -142,7 +143,7 @@ def _visualizer(cfg: DictConfig, scope: str) -> dict:
             project=cfg.wandb.project, mode=cfg.wandb.mode, name=cfg.wandb.get("name"),
             dir=str(cfg.work_dir))))
     kind = "DetLocalVisualizer" if scope == "mmdet" else "SegLocalVisualizer"
-    return dict(type=kind, vis_backends=backends, name="visualizer")
+    return dict(type=kind, vis_backends=backends, name=name)
 
 
 def compose(cfg: DictConfig, task: str):
@@ -173,9 +174,14 @@ def compose(cfg: DictConfig, task: str):
     if bb.checkpoint:
         backbone["init_cfg"] = dict(type="Pretrained", checkpoint=str(bb.checkpoint))
     overrides.setdefault("model", {})["backbone"] = dict(backbone, _delete_=True)
-    overrides.update(default_scope=scope, work_dir=str(cfg.work_dir), resume=bool(cfg.resume),
+    # mmengine's logger, message hub and visualizer are process-wide singletons looked up by name
+    # (the bases fix the visualizer's; the others default to config name + timestamp to the
+    # second): one unique name keeps a second run in this process out of the first's work dir.
+    run_name = f"{task}_{uuid.uuid4().hex[:8]}"
+    overrides.update(experiment_name=run_name,
+                     default_scope=scope, work_dir=str(cfg.work_dir), resume=bool(cfg.resume),
                      load_from=cfg.load_from, randomness=dict(seed=cfg.seed),
-                     visualizer=_visualizer(cfg, scope),
+                     visualizer=_visualizer(cfg, scope, run_name),
                      # the dumped config rebuilds the model in plain mmdet/mmseg tools too
                      custom_imports=dict(imports=["metazoo.integrations.openmmlab",
                                                   "metazoo.integrations.openmmlab_hooks"],
