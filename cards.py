@@ -198,8 +198,11 @@ def _rows_models(d: dict) -> list[dict]:
         return (r["impl"] + (f" [{r['compile_ops']}]" if r.get("compile_ops") in ("custom", "inductor") else "")
                 + (f", drop path {r['drop_path']}" if r.get("drop_path") is not None else ""))
 
-    return [_row(f"mz_{r['model']}", path(r), roles.get(r["impl"], "other"), r.get("infer_img_s"),
-                 r.get("train_img_s"), r.get("train_peak_gib")) for r in d.get("rows", [])]
+    rows = d.get("rows", [])
+    several = {m for m in {r["model"] for r in rows} if len({r.get("run", 0) for r in rows if r["model"] == m}) > 1}
+    return [_row(f"mz_{r['model']}", path(r) + (f", run {r.get('run', 0) + 1}" if r["model"] in several else ""),
+                 roles.get(r["impl"], "other"), r.get("infer_img_s"), r.get("train_img_s"), r.get("train_peak_gib"),
+                 run=r.get("run", 0)) for r in rows]
 
 
 def _rows_transnext(d: dict) -> list[dict]:
@@ -279,9 +282,10 @@ def load_bench(results: Path = RESULTS) -> dict:
     return out
 
 
-def best(rows: list[dict], model: str, role: str) -> dict | None:
-    """The fastest (inference img/s) row of ``model`` with ``role``."""
-    cand = [r for r in rows if r["model"] == model and r["role"] == role and r.get("infer_img_s")]
+def best(rows: list[dict], model: str, role: str, run: int | None = None) -> dict | None:
+    """The fastest (inference img/s) row of ``model`` with ``role`` (in ``run``, for files combining runs)."""
+    cand = [r for r in rows if r["model"] == model and r["role"] == role and r.get("infer_img_s")
+            and (run is None or r.get("run") == run)]
     return max(cand, key=lambda r: r["infer_img_s"], default=None)
 
 
@@ -331,12 +335,17 @@ def _bench_section(fam: str, names: list[str], bench: dict) -> list[str]:
             "| model | path | role | inference img/s | training img/s | training peak memory (GiB) | inference vs best anchor |"
             + (" inference peak memory (GiB) |" if ipeak else ""), "|---|---|---|---:|---:|---:|---:|" + ("---:|" if ipeak else "")]
     for r in rows:
-        a = best(entry["rows"], r["model"], "anchor")
+        a = best(entry["rows"], r["model"], "anchor", r.get("run"))  # ratios within one run
         ratio = f"{r['infer_img_s'] / a['infer_img_s']:.2f}x" if a and r.get("infer_img_s") else "—"
         note = f" ({'; '.join(r['note'])})" if r.get("note") else ""
         out.append(f"| {r['model']} | {r['label']}{note} | {r['role']} | {_f(r.get('infer_img_s'), 0)} | "
                    f"{_f(r.get('train_img_s'), 0)} | {_f(r.get('train_peak_gib'), 2)} | {ratio} |"
                    + (f" {_f(r.get('infer_peak_gib'), 2)} |" if ipeak else ""))
+    shown_runs = sorted({r["run"] for r in rows if r["model"] in names and ", run " in r["label"]})
+    if shown_runs:
+        metas = (entry.get("raw") or {}).get("meta", {}).get("runs") or []
+        out += ["", "Runs (ratios compare rows of one run): " + "; ".join(
+            f"{i + 1} = commit `{metas[i].get('commit', '?')}`" for i in shown_runs if i < len(metas)) + "."]
     if any(r["model"] not in names for r in rows):
         out += ["", "Rows of other families are the same run's comparison models."]
     unmeasured = [n for n in names if n not in {r["model"] for r in rows}]
@@ -601,7 +610,8 @@ def chart_points(reg: dict, bench: dict) -> list[dict]:
         fname = BENCH_FILES[m["family"]]
         rows = bench.get(fname, {}).get("rows", [])
         h = headline_top1(load_facts(m["family"]), name, m["input_size"])
-        ours, anchor = best(rows, name, "ours"), best(rows, name, "anchor")
+        ours = best(rows, name, "ours")
+        anchor = best(rows, name, "anchor", ours.get("run")) if ours else None  # of the same run
         if h and ours:
             meta = bench[fname]["meta"]
             pts.append(dict(model=name, family=m["family"], top1=h["top1"], ours=ours["infer_img_s"], ours_path=ours["label"],

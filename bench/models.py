@@ -442,13 +442,31 @@ def _vs_fp32(m: dict) -> str:
     return f"{o['logits']:.1e} / {o['grads']:.1e}, {t['logits']:.1e} / {t['grads']:.1e}" if o and t else "-"
 
 
+def _groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Rows by (model, run): ratios only ever compare rows of one run (``--combine`` tags each row's run)."""
+    out: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["model"], r.get("run", 0)), []).append(r)
+    return out
+
+
+def _labels(groups) -> dict[tuple[str, int], str]:
+    """A model's name, plus its run where several runs measured it."""
+    runs_of = {}
+    for name, run in groups:
+        runs_of.setdefault(name, []).append(run)
+    return {(name, run): name + (f", run {run + 1}" if len(runs_of[name]) > 1 else "") for name, run in groups}
+
+
 def floor_lines(rows: list[dict]) -> list[str]:
-    """Per model, the GPU time of its matmul and attention kernels (cuBLAS / SDPA, the same calls in every
-    row; least over the rows) and what it bounds: no fusion of the other kernels can make a training step
-    faster than timm's best row by more than timm's best wall time over that floor."""
+    """Per model and run, the GPU time of its matmul and attention kernels (cuBLAS / SDPA, the same calls in
+    every row; least over the rows) and what it bounds: no fusion of the other kernels can make a training
+    step faster than timm's best row by more than timm's best wall time over that floor."""
     lines = []
-    for name in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == name and r.get("train_gpu_ms_by_kind")]
+    groups = _groups(rows)
+    labels = _labels(groups)
+    for key, group in groups.items():
+        mine = [r for r in group if r.get("train_gpu_ms_by_kind")]
         timm = [r for r in mine if r["impl"].startswith("timm")]
         if not mine or not timm:
             continue
@@ -456,33 +474,41 @@ def floor_lines(rows: list[dict]) -> list[str]:
                     for r in mine)
         best = max(timm, key=lambda r: r["train_img_s"])
         if not floor:
-            lines.append(f"| {name} | 0 | - | - |")
+            lines.append(f"| {labels[key]} | 0 | - | - |")
             continue
-        lines.append(f"| {name} | {floor:.1f} | {best['impl']} {best['train_wall_ms']:.1f} | "
+        lines.append(f"| {labels[key]} | {floor:.1f} | {best['impl']} {best['train_wall_ms']:.1f} | "
                      f"{best['train_wall_ms'] / floor:.2f}x |")
     head = ["", "| model | matmul + attention GPU ms per training step (least over rows) | timm's best training "
             "wall ms | ceiling vs timm's best (every other kernel free) |", "|---|---|---|---|"]
     return head + lines if lines else []
 
 
-def markdown(rows: list[dict], checks: dict) -> str:
-    by = {(r["model"], r["impl"]): r for r in rows}
+def _ratio(r: dict, base: dict | None, key: str) -> str:
+    return f"{r[key] / base[key]:.2f}x" if base and r.get(key) and base.get(key) else "-"
+
+
+def markdown(rows: list[dict], checks: dict, runs: list[dict] | None = None) -> str:
+    """The speed table (ratios against the anchor's rows of the same run), the matmul floor, the checks,
+    and, for combined files, which commit and device each run measured."""
     lines = ["| model (drop path) | impl | infer img/s | train img/s | train wall / GPU-busy ms | MFU | "
-             "train peak GiB | infer vs anchor compiled | train vs anchor compiled | mem vs anchor eager |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in dict.fromkeys(r["model"] for r in rows):
-        anchor = "official" if name in OFFICIAL else "timm"
-        tc, te = by.get((name, f"{anchor}_compile")), by.get((name, f"{anchor}_eager"))
-        for r in sorted((r for r in rows if r["model"] == name), key=lambda r: IMPLS.index(r["impl"])):
-            ri = f"{r['infer_img_s'] / tc['infer_img_s']:.2f}x" if tc else "-"
-            rt = f"{r['train_img_s'] / tc['train_img_s']:.2f}x" if tc else "-"
-            rm = f"{r['train_peak_gib'] / te['train_peak_gib']:.2f}x" if te and r.get("train_peak_gib") else "-"
+             "train peak GiB | infer vs anchor's best compiled | train vs anchor's best compiled | "
+             "mem vs anchor eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups = _groups(rows)
+    labels = _labels(groups)
+    for key, group in groups.items():
+        anchor = "official" if key[0] in OFFICIAL else "timm"
+        compiled = [r for r in group if r["impl"] in (f"{anchor}_compile", f"{anchor}_compile_ro")]
+        ti = max(compiled, key=lambda r: r["infer_img_s"], default=None)
+        tt = max(compiled, key=lambda r: r["train_img_s"], default=None)
+        te = next((r for r in group if r["impl"] == f"{anchor}_eager"), None)
+        for r in sorted(group, key=lambda r: IMPLS.index(r["impl"])):
             mfu = f"{100 * r['train_mfu']:.1f}%" if r.get("train_mfu") else "-"
             impl = r["impl"] + (f" [{r['compile_ops']}]" if r.get("compile_ops") not in (None, "table") else "")
-            lines.append(f"| {name} ({r.get('drop_path', 0.0)}) | {impl} | {r['infer_img_s']:.0f} | "
+            lines.append(f"| {labels[key]} ({r.get('drop_path', 0.0)}) | {impl} | {r['infer_img_s']:.0f} | "
                          f"{r['train_img_s']:.0f} | {_x(r.get('train_wall_ms'), '.1f')} / "
                          f"{_x(r.get('train_gpu_busy_ms'), '.1f')} | {mfu} | "
-                         f"{_x(r.get('train_peak_gib'), '.2f')} | {ri} | {rt} | {rm} |")
+                         f"{_x(r.get('train_peak_gib'), '.2f')} | {_ratio(r, ti, 'infer_img_s')} | "
+                         f"{_ratio(r, tt, 'train_img_s')} | {_ratio(r, te, 'train_peak_gib')} |")
     lines += floor_lines(rows)
     if checks:
         lines += ["", "| model | mode | logits rel err vs timm | grad rel err all / median / max (param) | "
@@ -497,12 +523,18 @@ def markdown(rows: list[dict], checks: dict) -> str:
                     lines.append(f"| {name} | {mode} | {m['logits_rel_err']:.1e} | {_x(m.get('grad_rel_err_all'), '.1e')} / "
                                  f"{m['grad_rel_err_median']:.1e} / "
                                  f"{m['grad_rel_err_max']:.1e} ({m['grad_rel_err_max_param']}) | {_vs_fp32(m)} |")
+    if runs and len(runs) > 1:
+        lines += ["", "| run | commit | device | torch | date | models |", "|---|---|---|---|---|---|"]
+        for i, m in enumerate(runs):
+            names = ", ".join(dict.fromkeys(r["model"] for r in rows if r.get("run", 0) == i))
+            lines.append(f"| {i + 1} | {m.get('commit', '-')} | {m.get('device', '-')} | {m.get('torch', '-')} | "
+                         f"{m.get('date', '-')} | {names} |")
     return "\n".join(lines) + "\n"
 
 
 def write(out_dir: str, rows, checks, meta, stem="models"):
     """JSON and Markdown of the rows so far (each written to a temp file, then renamed)."""
-    md = markdown(rows, checks)
+    md = markdown(rows, checks, meta.get("runs"))
     for ext, text in (("json", json.dumps(dict(meta=meta, rows=rows, checks=checks), indent=1)), ("md", md)):
         path = os.path.join(out_dir, f"{stem}.{ext}")
         with open(path + ".tmp", "w") as f:
@@ -572,12 +604,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.combine:
         rows, checks, metas = [], {}, []
-        for path in args.combine:
+        for path in args.combine:  # each row keeps its run (a combined input's runs are kept as they are)
             with open(path) as f:
                 d = json.load(f)
-            rows += d["rows"]
+            rows += [dict(r, run=len(metas) + r.get("run", 0)) for r in d["rows"]]
             checks.update(d.get("checks", {}))
-            metas.append(d["meta"])
+            metas += d["meta"].get("runs") or [d["meta"]]
         print(write(args.out, rows, checks, dict(runs=metas), args.stem))
         return
     torch.backends.cudnn.benchmark = True

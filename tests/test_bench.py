@@ -57,6 +57,28 @@ def test_smoke_run_writes_every_row_and_combines(tmp_path, impls):
     assert all(f"| poolformer_s12 (0.1) | {impl} |" in table for impl in impls)
 
 
+def test_combined_runs_compare_rows_of_their_own_run(tmp_path):
+    """--combine keeps each row's run: ratios use the anchor's best compiled row of that run only."""
+    def row(impl, infer, train, mem):
+        return dict(model="poolformer_s12", impl=impl, drop_path=0.1, infer_img_s=infer, train_img_s=train,
+                    train_peak_gib=mem)
+
+    runs = {"a": [row("timm_eager", 50.0, 5.0, 4.0), row("timm_compile_ro", 100.0, 10.0, 3.0)],
+            "b": [row("timm_compile", 200.0, 16.0, 3.0), row("timm_compile_ro", 190.0, 20.0, 3.0),
+                  row("ours_compile_ro", 220.0, 30.0, 1.5)]}
+    for name, rows in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(meta=dict(commit=f"c_{name}"), rows=rows, checks={})))
+    bench.main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path)])
+    d = json.loads((tmp_path / "models.json").read_text())
+    assert [r["run"] for r in d["rows"]] == [0, 0, 1, 1, 1] and [m["commit"] for m in d["meta"]["runs"]] == ["c_a", "c_b"]
+    table = (tmp_path / "models.md").read_text()
+    # infer vs run 2's best compiled anchor (200, default mode), train vs its best (20, reduce-overhead); no eager anchor
+    assert "| poolformer_s12, run 2 (0.1) | ours_compile_ro | 220 | 30 |" in table
+    assert table.split("| poolformer_s12, run 2 (0.1) | ours_compile_ro |")[1].splitlines()[0].endswith(
+        "| 1.10x | 1.50x | - |")
+    assert "| 2 | c_b |" in table
+
+
 def test_check_matches_timm_in_train_mode_at_the_recipe_drop_path():
     """--check's drop-path comparison: both forwards seeded alike draw the same masks (fp32, CPU reference path)."""
     c = bench.check_against_timm("poolformer_s12", "cpu", 32, batch=4, drop_path=0.1)

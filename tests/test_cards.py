@@ -64,6 +64,11 @@ def test_bench_rows_roles_and_best():
     assert {r["model"] for r in rows} == {"mz_caformer_s18"}
     assert cards.best(rows, "mz_caformer_s18", "ours")["label"] == "ours_compile"
     assert cards.best(rows, "mz_caformer_s18", "anchor")["infer_img_s"] == 25.0
+    two = {"rows": [dict(model="poolformer_s12", impl=i, infer_img_s=v, run=k)  # a file combining two runs
+                    for i, v, k in [("timm_compile_ro", 100.0, 0), ("timm_compile_ro", 50.0, 1), ("ours_compile_ro", 60.0, 1)]]}
+    rows = cards.ADAPTERS["models.json"](two)
+    assert [r["label"] for r in rows] == ["timm_compile_ro, run 1", "timm_compile_ro, run 2", "ours_compile_ro, run 2"]
+    assert cards.best(rows, "mz_poolformer_s12", "anchor", rows[2]["run"])["infer_img_s"] == 50.0  # not run 1's 100
     t = {"runs": {"tiny/ours_eager/infer": {"img_s": 5.0}, "tiny/ours_eager/train": {"img_s": 2.0, "peak_mem_gib": 3.0},
                   "tiny/official_native/infer": {"skipped": "time budget"}}}
     rows = {r["label"]: r for r in cards.ADAPTERS["transnext.json"](t)}
