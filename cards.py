@@ -452,9 +452,11 @@ def _kernel_section(names: list[str], reg: dict, bench: dict) -> list[str]:
     if not rows:
         return out + ["", f"Kernel micro-benchmarks: `bench/results/{KERNEL_BENCH}` has no case for these kernels.", ""]
     m = kb["meta"]
+    raw_meta = (kb.get("raw") or {}).get("meta") or {}
     out += ["", f"Kernel micro-benchmarks from `bench/results/{KERNEL_BENCH}` (device {m.get('device') or 'not recorded'}, "
-            f"torch {m.get('torch') or 'not recorded'}; Triton kernel vs its PyTorch reference, bf16, median times; "
-            "error: bf16 kernel vs the reference in fp32):", "",
+            f"torch {m.get('torch') or 'not recorded'}, code of commit `{raw_meta.get('commit') or 'not recorded'}`; "
+            "Triton kernel vs its PyTorch reference, bf16, median times; error: bf16 kernel vs the reference in fp32)"
+            + (f". Note recorded in the file: {raw_meta['note']}." if raw_meta.get("note") else ":"), "",
             "| case | max rel. err. | fwd ms Triton / torch | fwd+bwd ms Triton / torch | fwd+bwd speed-up | fwd+bwd GB/s |",
             "|---|---:|---:|---:|---:|---:|"]
     out += [f"| {r['kernel']} | {_e(r.get('max_rel_err'))} | {_f(r.get('triton_fwd_ms'), 3)} / {_f(r.get('torch_fwd_ms'), 3)} | "

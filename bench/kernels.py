@@ -36,6 +36,7 @@ from metazoo.kernels.pool_mixer import pool_mixer, pool_mixer_ref
 from metazoo.kernels.star_relu import star_relu, star_relu_ref
 from metazoo.kernels.dispatch import COMPILE_OPS
 from _timing import rel_err
+from models import git_commit
 
 PEAK_GBS = 3000.0
 
@@ -261,7 +262,7 @@ def run_compiled(args) -> None:
     passes = [p for p in ("fwd_bwd", "fwd") if p in args.passes.split(",")]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     meta = dict(device=device_name, torch=torch.__version__, batch=args.batch, dtype="bf16 autocast",
-                tiny=args.tiny, passes=passes)
+                tiny=args.tiny, passes=passes, commit=git_commit(), date=time.strftime("%Y-%m-%d"))
     rows = []
     for name, fn, ref, acts, params, kwargs, _, _ in cases(args.batch, args.device, args.tiny):
         if args.ops and fn.__name__ not in args.ops:
@@ -315,7 +316,7 @@ def main(argv=None):
               f"({row['speedup_fwd']:.2f}x, {row['triton_fwd_gbs']:.0f} GB/s)  fwd+bwd {tk[1]:.3f} vs {tr[1]:.3f} ms "
               f"({row['speedup_fwd_bwd']:.2f}x, {row['triton_fwd_bwd_gbs']:.0f} GB/s)", flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=args.batch, dtype="bfloat16",
-                peak_gbs_assumed=PEAK_GBS)
+                peak_gbs_assumed=PEAK_GBS, commit=git_commit(), date=time.strftime("%Y-%m-%d"))
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = ["| kernel | max rel err | fwd ms triton / torch | fwd+bwd ms triton / torch | fwd GB/s (% of 3 TB/s) | fwd+bwd GB/s |",

@@ -182,7 +182,9 @@ def test_compiled_kernel_mode_smoke_run(tmp_path):
     subprocess.run([sys.executable, "kernels.py", "--compiled", "--tiny", "--device", "cpu", "--batch", "2",
                     "--ops", "star_relu,scale_add", "--out", str(tmp_path)],
                    cwd=Path(bench.__file__).parent, env=env, check=True, capture_output=True)
-    rows = json.loads((tmp_path / "kernels_compiled.json").read_text())["rows"]
+    d = json.loads((tmp_path / "kernels_compiled.json").read_text())
+    assert d["meta"]["commit"] == bench.git_commit()  # the code measured
+    rows = d["rows"]
     assert [r["op"] for r in rows] == ["scale_add", "star_relu"]
     for r in rows:
         assert all(r[f"{side}_{p}_ms"] > 0 for side in ("custom", "inductor") for p in ("fwd", "fwd_bwd"))
