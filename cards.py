@@ -199,10 +199,16 @@ def _rows_models(d: dict) -> list[dict]:
                 + (f", drop path {r['drop_path']}" if r.get("drop_path") is not None else ""))
 
     rows = d.get("rows", [])
-    several = {m for m in {r["model"] for r in rows} if len({r.get("run", 0) for r in rows if r["model"] == m}) > 1}
-    return [_row(f"mz_{r['model']}", path(r) + (f", run {r.get('run', 0) + 1}" if r["model"] in several else ""),
+    runs_of: dict[str, set] = {}
+    for r in rows:
+        runs_of.setdefault(r["model"], set()).add(r.get("run", 0))
+
+    def run(r: dict) -> int | None:  # only where several runs measured the model: ratios stay within one
+        return r.get("run", 0) if len(runs_of[r["model"]]) > 1 else None
+
+    return [_row(f"mz_{r['model']}", path(r) + (f", run {run(r) + 1}" if run(r) is not None else ""),
                  roles.get(r["impl"], "other"), r.get("infer_img_s"), r.get("train_img_s"), r.get("train_peak_gib"),
-                 run=r.get("run", 0)) for r in rows]
+                 run=run(r)) for r in rows]
 
 
 def _rows_transnext(d: dict) -> list[dict]:
@@ -283,7 +289,8 @@ def load_bench(results: Path = RESULTS) -> dict:
 
 
 def best(rows: list[dict], model: str, role: str, run: int | None = None) -> dict | None:
-    """The fastest (inference img/s) row of ``model`` with ``role`` (in ``run``, for files combining runs)."""
+    """The fastest (inference img/s) row of ``model`` with ``role`` (in ``run`` where given: a model that
+    several combined runs measured)."""
     cand = [r for r in rows if r["model"] == model and r["role"] == role and r.get("infer_img_s")
             and (run is None or r.get("run") == run)]
     return max(cand, key=lambda r: r["infer_img_s"], default=None)
@@ -341,7 +348,7 @@ def _bench_section(fam: str, names: list[str], bench: dict) -> list[str]:
         out.append(f"| {r['model']} | {r['label']}{note} | {r['role']} | {_f(r.get('infer_img_s'), 0)} | "
                    f"{_f(r.get('train_img_s'), 0)} | {_f(r.get('train_peak_gib'), 2)} | {ratio} |"
                    + (f" {_f(r.get('infer_peak_gib'), 2)} |" if ipeak else ""))
-    shown_runs = sorted({r["run"] for r in rows if r["model"] in names and ", run " in r["label"]})
+    shown_runs = sorted({r["run"] for r in rows if r["model"] in names and r.get("run") is not None})
     if shown_runs:
         metas = (entry.get("raw") or {}).get("meta", {}).get("runs") or []
         out += ["", "Runs (ratios compare rows of one run): " + "; ".join(
